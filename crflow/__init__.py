@@ -1,0 +1,1 @@
+"""crflow: a private container registry on your own cluster, installed by Prefect flows."""

@@ -1,0 +1,210 @@
+"""The site file: one YAML document that says how this site's registry is run.
+
+It is read and validated here, once, at the edge. Everything past this module takes
+plain values. Errors name the key, what is wrong with it and the fix, in one line each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crflow.errors import CrflowError
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+HOSTNAME = r"^(?=.{1,253}$)([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*$"
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Address(Strict):
+    """Where clients reach the registry: the LoadBalancer IP and/or DNS names, and the port."""
+
+    ips: list[str] = ["127.0.0.1"]
+    dns_names: list[Annotated[str, Field(pattern=HOSTNAME)]] = []
+    port: Port = 5000
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "LoadBalancer"
+
+    @field_validator("ips")
+    @classmethod
+    def _ips(cls, ips: list[str]) -> list[str]:
+        for ip in ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"{ip!r} is not an IP address; put host names under registry.dns_names") from None
+        return ips
+
+    @model_validator(mode="after")
+    def _some_name(self) -> Address:
+        if not self.ips and not self.dns_names:
+            raise ValueError("give at least one of registry.ips or registry.dns_names")
+        return self
+
+    @property
+    def host(self) -> str:
+        """The name clients use: the first DNS name, else the first IP."""
+        if self.dns_names:
+            return self.dns_names[0]
+        ip = ipaddress.ip_address(self.ips[0])
+        return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+class FilesystemStorage(Strict):
+    """Blobs on a local directory (local target), or on a hostPath PV on one node."""
+
+    kind: Literal["filesystem"]
+    path: Path | None = None  # default: <state_dir>/data
+
+
+class HostPathVolume(Strict):
+    path: str
+    node: str
+    size: str = "50Gi"
+
+
+class PvcStorage(Strict):
+    """Blobs on a PersistentVolumeClaim: an existing one, or a hostPath PV crflow creates."""
+
+    kind: Literal["pvc"]
+    existing_claim: str | None = None
+    host_path: HostPathVolume | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PvcStorage:
+        if (self.existing_claim is None) == (self.host_path is None):
+            raise ValueError("storage: give exactly one of existing_claim or host_path")
+        return self
+
+
+class S3Credentials(Strict):
+    """Where the S3 keys live. On Kubernetes: MinIO's own secret, copied by crflow.
+    On the local target: a YAML file holding the same keys (a stand-in for that secret)."""
+
+    namespace: str = "minio"
+    name: str = "minio-access-secret"
+    access_key_key: str = "accesskey"
+    secret_key_key: str = "secretkey"
+    file: Path | None = None
+
+
+class S3Storage(Strict):
+    kind: Literal["s3"]
+    endpoint: Annotated[str, Field(pattern=r"^https?://")]
+    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    region: str = "us-east-1"
+    root_directory: str = ""
+    credentials: S3Credentials = S3Credentials()
+    ca_bundle: Path | None = None
+    skip_verify: bool = False
+
+    @model_validator(mode="after")
+    def _trust(self) -> S3Storage:
+        if self.ca_bundle and self.skip_verify:
+            raise ValueError("storage: give ca_bundle or skip_verify: true, not both")
+        return self
+
+    @property
+    def secure(self) -> bool:
+        return self.endpoint.startswith("https://")
+
+
+class Tls(Strict):
+    ca_days: Annotated[int, Field(ge=30, le=36500)] = 3650
+    server_days: Annotated[int, Field(ge=1, le=825)] = 365
+    key_algorithm: Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-4096"] = "ecdsa-p256"
+
+
+class Auth(Strict):
+    user: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None  # None: generated
+    # The registry runs bcrypt on every request, with no cache (TESTBED: cost 5 serves 236
+    # requests/s, cost 10 13.7/s, cost 12 3.5/s, about +3 s per push). The password is 128
+    # random bits, so no cost adds meaningful work for an attacker: pick the cheap one.
+    bcrypt_cost: Annotated[int, Field(ge=4, le=14)] = 5
+
+
+class Site(Strict):
+    target: Literal["local", "kubernetes"] = "local"
+    state_dir: Path
+    release: Annotated[str, Field(pattern=DNS_LABEL, max_length=40)] = "registry"
+    namespace: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] = "container-registry"
+    registry: Address = Address()
+    storage: Annotated[FilesystemStorage | PvcStorage | S3Storage, Field(discriminator="kind")] = FilesystemStorage(
+        kind="filesystem"
+    )
+    tls: Tls = Tls()
+    auth: Auth = Auth()
+
+    @model_validator(mode="after")
+    def _fits_target(self) -> Site:
+        storage = self.storage
+        if self.target == "local":
+            if isinstance(storage, PvcStorage):
+                raise ValueError("storage.kind: pvc needs target: kubernetes; use kind: filesystem on the local target")
+            if isinstance(storage, S3Storage) and storage.credentials.file is None:
+                raise ValueError("storage.credentials.file: the local target reads the S3 keys from a file; set its path")
+        elif isinstance(storage, FilesystemStorage):
+            raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the local target keeps blobs when storage is filesystem."""
+        assert isinstance(self.storage, FilesystemStorage)
+        return self.storage.path or self.state_dir / "data"
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Relative paths in the file are relative to the file; ~ is the user's home."""
+
+    def fix(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    if isinstance(raw.get("state_dir"), str):
+        raw["state_dir"] = fix(raw["state_dir"])
+    storage = raw.get("storage")
+    if isinstance(storage, dict):
+        for key in ("path", "ca_bundle"):
+            if isinstance(storage.get(key), str):
+                storage[key] = fix(storage[key])
+        creds = storage.get("credentials")
+        if isinstance(creds, dict) and isinstance(creds.get("file"), str):
+            creds["file"] = fix(creds["file"])
+
+
+def _explain(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key; check its spelling against examples/local.yaml"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    return f"{where}: {message}" if where else message
+
+
+def load_site(path: Path) -> Site:
+    """Read and validate the site file; raise CrflowError naming every bad key."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise CrflowError(f"cannot read site file {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise CrflowError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise CrflowError(f"{path}: expected a mapping of settings at the top level")
+    _resolve_paths(raw, path.resolve().parent)
+    try:
+        return Site.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(_explain(e) for e in err.errors())
+        raise CrflowError(f"{path}: {problems}") from None

@@ -1,0 +1,65 @@
+"""How do we make the registry's login? A user, a random password, and its htpasswd line.
+
+    creds = new_credentials(user=None)                 # user "crflow-3f9a0c1d", 128-bit password
+    line = htpasswd_line(creds, cost=5)               # "crflow-3f9a0c1d:$2b$05$..."
+
+The htpasswd line is cached with the credentials it hashes: bcrypt salts every hash anew,
+so computing it again would change the file on every run (and restart the registry in a
+GitOps setup) although nothing changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+
+import bcrypt
+from prefect import task
+from prefect.cache_policies import INPUTS
+from pydantic import BaseModel, SecretStr
+
+PASSWORD_BYTES = 24  # 192 random bits, URL-safe text of 32 characters
+
+
+class Credentials(BaseModel):
+    """A registry login. `id` is random and public: it tells credentials apart in cache keys
+    and artifacts without revealing the password, which Prefect only ever sees as asterisks."""
+
+    user: str
+    password: SecretStr
+    id: str
+
+    def docker_auth(self) -> str:
+        """base64(user:password), the `auth` field of a docker/containers auth file."""
+        raw = f"{self.user}:{self.password.get_secret_value()}"
+        return base64.b64encode(raw.encode()).decode()
+
+    def auth_json(self, server: str) -> str:
+        """A containers-auth.json (or .dockerconfigjson) document for one server."""
+        return json.dumps({"auths": {server: {"auth": self.docker_auth()}}}, indent=2)
+
+
+def new_credentials(user: str | None) -> Credentials:
+    return Credentials(
+        user=user or f"crflow-{secrets.token_hex(4)}",
+        password=secrets.token_urlsafe(PASSWORD_BYTES),
+        id=secrets.token_hex(8),
+    )
+
+
+def htpasswd_line(creds: Credentials, cost: int) -> SecretStr:
+    hashed = bcrypt.hashpw(creds.password.get_secret_value().encode(), bcrypt.gensalt(rounds=cost))
+    return SecretStr(f"{creds.user}:{hashed.decode()}\n")
+
+
+@task(cache_policy=INPUTS)
+def make_credentials(user: str | None, generation: int = 0) -> Credentials:
+    """The registry user (generated when `user` is None) with a fresh random password."""
+    return new_credentials(user)
+
+
+@task(cache_policy=INPUTS)
+def make_htpasswd(creds: Credentials, cost: int) -> SecretStr:
+    """The htpasswd file content for `creds` (bcrypt, `$2b$`, which the registry accepts)."""
+    return htpasswd_line(creds, cost)
