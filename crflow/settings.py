@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from crflow.errors import CrflowError
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-HOSTNAME = r"^(?=.{1,253}$)([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*$"
+HOSTNAME = r"^([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*$"
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -28,7 +28,7 @@ class Address(Strict):
     """Where clients reach the registry: the LoadBalancer IP and/or DNS names, and the port."""
 
     ips: list[str] = ["127.0.0.1"]
-    dns_names: list[Annotated[str, Field(pattern=HOSTNAME)]] = []
+    dns_names: list[Annotated[str, Field(pattern=HOSTNAME, max_length=253)]] = []
     port: Port = 5000
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "LoadBalancer"
 
@@ -50,11 +50,16 @@ class Address(Strict):
 
     @property
     def host(self) -> str:
-        """The name clients use: the first DNS name, else the first IP."""
-        if self.dns_names:
+        """The name clients use: the first IP (the runbook's LoadBalancer IP), else the first DNS name."""
+        if not self.ips:
             return self.dns_names[0]
         ip = ipaddress.ip_address(self.ips[0])
         return f"[{ip}]" if ip.version == 6 else str(ip)
+
+    @property
+    def server(self) -> str:
+        """host:port, as clients name the registry (docker login, auth.json, image refs)."""
+        return f"{self.host}:{self.port}"
 
 
 class FilesystemStorage(Strict):

@@ -83,6 +83,7 @@ class Vault:
 def open_vault(state_dir: Path) -> Vault:
     """Check (or on first use, create) the result key for this state directory."""
     results_dir, key_file = state_dir / "results", state_dir / "result.key"
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keycheck = results_dir / KEYCHECK
     key = _read_key(key_file)

@@ -63,3 +63,9 @@ def make_credentials(user: str | None, generation: int = 0) -> Credentials:
 def make_htpasswd(creds: Credentials, cost: int) -> SecretStr:
     """The htpasswd file content for `creds` (bcrypt, `$2b$`, which the registry accepts)."""
     return htpasswd_line(creds, cost)
+
+
+@task(cache_policy=INPUTS)
+def make_http_secret(generation: int = 0) -> SecretStr:
+    """The registry's http.secret: replicas share it to sign upload state."""
+    return SecretStr(secrets.token_urlsafe(32))

@@ -1,0 +1,30 @@
+"""How does a machine off the cluster use the registry? With our CA and an auth file.
+
+    write_client_bundle(Path("client"), "192.168.86.201:9005", ca_pem, creds)
+    # skopeo copy --authfile client/auth.json --cert-dir client ...
+
+`ca.crt` is what `--cert-dir` (and docker's /etc/docker/certs.d/HOST:PORT/) reads;
+`auth.json` is the containers-auth format that skopeo, podman and docker read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks.credentials import Credentials
+from tasks.localpod import write_atomic
+
+
+def write_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credentials) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(out_dir / "ca.crt", ca_pem.encode(), 0o644)
+    write_atomic(out_dir / "auth.json", creds.auth_json(server).encode(), 0o600)
+    return out_dir
+
+
+@task
+def save_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credentials) -> Path:
+    """ca.crt and auth.json (0600) for clients of `server`."""
+    return write_client_bundle(out_dir, server, ca_pem, creds)

@@ -1,0 +1,141 @@
+"""How do we describe the registry to Helm? Chart values from plain settings, and the
+manifests our chart renders from them (with the real helm binary, through pyhelm3).
+
+    values = chart_values("registry", storage="filesystem", service_port=5000, ...)
+    manifests = render_chart("registry", "container-registry", values)
+
+The chart only references Secrets (see `secret_names`); their content never enters values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+from prefect import task
+from pyhelm3 import Client
+from pydantic import SecretStr
+from pyhelm3.errors import Error as HelmError
+
+from crflow.errors import CrflowError
+from tasks.pki import KeyPair
+from tasks.storage import S3Keys
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "helm_chart"
+HELM_HINT = "run scripts/setup.sh (it fetches helm into .bin/), or put helm on PATH, or set CRFLOW_HELM"
+
+
+def helm_executable() -> str:
+    """The helm binary: $CRFLOW_HELM, else .bin/helm in the checkout, else helm on PATH."""
+    candidates = [os.environ.get("CRFLOW_HELM"), str(CHART_DIR.parent / ".bin" / "helm"), shutil.which("helm")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise CrflowError(f"helm not found: {HELM_HINT}")
+
+
+def secret_names(release: str) -> dict[str, str]:
+    """The Secrets a release's chart references, by role. Created by crflow, named once here."""
+    return {
+        "tls": f"{release}-tls",
+        "htpasswd": f"{release}-htpasswd",
+        "http": f"{release}-http-secret",
+        "s3": f"{release}-s3",
+        "s3_ca": f"{release}-s3-ca",
+    }
+
+
+def registry_secrets(
+    release: str,
+    *,
+    ca: KeyPair,
+    server_cert: KeyPair,
+    htpasswd: SecretStr,
+    http_secret: SecretStr,
+    s3_keys: S3Keys | None = None,
+    s3_ca_pem: str | None = None,
+) -> dict[str, dict[str, SecretStr]]:
+    """The content of every Secret `chart_values` references: name -> key -> value."""
+    names = secret_names(release)
+    secrets = {
+        names["tls"]: {
+            "tls.crt": SecretStr(server_cert.cert_pem),
+            "tls.key": server_cert.key_pem,
+            "ca.crt": SecretStr(ca.cert_pem),
+        },
+        names["htpasswd"]: {"htpasswd": htpasswd},
+        names["http"]: {"haSharedSecret": http_secret},
+    }
+    if s3_keys:
+        secrets[names["s3"]] = {"s3AccessKey": s3_keys.access_key, "s3SecretKey": s3_keys.secret_key}
+    if s3_ca_pem:
+        secrets[names["s3_ca"]] = {"ca.crt": SecretStr(s3_ca_pem)}
+    return secrets
+
+
+def data_claim(release: str) -> str:
+    return f"{release}-data"
+
+
+def chart_values(
+    release: str,
+    *,
+    storage: str,
+    service_type: str,
+    service_port: int,
+    load_balancer_ip: str | None,
+    cert_fingerprint: str,
+    s3_endpoint: str | None = None,
+    s3_bucket: str | None = None,
+    s3_region: str | None = None,
+    s3_root_directory: str = "",
+    s3_ca_bundle: bool = False,
+    s3_skip_verify: bool = False,
+) -> dict:
+    """Values for helm_chart/ that describe one crflow-managed registry.
+
+    `storage` is "filesystem" (on the claim `data_claim(release)`) or "s3".
+    `cert_fingerprint` lands in `secretsChecksum`, so a new server certificate rolls the pod.
+    """
+    names = secret_names(release)
+    values: dict = {
+        "service": {"type": service_type, "port": service_port},
+        "tlsSecretName": names["tls"],
+        "secrets": {"htpasswdSecretName": names["htpasswd"], "haSharedSecretName": names["http"]},
+        "secretsChecksum": cert_fingerprint,
+        "storage": "s3" if storage == "s3" else "filesystem",
+    }
+    if load_balancer_ip and service_type == "LoadBalancer":
+        values["service"]["loadBalancerIP"] = load_balancer_ip
+    if storage == "s3":
+        values["secrets"]["s3"] = {"secretRef": names["s3"]}
+        values["s3"] = {
+            "regionEndpoint": s3_endpoint,
+            "bucket": s3_bucket,
+            "region": s3_region,
+            "rootdirectory": s3_root_directory,
+            "secure": bool(s3_endpoint and s3_endpoint.startswith("https://")),
+            "caBundleSecretName": names["s3_ca"] if s3_ca_bundle else "",
+            "skipVerify": s3_skip_verify,
+        }
+    else:
+        values["persistence"] = {"enabled": True, "existingClaim": data_claim(release)}
+    return values
+
+
+async def _render(release: str, namespace: str, values: dict) -> list[dict]:
+    client = Client(executable=helm_executable())
+    chart = await client.get_chart(CHART_DIR)
+    resources = await client.template_resources(chart, release, values, namespace=namespace)
+    return [r for r in resources if r]
+
+
+@task(retries=1)
+def render_chart(release: str, namespace: str, values: dict) -> list[dict]:
+    """`helm template` of our chart: the manifests a release with these values consists of."""
+    try:
+        return asyncio.run(_render(release, namespace, values))
+    except HelmError as err:
+        raise CrflowError(f"helm could not render {CHART_DIR}: {err}") from None

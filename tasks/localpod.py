@@ -1,0 +1,259 @@
+"""How does the local target run the registry? As the pod our chart describes, played by a
+local process of the distribution registry binary (Debian's `docker-registry`).
+
+The runner plays kubelet for the Deployment's pod spec:
+- each volume becomes a host directory under `<pod_dir>/volumes/` (ConfigMap and Secret
+  items written atomically, Secret files 0600), or the host directory a claim is bound to;
+- the container's filesystem view is emulated by translation: every string in args, env
+  values and the YAML config passed in args that starts with a mountPath is rewritten to
+  that volume's host directory;
+- the environment is the container's own (`env`, `valueFrom.secretKeyRef`), not the caller's;
+- the Service address is where the process listens (REGISTRY_HTTP_ADDR), as a port-forward.
+
+As on Kubernetes, a change to the pod spec (including its checksum annotations) or to
+resolved env restarts the process; a change to mounted Secret content only refreshes the
+files, which the registry re-reads (htpasswd) without a restart.
+
+    pod = LocalPod(state_dir / "pod")
+    pod.apply(manifests, secrets, claims={"registry-data": data_dir}, listen=("127.0.0.1", 5000))
+    pod.stop()
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prefect import task
+from pydantic import SecretStr
+
+from crflow.errors import CrflowError, transient_only
+
+BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
+IMAGE_BINARY = "/bin/registry"  # the registry image's entrypoint, as the chart names it
+
+SecretData = dict[str, dict[str, SecretStr]]  # Secret name -> key -> content
+
+
+def registry_binary() -> str:
+    binary = os.environ.get("CRFLOW_REGISTRY_BINARY") or shutil.which("docker-registry")
+    if not binary or not os.access(binary, os.X_OK):
+        raise CrflowError(f"the registry binary docker-registry was not found: {BINARY_HINT}")
+    return binary
+
+
+def write_atomic(path: Path, content: bytes, mode: int) -> bool:
+    """Replace `path` by rename (readers never see half a file); return whether it changed."""
+    if path.exists() and path.read_bytes() == content:
+        return False
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(content)
+    os.chmod(partial, mode)
+    partial.rename(path)
+    return True
+
+
+def _find(manifests: list[dict], kind: str, name: str | None = None) -> dict:
+    for obj in manifests:
+        if obj.get("kind") == kind and (name is None or obj["metadata"]["name"] == name):
+            return obj
+    raise CrflowError(f"the rendered chart has no {kind}{' ' + name if name else ''}")
+
+
+@dataclass
+class Mounts:
+    """Container mountPath -> host directory, and the translation of container paths."""
+
+    table: dict[str, Path]
+
+    def translate(self, value: str) -> str:
+        if ":" in value and not value.startswith(":"):  # a PATH-like list, as in SSL_CERT_DIR
+            return ":".join(self.translate(part) for part in value.split(":"))
+        for mount_path in sorted(self.table, key=len, reverse=True):
+            if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                return str(self.table[mount_path]) + value[len(mount_path.rstrip("/")) :]
+        return value
+
+    def translate_tree(self, node):
+        if isinstance(node, dict):
+            return {k: self.translate_tree(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.translate_tree(v) for v in node]
+        return self.translate(node) if isinstance(node, str) else node
+
+
+class LocalPod:
+    """One registry pod run as a local process, with its state under `pod_dir`."""
+
+    def __init__(self, pod_dir: Path):
+        self.dir = pod_dir
+        self.pidfile = pod_dir / "registry.pid"
+        self.specfile = pod_dir / "spec.sha256"
+        self.logfile = pod_dir / "registry.log"
+
+    # --- process state -------------------------------------------------------------------
+    def pid(self) -> int | None:
+        """The running registry's pid, or None (a stale pidfile counts as not running)."""
+        try:
+            pid = int(self.pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if b"serve" in cmdline and state != "Z" else None
+
+    def stop(self, timeout: float = 15) -> bool:
+        """Stop the registry (SIGTERM, then SIGKILL); return whether one was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            return " | ".join(self.logfile.read_text(errors="replace").strip().splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    # --- volumes ---------------------------------------------------------------------------
+    def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path]) -> Path:
+        name = volume["name"]
+        host = self.dir / "volumes" / name
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            if claim not in claims:
+                raise CrflowError(f"volume {name}: claim {claim} is bound to no local directory")
+            claims[claim].mkdir(parents=True, exist_ok=True)
+            return claims[claim]
+        if "emptyDir" in volume:
+            host.mkdir(parents=True, exist_ok=True)
+            return host
+        if "configMap" in volume:
+            source = _find(manifests, "ConfigMap", volume["configMap"]["name"])["data"]
+            files = {k: v.encode() for k, v in source.items()}
+            mode = 0o644
+        elif "secret" in volume:
+            secret_name = volume["secret"]["secretName"]
+            if secret_name not in secrets:
+                raise CrflowError(f"volume {name}: Secret {secret_name} does not exist")
+            files = {k: v.get_secret_value().encode() for k, v in secrets[secret_name].items()}
+            mode = 0o600
+        else:
+            raise CrflowError(f"volume {name}: only configMap, secret, emptyDir and PVC volumes run locally")
+        items = volume.get("configMap", volume.get("secret")).get("items") or [{"key": k, "path": k} for k in files]
+        host.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for item in items:
+            if item["key"] not in files:
+                raise CrflowError(f"volume {name}: key {item['key']} is missing from its source")
+            write_atomic(host / item["path"], files[item["key"]], mode)
+        return host
+
+    # --- the container ---------------------------------------------------------------------
+    @staticmethod
+    def _env(container: dict, secrets: SecretData, mounts: Mounts) -> dict[str, str]:
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = mounts.translate(str(var["value"]))
+                continue
+            ref = var["valueFrom"].get("secretKeyRef")
+            if ref is None:
+                raise CrflowError(f"env {var['name']}: only value and secretKeyRef run locally")
+            try:
+                env[var["name"]] = secrets[ref["name"]][ref["key"]].get_secret_value()
+            except KeyError:
+                raise CrflowError(f"env {var['name']}: Secret {ref['name']} has no key {ref['key']}") from None
+        return env
+
+    def _command(self, container: dict, mounts: Mounts) -> list[str]:
+        command = [*(container.get("command") or [IMAGE_BINARY]), *(container.get("args") or [])]
+        if command[0] != IMAGE_BINARY:
+            raise CrflowError(f"the container runs {command[0]}, not the registry ({IMAGE_BINARY})")
+        argv = [registry_binary()]
+        for arg in command[1:]:
+            host_arg = mounts.translate(arg)
+            if host_arg != arg and host_arg.endswith((".yml", ".yaml")):
+                # The config, as the container would read it: its paths translated too.
+                config = mounts.translate_tree(yaml.safe_load(Path(host_arg).read_text()))
+                host_file = self.dir / Path(arg).name
+                write_atomic(host_file, yaml.safe_dump(config).encode(), 0o600)
+                host_arg = str(host_file)
+            argv.append(host_arg)
+        return argv
+
+    @staticmethod
+    def _check_port(host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise CrflowError(
+                        f"port {port} on {host} is in use by another process; stop it or choose another registry.port"
+                    ) from None
+                raise CrflowError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+    def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
+        """Make the running process match the rendered pod; return "started", "restarted" or "unchanged"."""
+        deployment = _find(manifests, "Deployment")
+        template = deployment["spec"]["template"]
+        (container,) = [c for c in template["spec"]["containers"] if c["name"] == "registry"]
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host_dirs = {
+            v["name"]: self._volume(v, manifests, secrets, claims) for v in template["spec"].get("volumes") or []
+        }
+        mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
+        env = self._env(container, secrets, mounts)
+        env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f"[{listen[0]}]:{listen[1]}"
+        argv = self._command(container, mounts)
+        spec = json.dumps([template, argv, env], sort_keys=True).encode()
+        digest = hashlib.sha256(spec).hexdigest()
+
+        running = self.pid()
+        if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
+            return "unchanged"
+        if running is not None:
+            self.stop()
+        self._check_port(*listen)
+        with open(self.logfile, "ab") as log:
+            process = subprocess.Popen(
+                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives the crflow process that started it
+            )
+        write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
+        write_atomic(self.specfile, digest.encode(), 0o644)
+        time.sleep(0.3)
+        if process.poll() is not None:
+            self.pidfile.unlink(missing_ok=True)
+            raise CrflowError(f"the registry exited at start (code {process.returncode}): {self.log_tail()}")
+        return "restarted" if running is not None else "started"
+
+
+@task(retries=1, retry_condition_fn=transient_only)
+def run_local_pod(
+    pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]
+) -> str:
+    """Run (or leave running) the registry pod from `manifests` as a local process."""
+    return LocalPod(pod_dir).apply(manifests, secrets, claims, listen)

@@ -1,0 +1,101 @@
+"""Where do the registry's blobs go? A directory on this machine, or a bucket in MinIO (S3).
+
+    keys = read_s3_keys_file(Path("minio-keys.yaml"), "accesskey", "secretkey")
+    ensure_bucket("https://minio.local:9000", "container-registry", "us-east-1", keys,
+                  ca_bundle=Path("minio-ca.crt"), skip_verify=False)
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import urllib3
+import yaml
+from minio import Minio
+from minio.error import S3Error
+from prefect import get_run_logger, task
+from pydantic import BaseModel, SecretStr
+
+from crflow.errors import CrflowError, transient_only
+
+
+class S3Keys(BaseModel):
+    access_key: SecretStr
+    secret_key: SecretStr
+
+
+def read_s3_keys(path: Path, access_key_key: str, secret_key_key: str) -> S3Keys:
+    """The S3 keys from a YAML file laid out like MinIO's secret (the local target's stand-in)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise CrflowError(f"cannot read the S3 credentials file {path}: {err.strerror}") from None
+    missing = [k for k in (access_key_key, secret_key_key) if not isinstance(data, dict) or not data.get(k)]
+    if missing:
+        raise CrflowError(f"the S3 credentials file {path} has no {' or '.join(missing)} key")
+    return S3Keys(access_key=str(data[access_key_key]), secret_key=str(data[secret_key_key]))
+
+
+def _http_client(ca_bundle: Path | None, skip_verify: bool) -> urllib3.PoolManager:
+    if skip_verify:
+        return urllib3.PoolManager(cert_reqs=ssl.CERT_NONE, retries=urllib3.Retry(total=2, backoff_factor=0.5))
+    return urllib3.PoolManager(
+        cert_reqs=ssl.CERT_REQUIRED,
+        ca_certs=str(ca_bundle) if ca_bundle else None,
+        retries=urllib3.Retry(total=2, backoff_factor=0.5),
+    )
+
+
+def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle, skip_verify) -> bool:
+    """Make the bucket unless it exists; return whether it was created."""
+    host = endpoint.split("://", 1)[1].rstrip("/")
+    client = Minio(
+        host,
+        access_key=keys.access_key.get_secret_value(),
+        secret_key=keys.secret_key.get_secret_value(),
+        secure=endpoint.startswith("https://"),
+        region=region,
+        http_client=_http_client(ca_bundle, skip_verify),
+    )
+    try:
+        if client.bucket_exists(bucket):
+            return False
+        client.make_bucket(bucket, location=region)
+        return True
+    except S3Error as err:
+        if err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise CrflowError(
+                f"S3 at {endpoint} refused bucket {bucket} ({err.code}): check the credentials and their permissions"
+            ) from None
+        raise CrflowError(f"S3 at {endpoint}, bucket {bucket}: {err.code}: {err.message}") from None
+    except urllib3.exceptions.SSLError as err:
+        raise CrflowError(
+            f"TLS verification of S3 at {endpoint} failed ({err}); set storage.ca_bundle to the CA of its "
+            "certificate, or storage.skip_verify: true to opt out"
+        ) from None
+    except urllib3.exceptions.MaxRetryError as err:
+        raise ConnectionError(f"S3 at {endpoint} is not answering: {err.reason}") from None
+
+
+@task
+def ensure_directory(path: Path) -> Path:
+    """The directory the registry keeps blobs in (filesystem storage)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@task
+def read_s3_keys_file(path: Path, access_key_key: str, secret_key_key: str) -> S3Keys:
+    """The S3 keys, read from the local stand-in of MinIO's secret."""
+    return read_s3_keys(path, access_key_key, secret_key_key)
+
+
+@task(retries=3, retry_delay_seconds=[2, 4, 8], retry_condition_fn=transient_only)
+def ensure_bucket(
+    endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool
+) -> bool:
+    """The registry's bucket exists (made if missing). True when this run created it."""
+    if skip_verify:
+        get_run_logger().warning("TLS verification of %s is OFF (storage.skip_verify: true)", endpoint)
+    return bucket_exists_or_create(endpoint, bucket, region, keys, ca_bundle, skip_verify)
