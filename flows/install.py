@@ -18,12 +18,9 @@ from tasks.credentials import make_credentials, make_htpasswd, make_http_secret
 from tasks.helm import chart_values, data_claim, registry_secrets, render_chart
 from tasks.localpod import run_local_pod
 from tasks.pki import make_ca, make_server_cert
-from tasks.registry import push_pull_check, wait_until_ready
+from tasks.registry import SMOKE_REPO, push_pull_check, wait_until_ready
 from tasks.report import certificate_rows, publish_summary
 from tasks.storage import ensure_bucket, ensure_directory, read_s3_keys_file
-
-SMOKE_REPO = "crflow-smoke"
-
 
 def registry_url(site: Site) -> str:
     return f"https://{site.registry.server}"

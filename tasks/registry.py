@@ -11,6 +11,7 @@ digest merged into the Location's own query (httpx's `params=` would drop `_stat
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ import ssl
 import tarfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlencode, urljoin
 
 import httpx
@@ -26,6 +28,7 @@ from prefect import task
 from crflow.errors import CrflowError, transient_only
 from tasks.credentials import Credentials
 
+SMOKE_REPO = "crflow-smoke"  # where crflow's own check images go
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -144,6 +147,23 @@ class Registry:
             return blob
 
         return Image(config=fetch(document["config"]), layers=[fetch(d) for d in document["layers"]])
+
+
+def probe(base_url: str, bundle_dir: Path) -> str:
+    """One authenticated GET /v2/ with a client bundle (ca.crt, auth.json): a line saying how it went."""
+    try:
+        ca_pem = (bundle_dir / "ca.crt").read_text()
+        ((server, entry),) = json.loads((bundle_dir / "auth.json").read_text())["auths"].items()
+    except (OSError, ValueError, KeyError):
+        return f"no client files in {bundle_dir} (not installed yet?)"
+    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+    creds = Credentials(user=user, password=password, id="client-bundle")
+    try:
+        with Registry(base_url, ca_pem, creds, timeout=5) as registry:
+            registry.ping()
+    except (CrflowError, ConnectionError) as err:
+        return f"NOT OK: {err}"
+    return f"answers over TLS, login of user {user} accepted"
 
 
 @task(retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient_only)

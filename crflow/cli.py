@@ -1,0 +1,137 @@
+"""The `crflow` command: runs the flows against a site file, and looks after the local registry.
+
+    crflow install -c examples/local.yaml
+    crflow status -c examples/local.yaml
+    crflow export-client -c examples/local.yaml --out ./registry-client
+    crflow down -c examples/local.yaml
+
+Errors come out as one line (`crflow: error: ...`) and exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+
+from crflow import runtime
+from crflow.errors import CrflowError
+from crflow.settings import Site, load_site
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server that records crflow's runs.")
+app.add_typer(server_app, name="server")
+
+SiteFile = typer.Option(..., "--config", "-c", help="The site file (YAML), e.g. examples/local.yaml.")
+
+
+class _OneLineErrors(logging.Filter):
+    """Prefect prints a failed run's traceback; for a CrflowError its one-line message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CrflowError):
+            record.exc_info = record.exc_text = None  # Prefect's message already names the error
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
+        handler.addFilter(_OneLineErrors())
+
+
+def _site(path: Path) -> Site:
+    return load_site(path)
+
+
+def _run_flow(flow, site_file: Path):
+    """Run a flow in this process, reporting to crflow's Prefect server."""
+    runtime.ensure_server()
+    import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers, then we filter them)
+
+    _quiet_tracebacks()
+    typer.secho(f"Prefect UI: {runtime.ui_url()}", err=True, dim=True)
+    return flow(str(site_file.resolve()))
+
+
+@app.command()
+def install(config: Path = SiteFile) -> None:
+    """Install the registry described by the site file, or bring it back to that state."""
+    from flows.install import install as install_flow
+    from tasks.registry import SMOKE_REPO
+
+    site = _site(config)
+    url = _run_flow(install_flow, config)
+    client = site.state_dir / "client"
+    typer.echo(f"Registry ready at {url}")
+    typer.echo(f"  client files: crflow export-client -c {config} --out DIR   (CA and login for skopeo/podman/docker)")
+    typer.echo(f"  try: skopeo inspect --authfile {client}/auth.json --cert-dir {client} docker://{site.registry.server}/{SMOKE_REPO}:install")
+
+
+@app.command()
+def down(config: Path = SiteFile) -> None:
+    """Stop the local registry (its data, certificates and credentials stay)."""
+    from tasks.localpod import LocalPod
+
+    site = _site(config)
+    stopped = LocalPod(site.state_dir / "pod").stop()
+    typer.echo("Registry stopped" if stopped else "Registry was not running")
+
+
+@app.command()
+def status(config: Path = SiteFile) -> None:
+    """Is the local registry running, and does it answer with the login crflow made?"""
+    from tasks.localpod import LocalPod
+    from tasks.registry import probe
+
+    site = _site(config)
+    pid = LocalPod(site.state_dir / "pod").pid()
+    typer.echo(f"registry process: {'running, pid ' + str(pid) if pid else 'not running'}")
+    answer = probe(f"https://{site.registry.server}", site.state_dir / "client")
+    typer.echo(f"https://{site.registry.server}: {answer}")
+    runtime.configure()
+    typer.echo(f"Prefect UI: {runtime.ui_url()} ({'up' if runtime.healthy() else 'not running'})")
+    if not pid:
+        raise typer.Exit(3)
+
+
+@app.command("export-client")
+def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out", help="Directory to write.")) -> None:
+    """Write DIR/ca.crt and DIR/auth.json (0600): what skopeo, podman or docker need."""
+    site = _site(config)
+    bundle = site.state_dir / "client"
+    if not (bundle / "auth.json").exists():
+        raise CrflowError(f"no client files in {bundle}: run crflow install -c {config} first")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in ("ca.crt", "auth.json"):
+        shutil.copy2(bundle / name, out / name)
+    typer.echo(f"Wrote {out}/ca.crt and {out}/auth.json for {site.registry.server}")
+    typer.echo(f"  skopeo ... --authfile {out}/auth.json --cert-dir {out}")
+    typer.echo(f"  docker: copy ca.crt to /etc/docker/certs.d/{site.registry.server}/ca.crt")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local Prefect server (the flows start it themselves when needed)."""
+    runtime.ensure_server()
+    typer.echo(f"Prefect UI: {runtime.ui_url()}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server crflow started."""
+    typer.echo("Prefect server stopped" if runtime.stop_server() else "Prefect server was not running")
+
+
+def main() -> None:
+    runtime.configure()  # before anything imports prefect: its settings are read once, at import
+    try:
+        app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit
+    except CrflowError as err:
+        typer.secho(f"crflow: error: {err}", err=True, fg="red")
+        sys.exit(1)
+    except Exception as err:  # not ours: say what and where to look, still one line
+        typer.secho(f"crflow: error: {type(err).__name__}: {err}", err=True, fg="red")
+        sys.exit(1)
