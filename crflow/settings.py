@@ -57,6 +57,11 @@ class Address(Strict):
         return f"[{ip}]" if ip.version == 6 else str(ip)
 
     @property
+    def listen(self) -> tuple[str, int]:
+        """Where the local target's registry listens: the first IP, else every interface."""
+        return ((self.ips or ["0.0.0.0"])[0], self.port)
+
+    @property
     def server(self) -> str:
         """host:port, as clients name the registry (docker login, auth.json, image refs)."""
         return f"{self.host}:{self.port}"

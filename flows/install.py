@@ -16,7 +16,7 @@ from crflow.vault import open_vault
 from tasks.client import save_client_bundle
 from tasks.credentials import make_credentials, make_htpasswd, make_http_secret
 from tasks.helm import chart_values, data_claim, registry_secrets, render_chart
-from tasks.localpod import run_local_pod
+from tasks.localpod import check_local_host, run_local_pod
 from tasks.pki import make_ca, make_server_cert
 from tasks.registry import SMOKE_REPO, push_pull_check, wait_until_ready
 from tasks.report import certificate_rows, publish_summary
@@ -32,6 +32,8 @@ def install(site_file: str) -> str:
     site = load_site(Path(site_file))
     if site.target != "local":
         raise CrflowError("target: kubernetes is not supported yet; use target: local")
+    pod_dir = site.state_dir / "pod"
+    check_local_host(pod_dir, site.registry.listen)
     vault = open_vault(site.state_dir)
 
     # TLS: a long-lived CA, and a server certificate for the addresses clients use.
@@ -69,8 +71,7 @@ def install(site_file: str) -> str:
         site.release, ca=ca, server_cert=server_cert, htpasswd=htpasswd, http_secret=http_secret,
         s3_keys=s3_keys, s3_ca_pem=storage.ca_bundle.read_text() if getattr(storage, "ca_bundle", None) else None,
     )
-    listen = ((site.registry.ips or ["0.0.0.0"])[0], site.registry.port)
-    run_local_pod(site.state_dir / "pod", manifests, secrets, claims, listen)
+    run_local_pod(pod_dir, manifests, secrets, claims, site.registry.listen)
 
     # Proof: the registry answers our login over TLS, and an image goes in and comes out.
     url = registry_url(site)

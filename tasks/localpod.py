@@ -38,6 +38,7 @@ from prefect import task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
+from tasks.helm import helm_executable
 
 BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
 IMAGE_BINARY = "/bin/registry"  # the registry image's entrypoint, as the chart names it
@@ -249,6 +250,15 @@ class LocalPod:
             self.pidfile.unlink(missing_ok=True)
             raise CrflowError(f"the registry exited at start (code {process.returncode}): {self.log_tail()}")
         return "restarted" if running is not None else "started"
+
+
+@task
+def check_local_host(pod_dir: Path, listen: tuple[str, int]) -> None:
+    """Before anything is made: the registry binary and helm are here, and the port is ours or free."""
+    registry_binary()
+    helm_executable()
+    if LocalPod(pod_dir).pid() is None:
+        LocalPod._check_port(*listen)
 
 
 @task(retries=1, retry_condition_fn=transient_only)

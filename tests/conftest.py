@@ -1,0 +1,209 @@
+"""The test bed: real processes on loopback.
+
+- one Prefect server (`prefect server start`) for the whole session;
+- `crflow` run as a subprocess, exactly as a person runs it;
+- the registry it starts is Debian's docker-registry (distribution 2.8.2), a real process;
+- skopeo, an independent client, pushes and pulls;
+- moto's server stands in for MinIO (S3 API; it ignores credentials, see TESTBED.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tasks.localpod import LocalPod
+from tasks.registry import tiny_image
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout} s")
+
+
+def start_server(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """A real Prefect server for the session; its URL is what every crflow run reports to."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    process = start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                           home / "server.log", env)
+    url = f"http://127.0.0.1:{port}/api"
+    wait_http(f"{url}/health", 180, "the Prefect server", process)
+    yield url
+    stop_server(process)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory) -> str:
+    """moto's S3 server: the stand-in for MinIO (MinIO's server is not obtainable here)."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    process = start_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, env)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url, 60, "moto", process)
+    yield url
+    stop_server(process)
+
+
+class Crflow:
+    """Runs the crflow CLI as a subprocess, with its own CRFLOW_HOME and the session's Prefect."""
+
+    def __init__(self, prefect_api: str, home: Path):
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
+        self.env.update(PREFECT_API_URL=prefect_api, CRFLOW_HOME=str(home), DO_NOT_TRACK="1")
+
+    def __call__(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(BIN / "crflow"), *args], capture_output=True, text=True,
+                                env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL, timeout=300)
+        if check and result.returncode != 0:
+            raise AssertionError(f"crflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        return result
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "crflow"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=self.env, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def crflow(prefect_api, tmp_path) -> Crflow:
+    return Crflow(prefect_api, tmp_path / "crflow-home")
+
+
+class Site:
+    """A site file in a test's tmp dir, with a free port; stops its registry at teardown."""
+
+    def __init__(self, tmp_path: Path, **overrides):
+        self.port = free_port()
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.state = tmp_path / "state"
+        self.settings = {
+            "target": "local",
+            "state_dir": str(self.state),
+            "registry": {"ips": ["127.0.0.1"], "dns_names": ["localhost"], "port": self.port},
+            "storage": {"kind": "filesystem"},
+        }
+        self.settings.update(overrides)
+        self.path = tmp_path / "site.yaml"
+        self.write()
+
+    def write(self) -> None:
+        self.path.write_text(yaml.safe_dump(self.settings))
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.server}"
+
+    @property
+    def pod(self) -> LocalPod:
+        return LocalPod(self.state / "pod")
+
+    @property
+    def client(self) -> Path:
+        return self.state / "client"
+
+    def login(self) -> tuple[str, str]:
+        """(user, password), read back from the client files crflow wrote."""
+        auth = json.loads((self.client / "auth.json").read_text())["auths"][self.server]["auth"]
+        user, _, password = base64.b64decode(auth).decode().partition(":")
+        return user, password
+
+
+@pytest.fixture
+def make_site(tmp_path):
+    sites = []
+
+    def make(**overrides) -> Site:
+        site = Site(tmp_path / f"site{len(sites)}", **overrides)
+        sites.append(site)
+        return site
+
+    yield make
+    for site in sites:
+        site.pod.stop()
+
+
+@pytest.fixture
+def installed(crflow, make_site) -> Site:
+    """A registry installed on the local target by `crflow install`."""
+    site = make_site()
+    crflow("install", "-c", str(site.path))
+    return site
+
+
+def oci_layout(path: Path, tag: str = "latest"):
+    """A one-image OCI layout for skopeo to push, with unique content (skopeo caches blob
+    locations and would otherwise mount instead of upload). Returns the image."""
+    from tasks.registry import OCI_MANIFEST, digest_of
+
+    image = tiny_image({"hello.txt": f"crflow test {uuid.uuid4()}\n".encode()})
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for blob in [image.config, *image.layers, image.manifest]:
+        (blobs / digest_of(blob).split(":")[1]).write_bytes(blob)
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    manifest = {"mediaType": OCI_MANIFEST, "digest": digest_of(image.manifest), "size": len(image.manifest),
+                "annotations": {"org.opencontainers.image.ref.name": tag}}
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest]}))
+    return image
+
+
+def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """skopeo, the independent client. --insecure-policy skips image *signature* policy only;
+    TLS verification stays on (no --tls-verify=false anywhere in these tests)."""
+    result = subprocess.run([shutil.which("skopeo") or "skopeo", "--insecure-policy", *args],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"skopeo {' '.join(args)} failed:\n{result.stderr}")
+    return result
