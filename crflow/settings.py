@@ -7,6 +7,7 @@ plain values. Errors name the key, what is wrong with it and the fix, in one lin
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -108,12 +109,19 @@ class S3Credentials(Strict):
 class S3Storage(Strict):
     kind: Literal["s3"]
     endpoint: Annotated[str, Field(pattern=r"^https?://")]
-    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    bucket: str
     region: str = "us-east-1"
     root_directory: str = ""
     credentials: S3Credentials = S3Credentials()
     ca_bundle: Path | None = None
     skip_verify: bool = False
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, bucket: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"{bucket!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
+        return bucket
 
     @model_validator(mode="after")
     def _trust(self) -> S3Storage:
@@ -190,8 +198,14 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             creds["file"] = fix(creds["file"])
 
 
+STORAGE_KINDS = ("filesystem", "pvc", "s3")
+
+
 def _explain(error: dict) -> str:
-    where = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    loc = [str(p) for p in error["loc"] if not str(p).startswith("function-after")]
+    if loc[:1] == ["storage"] and loc[1:2] and loc[1] in STORAGE_KINDS:
+        del loc[1]  # pydantic names the union member; the file has no such level
+    where = ".".join(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key; check its spelling against examples/local.yaml"

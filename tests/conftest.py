@@ -67,9 +67,14 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory) -> str:
+def prefect_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_home) -> str:
     """A real Prefect server for the session; its URL is what every crflow run reports to."""
-    home = tmp_path_factory.mktemp("prefect-home")
+    home = prefect_home
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     process = start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -1,0 +1,70 @@
+"""No secret in a log line, flow parameter, artifact, exception message, result file or
+cache key: after a real install, every place Prefect and crflow write to is searched for
+every secret the install made."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def secrets_of(site) -> dict[str, str]:
+    user, password = site.login()
+    volumes = site.state / "pod" / "volumes"
+    environ = dict(
+        item.split("=", 1) for item in open(f"/proc/{site.pod.pid()}/environ").read().split("\0") if "=" in item
+    )
+    key_pem = (volumes / "tls" / "tls.key").read_text()
+    return {
+        "password": password,
+        "htpasswd hash": (volumes / "auth" / "htpasswd").read_text().split(":", 1)[1].strip(),
+        "server key": "".join(key_pem.strip().splitlines()[1:-1])[:40],  # the base64 body
+        "http.secret": environ["REGISTRY_HTTP_SECRET"],
+        "result key": (site.state / "result.key").read_text().strip(),
+    }
+
+
+def api_dump(api: str) -> str:
+    """Everything the Prefect API holds about runs, logs and artifacts, as one text."""
+    parts = []
+    with httpx.Client(base_url=api, timeout=30) as http:
+        for path in ("/flow_runs/filter", "/task_runs/filter", "/artifacts/filter", "/logs/filter"):
+            offset = 0
+            while True:
+                page = http.post(path, json={"limit": 200, "offset": offset}).raise_for_status().json()
+                parts.append(str(page))
+                offset += 200
+                if len(page) < 200:
+                    break
+    return "\n".join(parts)
+
+
+def test_no_secret_reaches_prefect_logs_artifacts_results_or_output(crflow, make_site, prefect_api, prefect_home):
+    site = make_site()
+    first = crflow("install", "-c", str(site.path))
+    second = crflow("install", "-c", str(site.path))
+    secrets = secrets_of(site)
+    assert all(len(value) >= 20 for value in secrets.values())
+
+    places = {
+        "CLI output": first.stdout + first.stderr + second.stdout + second.stderr,
+        "Prefect API (runs, task runs, artifacts, logs)": api_dump(prefect_api),
+        "registry log": (site.state / "pod" / "registry.log").read_text(),
+    }
+    for db in prefect_home.glob("*.db*"):  # the SQLite database and its WAL, raw bytes
+        places[f"Prefect database {db.name}"] = db.read_bytes().decode("latin-1")
+    for result in (site.state / "results").iterdir():
+        places[f"result file {result.name}"] = result.read_text()
+
+    assert "crflow-install" in places["Prefect API (runs, task runs, artifacts, logs)"]  # we did look
+    for where, text in places.items():
+        for name, value in secrets.items():
+            assert value not in text, f"the {name} is in the {where}"
+
+
+def test_secret_files_are_private(installed):
+    volumes = installed.state / "pod" / "volumes"
+    for path in [volumes / "tls" / "tls.key", volumes / "auth" / "htpasswd", installed.state / "result.key",
+                 installed.client / "auth.json", installed.state / "pod" / "config.yml"]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    for directory in [installed.state, installed.state / "results", volumes / "tls"]:
+        assert directory.stat().st_mode & 0o077 == 0, f"{directory} is open to others"
