@@ -129,9 +129,14 @@ class S3Storage(Strict):
             raise ValueError("storage: give ca_bundle or skip_verify: true, not both")
         return self
 
-    @property
-    def secure(self) -> bool:
-        return self.endpoint.startswith("https://")
+    def ca_pem(self) -> str | None:
+        """The S3 endpoint's CA bundle, if one is configured."""
+        if self.ca_bundle is None:
+            return None
+        try:
+            return self.ca_bundle.read_text()
+        except OSError as err:
+            raise CrflowError(f"storage.ca_bundle: cannot read {self.ca_bundle}: {err.strerror}") from None
 
 
 class Tls(Strict):

@@ -13,14 +13,16 @@ from prefect import flow
 from crflow.errors import CrflowError
 from crflow.settings import S3Storage, Site, load_site
 from crflow.vault import open_vault
+from flows.values import chart_values_for
 from tasks.client import save_client_bundle
 from tasks.credentials import make_credentials, make_htpasswd, make_http_secret
-from tasks.helm import chart_values, data_claim, registry_secrets, render_chart
+from tasks.helm import data_claim, registry_secrets, render_chart
 from tasks.localpod import check_local_host, run_local_pod
 from tasks.pki import make_ca, make_server_cert
 from tasks.registry import SMOKE_REPO, push_pull_check, wait_until_ready
 from tasks.report import certificate_rows, publish_summary
 from tasks.storage import ensure_bucket, ensure_directory, read_s3_keys_file
+
 
 def registry_url(site: Site) -> str:
     return f"https://{site.registry.server}"
@@ -57,19 +59,11 @@ def install(site_file: str) -> str:
         claims[data_claim(site.release)] = ensure_directory(site.data_dir)
 
     # The chart, rendered for these settings, run as a local process.
-    values = chart_values(
-        site.release,
-        storage="s3" if isinstance(storage, S3Storage) else "filesystem",
-        service_type=site.registry.service_type,
-        service_port=site.registry.port,
-        load_balancer_ip=(site.registry.ips or [None])[0],
-        cert_fingerprint=server_cert.fingerprint,
-        **(_s3_values(storage) if isinstance(storage, S3Storage) else {}),
-    )
+    values = chart_values_for(site, server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values)
     secrets = registry_secrets(
         site.release, ca=ca, server_cert=server_cert, htpasswd=htpasswd, http_secret=http_secret,
-        s3_keys=s3_keys, s3_ca_pem=storage.ca_bundle.read_text() if getattr(storage, "ca_bundle", None) else None,
+        s3_keys=s3_keys, s3_ca_pem=storage.ca_pem() if isinstance(storage, S3Storage) else None,
     )
     run_local_pod(pod_dir, manifests, secrets, claims, site.registry.listen)
 
@@ -87,13 +81,3 @@ def install(site_file: str) -> str:
     )
     return url
 
-
-def _s3_values(storage: S3Storage) -> dict:
-    return dict(
-        s3_endpoint=storage.endpoint,
-        s3_bucket=storage.bucket,
-        s3_region=storage.region,
-        s3_root_directory=storage.root_directory,
-        s3_ca_bundle=storage.ca_bundle is not None,
-        s3_skip_verify=storage.skip_verify,
-    )

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from prefect import task
-from pyhelm3 import Client
 from pydantic import SecretStr
+from pyhelm3 import Client
 from pyhelm3.errors import Error as HelmError
 
 from crflow.errors import CrflowError

@@ -136,7 +136,7 @@ def test_killing_the_flow_after_any_task_then_rerunning_converges(crflow, make_s
     for task in VAULT_TASKS:
         if task in finished:
             assert f"Task run '{task}-" in rerun.stderr
-            line = next(l for l in rerun.stderr.splitlines() if f"Task run '{task}-" in l)
+            line = next(x for x in rerun.stderr.splitlines() if f"Task run '{task}-" in x)
             assert "Cached" in line, f"{task} was made again after the kill: {line}"
     assert "login of user" in probe(site.url, site.client)
     third = crflow("install", "-c", str(site.path))

@@ -1,0 +1,29 @@
+"""From the site file to chart values: the one place that maps settings onto the chart."""
+
+from __future__ import annotations
+
+from crflow.settings import S3Storage, Site
+from tasks.helm import chart_values
+
+
+def chart_values_for(site: Site, cert_fingerprint: str) -> dict:
+    storage = site.storage
+    s3 = {}
+    if isinstance(storage, S3Storage):
+        s3 = dict(
+            s3_endpoint=storage.endpoint,
+            s3_bucket=storage.bucket,
+            s3_region=storage.region,
+            s3_root_directory=storage.root_directory,
+            s3_ca_bundle=storage.ca_bundle is not None,
+            s3_skip_verify=storage.skip_verify,
+        )
+    return chart_values(
+        site.release,
+        storage="s3" if isinstance(storage, S3Storage) else "filesystem",
+        service_type=site.registry.service_type,
+        service_port=site.registry.port,
+        load_balancer_ip=(site.registry.ips or [None])[0],
+        cert_fingerprint=cert_fingerprint,
+        **s3,
+    )

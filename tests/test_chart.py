@@ -1,0 +1,116 @@
+"""Our chart, rendered by the real helm binary with the values crflow builds, checked by
+`helm lint --strict` and by kubernetes-validate --strict against Kubernetes' own schemas."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crflow.settings import load_site
+from flows.values import chart_values_for
+from tasks.helm import CHART_DIR, helm_executable
+
+ROOT = Path(__file__).resolve().parent.parent
+OLDEST, NEWEST = "1.25.0", "1.37.0"  # kubernetes-validate's range here
+
+
+def values_for(example: str) -> dict:
+    return chart_values_for(load_site(ROOT / "examples" / example), cert_fingerprint="AA:BB")
+
+
+def helm(*args: str, values: dict | None = None) -> str:
+    result = subprocess.run([helm_executable(), *args, *(["--values", "-"] if values is not None else [])],
+                            input=json.dumps(values or {}), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def template(values: dict, *extra: str) -> list[dict]:
+    text = helm("template", "registry", str(CHART_DIR), "--namespace", "container-registry", *extra, values=values)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def validate(manifests: list[dict], version: str, tmp_path: Path) -> None:
+    path = tmp_path / f"manifests-{version}.yaml"
+    path.write_text(yaml.safe_dump_all(manifests))
+    result = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet",
+                             "-k", version, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+SETUPS = {
+    "local (filesystem on a claim)": values_for("local.yaml"),
+    "runbook (S3 on MinIO, LoadBalancer 192.168.86.201:9005)": values_for("microk8s-minio.yaml"),
+    "chart defaults (emptyDir)": {},
+    "garbage collection on": {**values_for("microk8s-minio.yaml"), "garbageCollect": {"enabled": True}},
+}
+
+
+def test_lint_is_clean():
+    out = helm("lint", "--strict", str(CHART_DIR), values=values_for("microk8s-minio.yaml"))
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_rendered_manifests_pass_strict_schema_validation(setup, version, tmp_path):
+    validate(template(SETUPS[setup], "--kube-version", version), version, tmp_path)
+
+
+def test_runbook_setup_renders_what_the_runbook_does():
+    manifests = {m["kind"]: m for m in template(SETUPS["runbook (S3 on MinIO, LoadBalancer 192.168.86.201:9005)"])}
+    service = manifests["Service"]["spec"]
+    assert (service["type"], service["loadBalancerIP"], service["ports"][0]["port"]) == ("LoadBalancer", "192.168.86.201", 9005)
+    config = yaml.safe_load(manifests["ConfigMap"]["data"]["config.yml"])
+    assert config["storage"]["s3"]["bucket"] == "container-registry"
+    assert config["storage"]["redirect"] == {"disable": True}  # clients need not reach MinIO
+    assert config["auth"]["htpasswd"]["path"] == "/auth/htpasswd"
+    pod = manifests["Deployment"]["spec"]["template"]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["REGISTRY_STORAGE_S3_ACCESSKEY"]["valueFrom"]["secretKeyRef"] == {"name": "registry-s3", "key": "s3AccessKey"}
+    assert "REGISTRY_STORAGE_S3_SKIPVERIFY" not in env  # verification stays on; the CA bundle is trusted
+    assert env["SSL_CERT_DIR"]["value"] == "/etc/ssl/certs:/etc/ssl/s3"
+    auth_mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "auth")
+    assert "subPath" not in auth_mount  # so the kubelet refreshes it in place on rotation
+    assert set(pod["metadata"]["annotations"]) >= {"checksum/config", "checksum/secret"}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert "Secret" not in manifests  # the chart only references Secrets; it never carries their content
+
+
+def test_skip_verify_is_an_explicit_opt_in():
+    values = values_for("microk8s-minio.yaml")
+    values["s3"] = {**values["s3"], "caBundleSecretName": "", "skipVerify": True}
+    pod = next(m for m in template(values) if m["kind"] == "Deployment")["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["REGISTRY_STORAGE_S3_SKIPVERIFY"] == "true"
+
+
+def test_a_new_server_certificate_or_config_rolls_the_pod():
+    def annotations(values):
+        return next(m for m in template(values) if m["kind"] == "Deployment")["spec"]["template"]["metadata"]["annotations"]
+
+    base = values_for("local.yaml")
+    assert annotations(base) == annotations(dict(base))
+    assert annotations({**base, "secretsChecksum": "CC:DD"})["checksum/secret"] != annotations(base)["checksum/secret"]
+    assert annotations({**base, "configData": {"version": 0.1, "http": {"addr": ":5001"}}})["checksum/config"] != \
+        annotations(base)["checksum/config"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--kube-version", "1.20.0"], "batch/v1beta1"),  # offline, old cluster
+        (["--kube-version", "1.30.0"], "batch/v1"),  # offline: helm lists no kinds, the version decides
+        (["--kube-version", "1.30.0", "--api-versions", "batch/v1beta1/CronJob"], "batch/v1beta1"),  # API lacks v1
+        (["--kube-version", "1.20.0", "--api-versions", "batch/v1/CronJob"], "batch/v1"),  # API has v1
+    ],
+)
+def test_cronjob_api_version_follows_the_cluster(extra, expected):
+    manifests = template({"garbageCollect": {"enabled": True}}, *extra)
+    (cronjob,) = [m for m in manifests if m["kind"] == "CronJob"]
+    assert cronjob["apiVersion"] == expected
