@@ -1,0 +1,83 @@
+"""The site file is validated once, at the edge, with errors that name the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crflow.errors import CrflowError
+from crflow.settings import S3Storage, load_site
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def site_error(tmp_path: Path, settings: dict) -> str:
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(CrflowError) as caught:
+        load_site(path)
+    return str(caught.value)
+
+
+def test_examples_load():
+    local = load_site(ROOT / "examples" / "local.yaml")
+    assert local.state_dir == (ROOT / ".state" / "local").resolve()  # relative to the file
+    assert local.registry.server == "127.0.0.1:5000"
+    seed = load_site(ROOT / "examples" / "microk8s-minio.yaml")
+    assert seed.registry.server == "192.168.86.201:9005"
+    assert isinstance(seed.storage, S3Storage)
+    assert seed.storage.credentials.name == "minio-access-secret"
+    assert seed.storage.ca_bundle == (ROOT / "examples" / "minio-ca.crt").resolve()
+    assert not seed.storage.skip_verify
+
+
+def test_defaults_are_the_documented_ones(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("state_dir: state\n")
+    site = load_site(path)
+    assert (site.target, site.release, site.auth.bcrypt_cost, site.tls.key_algorithm) == ("local", "registry", 5, "ecdsa-p256")
+    assert site.data_dir == tmp_path / "state" / "data"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({}, "state_dir: required key is missing"),
+        ({"state_dir": "s", "target": "cloud"}, "target: Input should be 'local' or 'kubernetes'"),
+        ({"state_dir": "s", "target": "kubernetes"}, "storage.kind: filesystem is for the local target"),
+        ({"state_dir": "s", "registry": {"ips": [], "dns_names": []}}, "give at least one of registry.ips or registry.dns_names"),
+        ({"state_dir": "s", "registry": {"dns_names": ["bad_name!"]}}, "registry.dns_names.0: String should match pattern"),
+        ({"state_dir": "s", "tls": {"server_days": 9000}}, "tls.server_days: Input should be less than or equal to 825"),
+        ({"state_dir": "s", "auth": {"bcrypt_cost": 3}}, "auth.bcrypt_cost: Input should be greater than or equal to 4"),
+        ({"state_dir": "s", "storage": {"kind": "s3", "endpoint": "minio:9000", "bucket": "abc", "credentials": {"file": "k"}}},
+         "storage.endpoint: String should match pattern '^https?://'"),
+        ({"state_dir": "s", "storage": {"kind": "s3", "endpoint": "http://m:9000", "bucket": "abc"}},
+         "storage.credentials.file: the local target reads the S3 keys from a file"),
+        ({"state_dir": "s", "target": "kubernetes", "storage": {"kind": "pvc"}},
+         "storage: give exactly one of existing_claim or host_path"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, settings, message):
+    assert message in site_error(tmp_path, settings)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    error = site_error(tmp_path, {"state_dir": "s", "registry": {"port": 0, "ipz": []}})
+    assert "registry.port" in error and "registry.ipz: unknown key" in error
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    (tmp_path / "a.yaml").write_text("registry: [unclosed\n")
+    with pytest.raises(CrflowError, match="is not valid YAML"):
+        load_site(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("- just a list\n")
+    with pytest.raises(CrflowError, match="expected a mapping"):
+        load_site(tmp_path / "b.yaml")
+
+
+def test_ipv6_address_is_bracketed_for_clients(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": "s", "registry": {"ips": ["::1"], "port": 5001}}))
+    assert load_site(path).registry.server == "[::1]:5001"
