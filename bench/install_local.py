@@ -1,0 +1,113 @@
+"""How long does `crflow install` take on the local target, and how much of it is Prefect?
+
+Runs, on this machine, against a Prefect server of its own:
+- a first install (fresh state: CA, certificate, login, registry start, push/pull check);
+- a rerun with everything cached (what a scheduled or repeated run costs);
+and splits the rerun into: starting Python and importing crflow and Prefect (the peer:
+`python -c "import flows.install"` in the same venv), the time Prefect reports for the
+tasks themselves, and the rest (Prefect's engine and API calls: the overhead).
+
+    .venv/bin/python bench/install_local.py [--runs 3]
+
+Prints medians; no targets are asserted (machines here are shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(argv: list[str], env: dict) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, capture_output=True, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def last_flow_run_task_seconds(api: str) -> float:
+    with httpx.Client(base_url=api, timeout=30) as http:
+        (run,) = http.post("/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}).json()
+        tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 200}).json()
+    return sum(t["total_run_time"] for t in tasks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    runs = parser.parse_args().runs
+
+    work = Path(tempfile.mkdtemp(prefix="crflow-bench-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
+    env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    api = env["PREFECT_API_URL"]
+    sites = []
+    try:
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+
+        first, rerun, task_time, imports = [], [], [], []
+        for i in range(runs):
+            site = work / f"site{i}.yaml"
+            state = work / f"state{i}"
+            site.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"port": free_port()}}))
+            sites.append(state)
+            crflow = [str(BIN / "crflow"), "install", "-c", str(site)]
+            first.append(timed(crflow, env))
+            rerun.append(timed(crflow, env))
+            task_time.append(last_flow_run_task_seconds(api))
+            imports.append(timed([sys.executable, "-c", "import flows.install"], env))
+
+        med = statistics.median
+        overhead = med(rerun) - med(imports) - med(task_time)
+        print(f"crflow install, local target, median of {runs} (seconds)")
+        print(f"  first install (fresh state)        {med(first):6.2f}")
+        print(f"  rerun, everything cached           {med(rerun):6.2f}   rerun/first = {med(rerun) / med(first):.2f}")
+        print("  the rerun, split:")
+        print(f"    python start + imports (peer)    {med(imports):6.2f}   {med(imports) / med(rerun):5.0%}")
+        print(f"    the tasks' own time              {med(task_time):6.2f}   {med(task_time) / med(rerun):5.0%}")
+        print(f"    Prefect engine + API (overhead)  {overhead:6.2f}   {overhead / med(rerun):5.0%}")
+    finally:
+        for state in sites:
+            pid_file = state / "pod" / "registry.pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        time.sleep(2)  # the registries exit 1-2 s after SIGTERM
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""prefect.yaml works as documented: deploy it, and a real Prefect worker (process work
+pool) runs the `install` deployment, which installs a working registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import httpx
+
+from conftest import BIN, ROOT, start_server, stop_server
+from tasks.registry import probe
+
+
+def prefect(*args: str, env: dict) -> str:
+    result = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
+    site = make_site()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
+    env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "prefect-client"), DO_NOT_TRACK="1")
+    pool = "crflow"
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
+                   capture_output=True, timeout=60)  # an existing pool is fine
+    assert "install" in prefect("deploy", "--all", env=env)
+    run = prefect("deployment", "run", "install/install", "--param", f"site_file={site.path}", env=env)
+    flow_run_id = run.split("UUID:")[1].split()[0]
+
+    worker = start_server([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
+                          tmp_path / "worker.log", env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}").json()["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+    finally:
+        stop_server(worker)
+    assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+    assert "login of user" in probe(site.url, site.client)
