@@ -114,3 +114,9 @@ def test_cronjob_api_version_follows_the_cluster(extra, expected):
     manifests = template({"garbageCollect": {"enabled": True}}, *extra)
     (cronjob,) = [m for m in manifests if m["kind"] == "CronJob"]
     assert cronjob["apiVersion"] == expected
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_deployments_manifests_pass_strict_schema_validation(version, tmp_path):
+    for manifest in (ROOT / "deployments").glob("*.yaml"):
+        validate([doc for doc in yaml.safe_load_all(manifest.read_text()) if doc], version, tmp_path)
