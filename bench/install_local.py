@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,13 +29,8 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import BIN, free_port, start_prefect_server, stop_server  # noqa: E402
 
 
 def timed(argv: list[str], env: dict) -> float:
@@ -58,22 +52,11 @@ def main() -> None:
     runs = parser.parse_args().runs
 
     work = Path(tempfile.mkdtemp(prefix="crflow-bench-"))
-    port = free_port()
+    server, api = start_prefect_server(work / "prefect")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
-    env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    api = env["PREFECT_API_URL"]
+    env.update(PREFECT_API_URL=api, CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1")
     sites = []
     try:
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-
         first, rerun, task_time, imports = [], [], [], []
         for i in range(runs):
             site = work / f"site{i}.yaml"
@@ -103,8 +86,7 @@ def main() -> None:
                     os.kill(int(pid_file.read_text()), signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
         time.sleep(2)  # the registries exit 1-2 s after SIGTERM
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 import yaml
 
-from conftest import BIN
+from servers import BIN
 
 
 def one_error_line(result) -> str:

@@ -9,7 +9,8 @@ import time
 
 import httpx
 
-from conftest import BIN, ROOT, start_server, stop_server
+from conftest import ROOT
+from servers import BIN, start_server, stop_server
 from tasks.registry import probe
 
 
