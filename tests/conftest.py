@@ -17,6 +17,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -167,3 +168,42 @@ def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"skopeo {' '.join(args)} failed:\n{result.stderr}")
     return result
+
+
+class KubeApi:
+    """The emulated Kubernetes API server (tests/kubeapi), a subprocess with its own kubeconfig.
+    EMULATED: no scheduler, kubelet, admission, RBAC or defaulting (see tests/kubeapi/server.py)."""
+
+    def __init__(self, tmp_path: Path):
+        self.kubeconfig = tmp_path / "kubeconfig"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = start_server([str(BIN / "python"), str(ROOT / "tests" / "kubeapi" / "server.py"),
+                                     "--port", str(self.port), "--kubeconfig", str(self.kubeconfig)],
+                                    tmp_path / "kubeapi.log")
+        wait_http(f"{self.url}/healthz", 30, "the emulated Kubernetes API", self.process)
+        # helm and kubectl get a HOME of their own, so no cache or config leaks between runs.
+        self.home = tmp_path / "kube-home"
+        self.home.mkdir()
+        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HOME": str(self.home)}
+
+    def fault(self, **rule) -> None:
+        """Make the next matching requests fail: fault(method="POST", path="/secrets", status=500, count=3)."""
+        httpx.post(f"{self.url}/_emulator/faults", json=rule).raise_for_status()
+
+    def requests(self) -> list[dict]:
+        return httpx.get(f"{self.url}/_emulator/requests").json()
+
+    def run(self, tool: str, *args: str, returncode: int = 0) -> str:
+        """kubectl or helm from .bin/, against this API server; its stdout."""
+        result = subprocess.run([str(ROOT / ".bin" / tool), *args], env=self.env, capture_output=True, text=True,
+                                timeout=120, stdin=subprocess.DEVNULL)
+        assert result.returncode == returncode, f"{tool} {' '.join(args)}:\n{result.stderr}"
+        return result.stdout
+
+
+@pytest.fixture
+def kube_api(tmp_path) -> KubeApi:
+    api = KubeApi(tmp_path)
+    yield api
+    stop_server(api.process)
