@@ -153,6 +153,15 @@ class Auth(Strict):
     bcrypt_cost: Annotated[int, Field(ge=4, le=14)] = 5
 
 
+class Cluster(Strict):
+    """How crflow reaches the Kubernetes API: a kubeconfig (default: $KUBECONFIG or
+    ~/.kube/config) and optionally one of its contexts; in a pod, its service account."""
+
+    kubeconfig: Path | None = None
+    context: str | None = None
+    helm_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
+
+
 class Site(Strict):
     target: Literal["local", "kubernetes"] = "local"
     state_dir: Path
@@ -164,6 +173,7 @@ class Site(Strict):
     )
     tls: Tls = Tls()
     auth: Auth = Auth()
+    cluster: Cluster = Cluster()
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:
@@ -193,6 +203,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 
     if isinstance(raw.get("state_dir"), str):
         raw["state_dir"] = fix(raw["state_dir"])
+    cluster = raw.get("cluster")
+    if isinstance(cluster, dict) and isinstance(cluster.get("kubeconfig"), str):
+        cluster["kubeconfig"] = fix(cluster["kubeconfig"])
     storage = raw.get("storage")
     if isinstance(storage, dict):
         for key in ("path", "ca_bundle"):

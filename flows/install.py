@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
-from crflow.errors import CrflowError
-from crflow.settings import S3Storage, Site, load_site
+from crflow.settings import PvcStorage, S3Storage, Site, load_site
 from crflow.vault import open_vault
 from flows.values import chart_values_for
 from tasks.client import save_client_bundle
 from tasks.credentials import make_credentials, make_htpasswd, make_http_secret
-from tasks.helm import data_claim, registry_secrets, render_chart
+from tasks.helm import SECRET_TYPES, data_claim, helm_release, registry_secrets, render_chart, secret_names
+from tasks.kube import KubeAccess, copy_s3_credentials, create_hostpath_volume, create_namespace, put_secret
 from tasks.localpod import check_local_host, run_local_pod
 from tasks.pki import make_ca, make_server_cert
 from tasks.registry import SMOKE_REPO, push_pull_check, wait_until_ready
@@ -24,18 +25,12 @@ from tasks.report import certificate_rows, publish_summary
 from tasks.storage import ensure_bucket, ensure_directory, read_s3_keys_file
 
 
-def registry_url(site: Site) -> str:
-    return f"https://{site.registry.server}"
-
-
 @flow(name="install")
 def install(site_file: str) -> str:
     """Install (or converge) the registry described by `site_file`; return its address."""
     site = load_site(Path(site_file))
-    if site.target != "local":
-        raise CrflowError("target: kubernetes is not supported yet; use target: local")
-    pod_dir = site.state_dir / "pod"
-    check_local_host(pod_dir, site.registry.listen)
+    if site.target == "local":
+        check_local_host(site.state_dir / "pod", site.registry.listen)
     vault = open_vault(site.state_dir)
 
     # TLS: a long-lived CA, and a server certificate for the addresses clients use.
@@ -49,26 +44,14 @@ def install(site_file: str) -> str:
     htpasswd = vault(make_htpasswd)(creds, cost=site.auth.bcrypt_cost)
     http_secret = vault(make_http_secret)()
 
-    # Storage: a directory on this machine, or a bucket in S3.
-    storage, s3_keys, claims = site.storage, None, {}
-    if isinstance(storage, S3Storage):
-        creds_file = storage.credentials
-        s3_keys = read_s3_keys_file(creds_file.file, creds_file.access_key_key, creds_file.secret_key_key)
-        ensure_bucket(storage.endpoint, storage.bucket, storage.region, s3_keys, storage.ca_bundle, storage.skip_verify)
+    secrets = dict(ca=ca, server_cert=server_cert, htpasswd=htpasswd, http_secret=http_secret)
+    if site.target == "local":
+        on_this_machine(site, **secrets)
     else:
-        claims[data_claim(site.release)] = ensure_directory(site.data_dir)
-
-    # The chart, rendered for these settings, run as a local process.
-    values = chart_values_for(site, server_cert.fingerprint)
-    manifests = render_chart(site.release, site.namespace, values)
-    secrets = registry_secrets(
-        site.release, ca=ca, server_cert=server_cert, htpasswd=htpasswd, http_secret=http_secret,
-        s3_keys=s3_keys, s3_ca_pem=storage.ca_pem() if isinstance(storage, S3Storage) else None,
-    )
-    run_local_pod(pod_dir, manifests, secrets, claims, site.registry.listen)
+        on_the_cluster(site, login={"username": SecretStr(creds.user), "password": creds.password}, **secrets)
 
     # Proof: the registry answers our login over TLS, and an image goes in and comes out.
-    url = registry_url(site)
+    url = f"https://{site.registry.server}"
     wait_until_ready(url, ca.cert_pem, creds)
     digest = push_pull_check(url, ca.cert_pem, creds, SMOKE_REPO, "install")
 
@@ -76,8 +59,49 @@ def install(site_file: str) -> str:
     publish_summary(
         "crflow-install",
         f"Registry {site.release} installed",
-        [("Address", url), ("Target", site.target), ("Storage", storage.kind),
+        [("Address", url), ("Target", site.target), ("Storage", site.storage.kind),
          ("Checked image", f"{SMOKE_REPO}@{digest}"), *certificate_rows(ca, server_cert)],
     )
     return url
 
+
+def on_this_machine(site: Site, **secrets) -> None:
+    """Local target: storage here, the chart rendered, its pod run as a local process."""
+    storage, s3_keys, claims = site.storage, None, {}
+    if isinstance(storage, S3Storage):
+        keys_file = storage.credentials
+        s3_keys = read_s3_keys_file(keys_file.file, keys_file.access_key_key, keys_file.secret_key_key)
+        ensure_bucket(storage.endpoint, storage.bucket, storage.region, s3_keys, storage.ca_bundle, storage.skip_verify)
+    else:
+        claims[data_claim(site.release)] = ensure_directory(site.data_dir)
+
+    manifests = render_chart(site.release, site.namespace, chart_values_for(site, secrets["server_cert"].fingerprint))
+    contents = registry_secrets(site.release, **secrets, s3_keys=s3_keys,
+                                s3_ca_pem=storage.ca_pem() if isinstance(storage, S3Storage) else None)
+    run_local_pod(site.state_dir / "pod", manifests, contents, claims, site.registry.listen)
+
+
+def on_the_cluster(site: Site, login: dict[str, SecretStr], **secrets) -> None:
+    """Kubernetes target: namespace, storage, the registry's Secrets, then the helm release."""
+    kube = KubeAccess(kubeconfig=site.cluster.kubeconfig and str(site.cluster.kubeconfig), context=site.cluster.context)
+    names, storage, s3_keys = secret_names(site.release), site.storage, None
+    create_namespace(kube, site.namespace, site.release)
+    if isinstance(storage, S3Storage):
+        source = storage.credentials
+        s3_keys = copy_s3_credentials(kube, source.namespace, source.name, source.access_key_key,
+                                      source.secret_key_key, site.namespace, names["s3"], site.release)
+        ensure_bucket(storage.endpoint, storage.bucket, storage.region, s3_keys, storage.ca_bundle, storage.skip_verify)
+    elif isinstance(storage, PvcStorage) and storage.host_path:
+        volume = storage.host_path
+        create_hostpath_volume(kube, site.namespace, data_claim(site.release), volume.path, volume.node,
+                               volume.size, site.release)
+
+    contents = registry_secrets(site.release, **secrets,
+                                s3_ca_pem=storage.ca_pem() if isinstance(storage, S3Storage) else None)
+    contents[names["login"]] = login
+    for role, name in names.items():
+        if name in contents:
+            put_secret(kube, site.namespace, name, SECRET_TYPES.get(role, "Opaque"), contents[name], site.release)
+
+    values = chart_values_for(site, secrets["server_cert"].fingerprint)
+    helm_release(kube, site.release, site.namespace, values, site.cluster.helm_timeout_seconds)

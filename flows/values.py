@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crflow.settings import S3Storage, Site
+from crflow.settings import PvcStorage, S3Storage, Site
 from tasks.helm import chart_values
 
 
@@ -25,5 +25,6 @@ def chart_values_for(site: Site, cert_fingerprint: str) -> dict:
         service_port=site.registry.port,
         load_balancer_ip=(site.registry.ips or [None])[0],
         cert_fingerprint=cert_fingerprint,
+        claim=storage.existing_claim if isinstance(storage, PvcStorage) else None,
         **s3,
     )

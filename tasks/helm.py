@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from pyhelm3 import Client
 from pyhelm3.errors import Error as HelmError
 
-from crflow.errors import CrflowError
+from crflow.errors import CrflowError, transient_only
+from tasks.kube import KubeAccess
 from tasks.pki import KeyPair
 from tasks.storage import S3Keys
 
@@ -39,12 +40,16 @@ def helm_executable() -> str:
 def secret_names(release: str) -> dict[str, str]:
     """The Secrets a release's chart references, by role. Created by crflow, named once here."""
     return {
+        "login": f"{release}-login",  # not used by the chart: the user and password, for people and rotation
         "tls": f"{release}-tls",
         "htpasswd": f"{release}-htpasswd",
         "http": f"{release}-http-secret",
         "s3": f"{release}-s3",
         "s3_ca": f"{release}-s3-ca",
     }
+
+
+SECRET_TYPES = {"tls": "kubernetes.io/tls", "login": "kubernetes.io/basic-auth"}  # by role; others are Opaque
 
 
 def registry_secrets(
@@ -87,6 +92,7 @@ def chart_values(
     service_port: int,
     load_balancer_ip: str | None,
     cert_fingerprint: str,
+    claim: str | None = None,
     s3_endpoint: str | None = None,
     s3_bucket: str | None = None,
     s3_region: str | None = None,
@@ -96,7 +102,7 @@ def chart_values(
 ) -> dict:
     """Values for helm_chart/ that describe one crflow-managed registry.
 
-    `storage` is "filesystem" (on the claim `data_claim(release)`) or "s3".
+    `storage` is "filesystem" (on `claim`, default `data_claim(release)`) or "s3".
     `cert_fingerprint` lands in `secretsChecksum`, so a new server certificate rolls the pod.
     """
     names = secret_names(release)
@@ -121,7 +127,7 @@ def chart_values(
             "skipVerify": s3_skip_verify,
         }
     else:
-        values["persistence"] = {"enabled": True, "existingClaim": data_claim(release)}
+        values["persistence"] = {"enabled": True, "existingClaim": claim or data_claim(release)}
     return values
 
 
@@ -139,3 +145,22 @@ def render_chart(release: str, namespace: str, values: dict) -> list[dict]:
         return asyncio.run(_render(release, namespace, values))
     except HelmError as err:
         raise CrflowError(f"helm could not render {CHART_DIR}: {err}") from None
+
+
+async def _ensure_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int) -> int:
+    helm = Client(executable=helm_executable(), kubeconfig=kube.kubeconfig and Path(kube.kubeconfig),
+                  kubecontext=kube.context)
+    chart = await helm.get_chart(CHART_DIR)
+    revision = await helm.ensure_release(release, chart, values, namespace=namespace, create_namespace=False,
+                                         wait=True, timeout=f"{timeout_seconds}s")
+    return revision.revision
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int) -> int:
+    """Install or upgrade the release, only where chart or values changed; wait until it is ready.
+    Returns the release's revision (unchanged on a rerun with the same settings)."""
+    try:
+        return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds))
+    except HelmError as err:
+        raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {err}") from None

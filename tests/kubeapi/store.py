@@ -232,6 +232,8 @@ class Store:
         meta.pop("deletionTimestamp", None)
         if resource.kind == "Namespace":
             obj["status"] = {"phase": "Active"}
+        if resource.kind == "Service" and not obj.get("spec", {}).get("clusterIP"):  # the apiserver allocates it
+            obj.setdefault("spec", {})["clusterIP"] = f"10.96.{self.rv // 250 % 250}.{self.rv % 250 + 1}"
         if resource.kind == "Secret" and "stringData" in obj:
             import base64
 
