@@ -207,3 +207,13 @@ def kube_api(tmp_path) -> KubeApi:
     api = KubeApi(tmp_path)
     yield api
     stop_server(api.process)
+
+
+@pytest.fixture
+def kubelet(kube_api, tmp_path):
+    """The test kubelet (tests/kubelet.py) for the emulated cluster. EMULATED: see its docstring."""
+    from kubelet import Kubelet
+
+    node = Kubelet(kube_api.kubeconfig, tmp_path / "node")
+    yield node
+    node.stop()

@@ -255,7 +255,7 @@ def main() -> None:
     app.on_startup.append(lambda _: _seed(emulator))
     args.kubeconfig.write_text(yaml.safe_dump(kubeconfig(f"http://{args.host}:{args.port}")))
     args.kubeconfig.chmod(0o600)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5)
 
 
 if __name__ == "__main__":

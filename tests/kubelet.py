@@ -1,0 +1,207 @@
+"""The test kubelet: plays node, controllers and load balancer for the emulated cluster.
+
+EMULATED, and every test that uses it says so. It polls the emulated API and:
+- runs each Deployment's pod through crflow's local runner (tasks/localpod.py), with the
+  ConfigMaps, Secrets and claims read back from the API, so a real registry process serves
+  exactly what the cluster holds;
+- refreshes Secret volume files in place after `secret_refresh_delay` seconds, atomically,
+  as the kubelet does for volumes not mounted with subPath;
+- reports the Deployment Ready (status fields as the deployment controller writes them) once
+  the pod answers its readiness probe, and marks claims Bound;
+- forwards each Service address (loadBalancerIP, else 127.0.0.1, and the Service port) to
+  the pod, through a loopback TCP forwarder whose backend can be switched.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from kubernetes import client, config
+from pydantic import SecretStr
+
+from servers import free_port
+from tasks.localpod import LocalPod
+
+
+class Forwarder:
+    """A TCP forwarder on `listen` to a backend port that can change while it runs."""
+
+    def __init__(self, listen: tuple[str, int], backend: int):
+        self.backend = backend
+        self.server = socket.create_server(listen, reuse_port=False)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                downstream, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.backend), timeout=5)
+            except OSError:
+                downstream.close()
+                continue
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.running = False
+        self.server.close()
+
+
+class Kubelet:
+    def __init__(self, kubeconfig: Path, work: Path, secret_refresh_delay: float = 0.0, interval: float = 0.3):
+        self.api = config.new_client_from_config(str(kubeconfig))
+        self.core, self.apps = client.CoreV1Api(self.api), client.AppsV1Api(self.api)
+        self.work, self.delay, self.interval = work, secret_refresh_delay, interval
+        self.pods: dict[str, dict] = {}  # "ns/name" -> {"pod": LocalPod, "port": int, "spec": digest}
+        self.forwarders: dict[str, Forwarder] = {}
+        self.shown: dict[str, tuple[str, dict]] = {}  # "ns/name" -> (digest, content) the node has now
+        self.first_seen: dict[tuple[str, str], float] = {}  # ("ns/name", digest) -> when the API first had it
+        self.errors: list[str] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self.running:
+            try:
+                self.sync()
+            except Exception as err:  # a test bed keeps going, and keeps what went wrong
+                self.errors.append(f"{type(err).__name__}: {err}")
+            time.sleep(self.interval)
+
+    def sync(self) -> None:
+        for pvc in self.core.list_persistent_volume_claim_for_all_namespaces().items:
+            if (pvc.status and pvc.status.phase) != "Bound" and pvc.spec.volume_name:
+                self.core.patch_namespaced_persistent_volume_claim_status(
+                    pvc.metadata.name, pvc.metadata.namespace, {"status": {"phase": "Bound"}})
+        for deployment in self.apps.list_deployment_for_all_namespaces().items:
+            self._run(deployment)
+        for service in self.core.list_service_for_all_namespaces().items:
+            self._forward(service)
+
+    def _secret(self, namespace: str, name: str) -> dict[str, SecretStr]:
+        """A Secret's content as the node shows it: a change appears `delay` seconds after it was seen."""
+        secret = self.core.read_namespaced_secret(name, namespace)
+        digest = hashlib.sha256(json.dumps(secret.data, sort_keys=True).encode()).hexdigest()
+        key = f"{namespace}/{name}"
+        shown = self.shown.get(key)
+        if shown is None or (digest != shown[0] and
+                             time.monotonic() - self.first_seen.setdefault((key, digest), time.monotonic()) >= self.delay):
+            data = {k: SecretStr(base64.b64decode(v).decode()) for k, v in (secret.data or {}).items()}
+            self.shown[key] = shown = (digest, data)
+        return shown[1]
+
+    def _run(self, deployment) -> None:
+        namespace, name = deployment.metadata.namespace, deployment.metadata.name
+        template = self.api.sanitize_for_serialization(deployment.spec.template)
+        spec = template["spec"]
+        manifests = [{"kind": "Deployment", "metadata": {"name": name}, "spec": {"template": template}}]
+        secrets, claims = {}, {}
+        for volume in spec.get("volumes") or []:
+            if "configMap" in volume:
+                cm = self.core.read_namespaced_config_map(volume["configMap"]["name"], namespace)
+                manifests.append({"kind": "ConfigMap", "metadata": {"name": cm.metadata.name}, "data": cm.data or {}})
+            elif "secret" in volume:
+                secrets[volume["secret"]["secretName"]] = self._secret(namespace, volume["secret"]["secretName"])
+            elif "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+                pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+                claims[claim] = Path(pv.spec.host_path.path)
+        for container in spec["containers"]:
+            for var in container.get("env") or []:
+                ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and ref["name"] not in secrets:
+                    secrets[ref["name"]] = self._secret(namespace, ref["name"])
+
+        key = f"{namespace}/{name}"
+        pod = self.pods.get(key)
+        if pod is None:
+            pod = self.pods[key] = {"pod": LocalPod(self.work / f"{namespace}-{name}"), "port": free_port()}
+        pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]))
+        if self._ready(pod["port"]):
+            self._report_ready(deployment)
+
+    @staticmethod
+    def _ready(port: int) -> bool:
+        """The readiness probe: GET / over HTTPS, unverified, as a kubelet's HTTPS probe is."""
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        try:
+            return httpx.get(f"https://127.0.0.1:{port}/", verify=context, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _report_ready(self, deployment) -> None:
+        replicas = deployment.spec.replicas or 1
+        status = deployment.status
+        generation = deployment.metadata.generation
+        if status and status.observed_generation == generation and status.ready_replicas == replicas:
+            return
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.apps.patch_namespaced_deployment_status(deployment.metadata.name, deployment.metadata.namespace, {
+            "status": {
+                "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": replicas, "availableReplicas": replicas,
+                "conditions": [
+                    {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+                     "lastUpdateTime": now, "lastTransitionTime": now},
+                    {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                     "lastUpdateTime": now, "lastTransitionTime": now},
+                ],
+            }})
+
+    def _forward(self, service) -> None:
+        key = f"{service.metadata.namespace}/{service.metadata.name}"
+        selector = service.spec.selector or {}
+        backend = next((p for k, p in self.pods.items() if k.split("/")[0] == service.metadata.namespace
+                        and self._selects(selector, k)), None)
+        if backend is None or key in self.forwarders:
+            if backend is not None:
+                self.forwarders[key].backend = backend["port"]
+            return
+        address = service.spec.load_balancer_ip or "127.0.0.1"
+        self.forwarders[key] = Forwarder((address, service.spec.ports[0].port), backend["port"])
+
+    def _selects(self, selector: dict, pod_key: str) -> bool:
+        namespace, name = pod_key.split("/")
+        deployment = self.apps.read_namespaced_deployment(name, namespace)
+        labels = deployment.spec.template.metadata.labels or {}
+        return selector.items() <= labels.items()
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=10)
+        for forwarder in self.forwarders.values():
+            forwarder.close()
+        for pod in self.pods.values():
+            pod["pod"].stop()
+        self.api.close()
