@@ -75,3 +75,92 @@ def test_install_on_the_emulated_cluster_serves_skopeo_from_the_bucket(crflow, c
 
     assert any(digest_of(image.config)[7:] in n for n in names)
     assert not any((tmp_path / "node").rglob("docker/registry/v2/blobs"))  # nothing on the node's disk
+
+
+def all_objects(kube_api) -> dict[str, str]:
+    """Every object crflow or helm made, as kind/namespace/name -> resourceVersion."""
+    api = config.new_client_from_config(str(kube_api.kubeconfig))
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    found = {}
+    for kind, items in [("Secret", core.list_secret_for_all_namespaces().items),
+                        ("ConfigMap", core.list_config_map_for_all_namespaces().items),
+                        ("Service", core.list_service_for_all_namespaces().items),
+                        ("Deployment", apps.list_deployment_for_all_namespaces().items),
+                        ("Namespace", core.list_namespace().items)]:
+        for obj in items:
+            found[f"{kind}/{obj.metadata.namespace}/{obj.metadata.name}"] = (obj.metadata.resource_version,
+                                                                              obj.metadata.labels or {})
+    return found
+
+
+def test_objects_are_the_runbooks_and_a_rerun_changes_none(crflow, cluster_site, kube_api):
+    crflow("install", "-c", str(cluster_site.path))
+    objects = all_objects(kube_api)
+    crflow_labels = {"app.kubernetes.io/managed-by": "crflow", "app.kubernetes.io/instance": "registry"}
+    for name in ("registry-tls", "registry-htpasswd", "registry-http-secret", "registry-s3", "registry-login"):
+        _, labels = objects[f"Secret/container-registry/{name}"]
+        assert crflow_labels.items() <= labels.items(), name
+    assert crflow_labels.items() <= objects["Namespace/None/container-registry"][1].items()
+
+    core = cluster_site.core
+    tls = core.read_namespaced_secret("registry-tls", "container-registry")
+    assert (tls.type, sorted(tls.data)) == ("kubernetes.io/tls", ["ca.crt", "tls.crt", "tls.key"])
+    s3 = core.read_namespaced_secret("registry-s3", "container-registry")
+    assert {k: base64.b64decode(v).decode() for k, v in s3.data.items()} == {
+        "s3AccessKey": MINIO_KEYS["accesskey"], "s3SecretKey": MINIO_KEYS["secretkey"]}
+    assert core.read_namespaced_secret("registry-login", "container-registry").type == "kubernetes.io/basic-auth"
+    service = core.read_namespaced_service("registry", "container-registry").spec
+    assert (service.type, service.load_balancer_ip, service.ports[0].port) == ("LoadBalancer", "127.0.0.1", cluster_site.port)
+
+    releases = json.loads(kube_api.run("helm", "list", "-A", "-o", "json"))
+    assert [(r["name"], r["revision"]) for r in releases] == [("registry", "1")]
+
+    crflow("install", "-c", str(cluster_site.path))
+    assert all_objects(kube_api) == objects  # not one resourceVersion moved
+    releases = json.loads(kube_api.run("helm", "list", "-A", "-o", "json"))
+    assert [(r["name"], r["revision"]) for r in releases] == [("registry", "1")]
+
+
+def test_transient_api_faults_are_retried(crflow, cluster_site, kube_api):
+    kube_api.fault(method="POST", path="/namespaces/container-registry/secrets$", status=500, count=3)
+    kube_api.fault(method="GET", path="/namespaces/minio/secrets/minio-access-secret$", status=500, count=2)
+    kube_api.fault(method="POST", path="/api/v1/namespaces$", status=409, count=1)
+    crflow("install", "-c", str(cluster_site.path))
+    served = [(r["method"], r["status"]) for r in kube_api.requests() if r["status"] >= 500]
+    assert served.count(("POST", 500)) == 3 and served.count(("GET", 500)) == 2
+    assert any(r["status"] == 409 and r["path"] == "/api/v1/namespaces" for r in kube_api.requests())
+
+
+def test_a_permanent_fault_fails_clearly_and_leaves_no_half_written_secret(crflow, cluster_site, kube_api):
+    kube_api.fault(method="POST", path="/secrets/?$", status=403, count=1000)
+    result = crflow("install", "-c", str(cluster_site.path), check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("crflow: error: Kubernetes API: write Secret container-registry/registry-s3 failed with 403")
+    assert cluster_site.core.list_namespaced_secret("container-registry").items == []
+    assert MINIO_KEYS["secretkey"] not in result.stderr + result.stdout
+
+
+def test_missing_kubeconfig_gives_the_runbooks_hint(crflow, make_site, tmp_path):
+    site = make_site(target="kubernetes", storage={"kind": "pvc", "existing_claim": "data"},
+                     cluster={"kubeconfig": str(tmp_path / "nope")})
+    result = crflow("install", "-c", str(site.path), check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "no kubeconfig at" in last
+    assert "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config" in last
+
+
+def test_pvc_storage_on_a_hostpath_volume(crflow, kube_api, kubelet, make_site, tmp_path):
+    """The runbook's filesystem variant: a hostPath PV on a named node and its claim."""
+    disk = tmp_path / "mnt-hdd1-container_registry"
+    site = make_site(target="kubernetes", storage={"kind": "pvc", "host_path": {"path": str(disk), "node": "node1"}},
+                     cluster={"kubeconfig": str(kube_api.kubeconfig), "helm_timeout_seconds": 60})
+    crflow.env["HOME"] = str(kube_api.home)
+    crflow("install", "-c", str(site.path))
+    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    pv = core.read_persistent_volume("container-registry-registry-data")
+    assert pv.spec.host_path.path == str(disk)
+    terms = pv.spec.node_affinity.required.node_selector_terms[0].match_expressions[0]
+    assert (terms.key, terms.values) == ("kubernetes.io/hostname", ["node1"])
+    assert core.read_namespaced_persistent_volume_claim("registry-data", "container-registry").spec.volume_name == pv.metadata.name
+    assert list(disk.rglob("docker/registry/v2/repositories/crflow-smoke"))  # the install's check image is on that disk
