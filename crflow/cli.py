@@ -76,24 +76,29 @@ def down(config: Path = SiteFile) -> None:
     from tasks.localpod import LocalPod
 
     site = _site(config)
+    if site.target != "local":
+        raise CrflowError("crflow down stops the local target's registry; on Kubernetes use helm uninstall")
     stopped = LocalPod(site.state_dir / "pod").stop()
     typer.echo("Registry stopped" if stopped else "Registry was not running")
 
 
 @app.command()
 def status(config: Path = SiteFile) -> None:
-    """Is the local registry running, and does it answer with the login crflow made?"""
+    """Does the registry answer, over TLS, with the login crflow made? (exit 3 if not)"""
     from tasks.localpod import LocalPod
     from tasks.registry import probe
 
     site = _site(config)
-    pid = LocalPod(site.state_dir / "pod").pid()
-    typer.echo(f"registry process: {'running, pid ' + str(pid) if pid else 'not running'}")
+    healthy = True
+    if site.target == "local":
+        pid = LocalPod(site.state_dir / "pod").pid()
+        typer.echo(f"registry process: {'running, pid ' + str(pid) if pid else 'not running'}")
+        healthy = pid is not None
     answer = probe(f"https://{site.registry.server}", site.state_dir / "client")
     typer.echo(f"https://{site.registry.server}: {answer}")
     runtime.configure()
     typer.echo(f"Prefect UI: {runtime.ui_url()} ({'up' if runtime.healthy() else 'not running'})")
-    if not pid:
+    if not healthy or answer.startswith(("NOT OK", "no client files")):
         raise typer.Exit(3)
 
 

@@ -174,12 +174,12 @@ class KubeApi:
     """The emulated Kubernetes API server (tests/kubeapi), a subprocess with its own kubeconfig.
     EMULATED: no scheduler, kubelet, admission, RBAC or defaulting (see tests/kubeapi/server.py)."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, *options: str):
         self.kubeconfig = tmp_path / "kubeconfig"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = start_server([str(BIN / "python"), str(ROOT / "tests" / "kubeapi" / "server.py"),
-                                     "--port", str(self.port), "--kubeconfig", str(self.kubeconfig)],
+                                     "--port", str(self.port), "--kubeconfig", str(self.kubeconfig), *options],
                                     tmp_path / "kubeapi.log")
         wait_http(f"{self.url}/healthz", 30, "the emulated Kubernetes API", self.process)
         # helm and kubectl get a HOME of their own, so no cache or config leaks between runs.

@@ -46,6 +46,7 @@ def validate(manifests: list[dict], version: str, tmp_path: Path) -> None:
 SETUPS = {
     "local (filesystem on a claim)": values_for("local.yaml"),
     "runbook (S3 on MinIO, LoadBalancer 192.168.86.201:9005)": values_for("microk8s-minio.yaml"),
+    "runbook PV/PVC (hostPath on node1)": values_for("microk8s-hostpath.yaml"),
     "chart defaults (emptyDir)": {},
     "garbage collection on": {**values_for("microk8s-minio.yaml"), "garbageCollect": {"enabled": True}},
 }

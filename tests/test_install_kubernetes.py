@@ -58,6 +58,7 @@ def client_files_from_cluster(core, site, out) -> None:
 
 def test_install_on_the_emulated_cluster_serves_skopeo_from_the_bucket(crflow, cluster_site, kube_api, moto_s3, tmp_path):
     crflow("install", "-c", str(cluster_site.path))
+    assert "login of user" in crflow("status", "-c", str(cluster_site.path)).stdout
 
     creds = tmp_path / "from-cluster"
     client_files_from_cluster(cluster_site.core, cluster_site, creds)

@@ -84,3 +84,19 @@ def test_helm_install_upgrade_rollback_uninstall_through_pyhelm3(kube_api):
 
     assert asyncio.run(scenario()) == (1, 2, 3, [1, 2, 3], ["registry"])
     assert "Secret" not in kube_api.run("kubectl", "-n", "container-registry", "get", "secrets")
+
+
+@pytest.mark.parametrize("cronjob_api", ["batch/v1", "batch/v1beta1"])
+def test_cronjob_api_version_follows_the_live_clusters_discovery(cronjob_api, tmp_path):
+    """helm renders the garbage-collect CronJob with what the (emulated) cluster serves."""
+    from conftest import KubeApi
+    from servers import stop_server
+
+    api = KubeApi(tmp_path, "--cronjob-api", cronjob_api)
+    try:
+        api.run("helm", "install", "registry", str(CHART_DIR), "-n", "container-registry", "--create-namespace",
+                "--set", "garbageCollect.enabled=true")
+        manifest = api.run("helm", "get", "manifest", "registry", "-n", "container-registry")
+        assert f"apiVersion: {cronjob_api}\nkind: CronJob" in manifest
+    finally:
+        stop_server(api.process)

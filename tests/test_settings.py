@@ -31,6 +31,8 @@ def test_examples_load():
     assert seed.storage.credentials.name == "minio-access-secret"
     assert seed.storage.ca_bundle == (ROOT / "examples" / "minio-ca.crt").resolve()
     assert not seed.storage.skip_verify
+    hostpath = load_site(ROOT / "examples" / "microk8s-hostpath.yaml")
+    assert (hostpath.storage.host_path.path, hostpath.storage.host_path.node) == ("/mnt/hdd1/container_registry", "node1")
 
 
 def test_defaults_are_the_documented_ones(tmp_path):

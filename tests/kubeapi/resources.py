@@ -53,7 +53,6 @@ RESOURCES = [
     Resource("apps", "v1", "StatefulSet", "statefulsets", status=True, short_names=("sts",)),
     Resource("apps", "v1", "DaemonSet", "daemonsets", status=True, short_names=("ds",)),
     Resource("batch", "v1", "Job", "jobs", status=True),
-    Resource("batch", "v1", "CronJob", "cronjobs", status=True, short_names=("cj",)),
     Resource("rbac.authorization.k8s.io", "v1", "Role", "roles"),
     Resource("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", namespaced=False),

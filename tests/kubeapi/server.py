@@ -39,9 +39,11 @@ def _json(data, status: int = 200) -> web.Response:
 
 
 class Emulator:
-    def __init__(self):
+    def __init__(self, cronjob_api: str = "batch/v1"):
         self.store = Store()
-        self.resources = res.RESOURCES
+        group, version = cronjob_api.split("/")
+        self.resources = [*res.RESOURCES, res.Resource(group, version, "CronJob", "cronjobs", status=True,
+                                                       short_names=("cj",))]
         self.faults: list[dict] = []
         self.requests: list[dict] = []
 
@@ -247,9 +249,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--cronjob-api", default="batch/v1", help="batch/v1beta1: a cluster older than 1.21")
     args = parser.parse_args()
 
-    emulator = Emulator()
+    emulator = Emulator(args.cronjob_api)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", emulator.handle)
     app.on_startup.append(lambda _: _seed(emulator))
