@@ -47,6 +47,8 @@ class Address(Strict):
     def _some_name(self) -> Address:
         if not self.ips and not self.dns_names:
             raise ValueError("give at least one of registry.ips or registry.dns_names")
+        if self.service_type == "NodePort" and not 30000 <= self.port <= 32767:
+            raise ValueError("registry.port: with service_type NodePort the port is the node port, 30000-32767")
         return self
 
     @property

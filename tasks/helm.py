@@ -115,6 +115,8 @@ def chart_values(
     }
     if load_balancer_ip and service_type == "LoadBalancer":
         values["service"]["loadBalancerIP"] = load_balancer_ip
+    if service_type == "NodePort":  # clients reach node:port, so the node port is the registry's port
+        values["service"]["nodePort"] = service_port
     if storage == "s3":
         values["secrets"]["s3"] = {"secretRef": names["s3"]}
         values["s3"] = {

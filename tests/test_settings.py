@@ -51,6 +51,8 @@ def test_defaults_are_the_documented_ones(tmp_path):
         ({"state_dir": "s", "target": "kubernetes"}, "storage.kind: filesystem is for the local target"),
         ({"state_dir": "s", "registry": {"ips": [], "dns_names": []}}, "give at least one of registry.ips or registry.dns_names"),
         ({"state_dir": "s", "registry": {"dns_names": ["bad_name!"]}}, "registry.dns_names.0: String should match pattern"),
+        ({"state_dir": "s", "registry": {"service_type": "NodePort", "port": 5000}},
+         "with service_type NodePort the port is the node port, 30000-32767"),
         ({"state_dir": "s", "tls": {"server_days": 9000}}, "tls.server_days: Input should be less than or equal to 825"),
         ({"state_dir": "s", "auth": {"bcrypt_cost": 3}}, "auth.bcrypt_cost: Input should be greater than or equal to 4"),
         ({"state_dir": "s", "storage": {"kind": "s3", "endpoint": "minio:9000", "bucket": "abc", "credentials": {"file": "k"}}},
