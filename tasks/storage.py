@@ -69,12 +69,12 @@ def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Key
                 f"S3 at {endpoint} refused bucket {bucket} ({err.code}): check the credentials and their permissions"
             ) from None
         raise CrflowError(f"S3 at {endpoint}, bucket {bucket}: {err.code}: {err.message}") from None
-    except urllib3.exceptions.SSLError as err:
-        raise CrflowError(
-            f"TLS verification of S3 at {endpoint} failed ({err}); set storage.ca_bundle to the CA of its "
-            "certificate, or storage.skip_verify: true to opt out"
-        ) from None
-    except urllib3.exceptions.MaxRetryError as err:
+    except urllib3.exceptions.MaxRetryError as err:  # urllib3 wraps what went wrong in its retries
+        if isinstance(err.reason, urllib3.exceptions.SSLError):
+            raise CrflowError(
+                f"TLS verification of S3 at {endpoint} failed ({err.reason}); set storage.ca_bundle to the CA of "
+                "its certificate, or storage.skip_verify: true to opt out"
+            ) from None
         raise ConnectionError(f"S3 at {endpoint} is not answering: {err.reason}") from None
 
 

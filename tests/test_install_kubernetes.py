@@ -165,3 +165,39 @@ def test_pvc_storage_on_a_hostpath_volume(crflow, kube_api, kubelet, make_site, 
     assert (terms.key, terms.values) == ("kubernetes.io/hostname", ["node1"])
     assert core.read_namespaced_persistent_volume_claim("registry-data", "container-registry").spec.volume_name == pv.metadata.name
     assert list(disk.rglob("docker/registry/v2/repositories/crflow-smoke"))  # the install's check image is on that disk
+
+
+def test_unreachable_api_gives_the_runbooks_hint(crflow, make_site, tmp_path):
+    from servers import free_port
+
+    kubeconfig = tmp_path / "kubeconfig"
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": closed}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    site = make_site(target="kubernetes", storage={"kind": "pvc", "existing_claim": "data"},
+                     cluster={"kubeconfig": str(kubeconfig)})
+    result = crflow("install", "-c", str(site.path), check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Kubernetes API unreachable during create namespace" in last
+    assert "kubectl config view --raw > ~/.kube/config" in last
+
+
+def test_no_secret_reaches_prefect_on_the_cluster_target(crflow, cluster_site, prefect_api, prefect_home):
+    from test_secrets import assert_nowhere
+
+    runs = [crflow("install", "-c", str(cluster_site.path)) for _ in range(2)]
+    def secret(name, key):
+        data = cluster_site.core.read_namespaced_secret(name, "container-registry").data[key]
+        return base64.b64decode(data).decode()
+
+    secrets = {
+        "MinIO secret key": MINIO_KEYS["secretkey"],
+        "password": secret("registry-login", "password"),
+        "htpasswd hash": secret("registry-htpasswd", "htpasswd").split(":", 1)[1].strip(),
+        "server key": "".join(secret("registry-tls", "tls.key").strip().splitlines()[1:-1])[:40],
+        "http.secret": secret("registry-http-secret", "haSharedSecret"),
+    }
+    assert_nowhere(secrets, runs, cluster_site, prefect_api, prefect_home)

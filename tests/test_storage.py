@@ -1,0 +1,76 @@
+"""The bucket step's errors. moto ignores credentials, so a refusal is tested at the client
+boundary: a small real HTTP server on loopback answers as S3 answers a key without rights
+(403 AccessDenied), and the minio SDK talks to it for real."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from pydantic import SecretStr
+
+from crflow.errors import CrflowError
+from tasks.storage import S3Keys, bucket_exists_or_create
+
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied.</Message><BucketName>container-registry</BucketName></Error>")
+
+
+class Refusing(BaseHTTPRequestHandler):
+    def _deny(self):
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(ACCESS_DENIED)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(ACCESS_DENIED)
+
+    do_HEAD = do_GET = do_PUT = _deny
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_s3():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_no_permission_names_the_bucket_and_endpoint_but_not_the_keys(refusing_s3):
+    keys = S3Keys(access_key=SecretStr("AKIA-test"), secret_key=SecretStr("s3cr3t-never-shown-0123"))
+    with pytest.raises(CrflowError) as refused:
+        bucket_exists_or_create(refusing_s3, "container-registry", "us-east-1", keys, None, False)
+    message = str(refused.value)
+    assert f"S3 at {refusing_s3} refused bucket container-registry (AccessDenied)" in message
+    assert "s3cr3t" not in message and "AKIA-test" not in message
+
+
+def test_unverifiable_s3_certificate_says_how_to_trust_it(tmp_path):
+    """A TLS endpoint whose certificate nothing trusts: the error names ca_bundle and skip_verify."""
+    import ssl
+
+    from tasks.pki import new_ca, new_server_cert
+
+    ca = new_ca("fake MinIO CA", days=1, key_algorithm="ecdsa-p256")
+    cert = new_server_cert(ca, ["127.0.0.1"], [], days=1, key_algorithm="ecdsa-p256")
+    (tmp_path / "tls.crt").write_text(cert.cert_pem)
+    (tmp_path / "tls.key").write_text(cert.key_pem.get_secret_value())
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"https://127.0.0.1:{server.server_address[1]}"
+    keys = S3Keys(access_key=SecretStr("a"), secret_key=SecretStr("b"))
+    try:
+        with pytest.raises(CrflowError, match="set storage.ca_bundle to the CA of its certificate"):
+            bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, None, False)
+        (tmp_path / "ca.crt").write_text(ca.cert_pem)
+        with pytest.raises(CrflowError, match=r"refused bucket container-registry \(AccessDenied\)"):
+            bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, tmp_path / "ca.crt", False)
+    finally:
+        server.shutdown()
