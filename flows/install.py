@@ -50,12 +50,13 @@ def install(site_file: str) -> str:
     else:
         on_the_cluster(site, login={"username": SecretStr(creds.user), "password": creds.password}, **secrets)
 
-    # Proof: the registry answers our login over TLS, and an image goes in and comes out.
+    # Proof, with the client files a person would use: the registry answers our login over
+    # TLS, trusting only our CA, and an image goes in and comes out.
     url = f"https://{site.registry.server}"
-    wait_until_ready(url, ca.cert_pem, creds)
-    digest = push_pull_check(url, ca.cert_pem, creds, SMOKE_REPO, "install")
+    bundle = save_client_bundle(site.state_dir / "client", site.registry.server, ca.cert_pem, creds)
+    wait_until_ready(url, bundle)
+    digest = push_pull_check(url, bundle, SMOKE_REPO, "install")
 
-    save_client_bundle(site.state_dir / "client", site.registry.server, ca.cert_pem, creds)
     publish_summary(
         "crflow-install",
         f"Registry {site.release} installed",

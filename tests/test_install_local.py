@@ -113,7 +113,7 @@ def test_down_stops_and_install_restarts(crflow, installed):
 
 VAULT_TASKS = ["make_ca", "make_server_cert", "make_credentials", "make_htpasswd", "make_http_secret"]
 ALL_TASKS = ["check_local_host", *VAULT_TASKS, "ensure_directory", "render_chart", "run_local_pod",
-             "wait_until_ready", "push_pull_check", "save_client_bundle", "publish_summary"]
+             "save_client_bundle", "wait_until_ready", "push_pull_check", "publish_summary"]
 
 
 @pytest.mark.parametrize("killed_after", ALL_TASKS)
