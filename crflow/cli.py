@@ -71,6 +71,15 @@ def install(config: Path = SiteFile) -> None:
 
 
 @app.command()
+def verify(config: Path = SiteFile) -> None:
+    """Push a new image, pull it back, check the catalog and where the data landed, delete it."""
+    from flows.verify import verify as verify_flow
+
+    _site(config)
+    typer.echo(_run_flow(verify_flow, config))
+
+
+@app.command()
 def down(config: Path = SiteFile) -> None:
     """Stop the local registry (its data, certificates and credentials stay)."""
     from tasks.localpod import LocalPod

@@ -13,11 +13,11 @@ from pydantic import SecretStr
 
 from crflow.settings import PvcStorage, S3Storage, Site, load_site
 from crflow.vault import open_vault
-from flows.values import chart_values_for
+from flows.values import chart_values_for, kube_access
 from tasks.client import save_client_bundle
 from tasks.credentials import make_credentials, make_htpasswd, make_http_secret
 from tasks.helm import SECRET_TYPES, data_claim, helm_release, registry_secrets, render_chart, secret_names
-from tasks.kube import KubeAccess, copy_s3_credentials, create_hostpath_volume, create_namespace, put_secret
+from tasks.kube import copy_s3_credentials, create_hostpath_volume, create_namespace, put_secret
 from tasks.localpod import check_local_host, run_local_pod
 from tasks.pki import make_ca, make_server_cert
 from tasks.registry import SMOKE_REPO, push_pull_check, wait_until_ready
@@ -84,7 +84,7 @@ def on_this_machine(site: Site, **secrets) -> None:
 
 def on_the_cluster(site: Site, login: dict[str, SecretStr], **secrets) -> None:
     """Kubernetes target: namespace, storage, the registry's Secrets, then the helm release."""
-    kube = KubeAccess(kubeconfig=site.cluster.kubeconfig and str(site.cluster.kubeconfig), context=site.cluster.context)
+    kube = kube_access(site)
     names, storage, s3_keys = secret_names(site.release), site.storage, None
     create_namespace(kube, site.namespace, site.release)
     if isinstance(storage, S3Storage):

@@ -1,9 +1,14 @@
-"""From the site file to chart values: the one place that maps settings onto the chart."""
+"""From the site file to the plain values tasks take: chart values and cluster access."""
 
 from __future__ import annotations
 
 from crflow.settings import PvcStorage, S3Storage, Site
 from tasks.helm import chart_values
+from tasks.kube import KubeAccess
+
+
+def kube_access(site: Site) -> KubeAccess:
+    return KubeAccess(kubeconfig=site.cluster.kubeconfig and str(site.cluster.kubeconfig), context=site.cluster.context)
 
 
 def chart_values_for(site: Site, cert_fingerprint: str) -> dict:

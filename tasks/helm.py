@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
 from prefect import task
 from pydantic import SecretStr
 from pyhelm3 import Client
@@ -166,3 +167,39 @@ def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, t
         return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds))
     except HelmError as err:
         raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {err}") from None
+
+
+def pod_storage(pod: dict) -> tuple[str, str]:
+    """Where a running registry pod keeps blobs, read from its template and config:
+    ("s3", bucket), ("pvc", claim), ("emptyDir", volume) or ("hostPath", path)."""
+    spec = pod["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    config_map = volumes["config"]["configMap"]["name"]
+    storage = yaml.safe_load(pod["configMaps"][config_map]["config.yml"]).get("storage", {})
+    if "s3" in storage:
+        return "s3", storage["s3"].get("bucket", "")
+    root = (storage.get("filesystem") or {}).get("rootdirectory", "/var/lib/registry")
+    (container,) = [c for c in spec["containers"] if c["name"] == "registry"]
+    mounts = [m for m in container.get("volumeMounts") or [] if root.startswith(m["mountPath"])]
+    if not mounts:
+        return "emptyDir", "(the container's own filesystem)"
+    volume = volumes[max(mounts, key=lambda m: len(m["mountPath"]))["name"]]
+    if "persistentVolumeClaim" in volume:
+        return "pvc", volume["persistentVolumeClaim"]["claimName"]
+    if "hostPath" in volume:
+        return "hostPath", volume["hostPath"]["path"]
+    return "emptyDir", volume["name"]
+
+
+@task
+def check_pod_storage(pod: dict, storage_kind: str, bucket: str | None) -> str:
+    """The running pod stores blobs where the site says: the bucket for s3, a claim otherwise."""
+    kind, where = pod_storage(pod)
+    if storage_kind == "s3" and (kind, where) != ("s3", bucket):
+        raise CrflowError(f"the registry pod stores blobs in {kind} {where}, not in S3 bucket {bucket} as "
+                          "storage.kind: s3 says; run crflow install (or upgrade) to fix the release")
+    if storage_kind != "s3" and kind not in ("pvc", "hostPath"):
+        lost = " (lost when the pod goes)" if kind == "emptyDir" else ""
+        raise CrflowError(f"the registry pod stores blobs in {kind} {where}{lost}, although storage.kind is "
+                          f"{storage_kind}; run crflow install (or upgrade) to fix the release")
+    return f"{kind} {where}"

@@ -218,3 +218,28 @@ def create_hostpath_volume(kube: KubeAccess, namespace: str, claim: str, path: s
     """The hostPath PV on `node` and its claim, for filesystem storage on the cluster."""
     with api_client(kube) as api:
         return ensure_hostpath_volume(api, namespace, claim, path, node, size, managed_labels(release))
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def read_registry_pod(kube: KubeAccess, namespace: str, deployment: str) -> dict:
+    """The registry Deployment's pod template and the ConfigMaps it mounts, as the cluster has them."""
+    with api_client(kube) as api:
+        apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+        found = retrying(f"read Deployment {namespace}/{deployment}",
+                         lambda: apps.read_namespaced_deployment(deployment, namespace))
+        template = api.sanitize_for_serialization(found.spec.template)
+        config_maps = {}
+        for volume in template["spec"].get("volumes") or []:
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                cm = retrying(f"read ConfigMap {namespace}/{name}", lambda: core.read_namespaced_config_map(name, namespace))
+                config_maps[name] = cm.data or {}
+    return {"template": template, "configMaps": config_maps}
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str) -> S3Keys:
+    """The S3 keys the registry itself uses, from its Secret."""
+    with api_client(kube) as api:
+        keys = read_secret(api, namespace, name, ["s3AccessKey", "s3SecretKey"])
+    return S3Keys(access_key=keys["s3AccessKey"], secret_key=keys["s3SecretKey"])

@@ -102,6 +102,7 @@ class LocalPod:
         self.dir = pod_dir
         self.pidfile = pod_dir / "registry.pid"
         self.specfile = pod_dir / "spec.sha256"
+        self.podfile = pod_dir / "pod.json"  # the pod template and config the process runs
         self.logfile = pod_dir / "registry.log"
 
     # --- process state -------------------------------------------------------------------
@@ -129,6 +130,12 @@ class LocalPod:
             os.kill(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
         return True
+
+    def running_pod(self) -> dict:
+        """{"template": the pod template, "configMaps": name -> data} of the running registry."""
+        if self.pid() is None:
+            raise CrflowError(f"the local registry is not running (no process for {self.dir}); run crflow install")
+        return json.loads(self.podfile.read_text())
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -232,6 +239,8 @@ class LocalPod:
         spec = json.dumps([template, argv, env], sort_keys=True).encode()
         digest = hashlib.sha256(spec).hexdigest()
 
+        configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in manifests if cm.get("kind") == "ConfigMap"}
+        write_atomic(self.podfile, json.dumps({"template": template, "configMaps": configs}).encode(), 0o644)
         running = self.pid()
         if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
             return "unchanged"
@@ -267,3 +276,9 @@ def run_local_pod(
 ) -> str:
     """Run (or leave running) the registry pod from `manifests` as a local process."""
     return LocalPod(pod_dir).apply(manifests, secrets, claims, listen)
+
+
+@task
+def read_local_pod(pod_dir: Path) -> dict:
+    """The template and ConfigMaps of the registry pod running on this machine."""
+    return LocalPod(pod_dir).running_pod()

@@ -24,9 +24,10 @@ import base64
 import hashlib
 import io
 import json
-import ssl
+import os
 import tarfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,8 +37,10 @@ from cryptography import x509
 from dxf import DXF, DXFBase
 from dxf.exceptions import DXFUnauthorizedError
 from prefect import task
+from pydantic import BaseModel
 
 from crflow.errors import CrflowError, transient_only
+from tasks.pki import served_certificate
 
 SMOKE_REPO = "crflow-smoke"  # where crflow's own check images go
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -104,9 +107,7 @@ def read_bundle(bundle_dir: Path, server: str) -> tuple[str, str]:
 def served_names(host: str, port: int) -> str:
     """The names in the certificate a server presents, for an error message (not verified)."""
     try:
-        pem = ssl.get_server_certificate((host, port), timeout=5)
-        san = x509.load_pem_x509_certificate(pem.encode()).extensions.get_extension_for_class(
-            x509.SubjectAlternativeName).value
+        san = served_certificate(host, port).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         return ", ".join([str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
                          + san.get_values_for_type(x509.DNSName)) or "none"
     except (OSError, ValueError, x509.ExtensionNotFound):
@@ -229,3 +230,79 @@ def push_pull_check(base_url: str, bundle_dir: Path, repo: str, tag: str) -> str
         if registry.pull_image(repo, digest) != image:
             raise CrflowError(f"the image pulled from {base_url}/{repo}@{digest} differs from the one pushed")
     return digest
+
+
+class Pushed(BaseModel):
+    """What a check pushed: the manifest digest, its blobs' digests, and how long it took."""
+
+    repo: str
+    tag: str
+    digest: str
+    blobs: list[str]
+    bytes: int
+    seconds: float
+
+
+def unique_image(layer_bytes: int) -> Image:
+    """An image no registry has seen: its layer holds random bytes, so the upload path is
+    really exercised (a known blob would be skipped or mounted)."""
+    return tiny_image({"crflow-verify/payload": os.urandom(layer_bytes),
+                       "crflow-verify/id": uuid.uuid4().hex.encode()})
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def push_unique_image(base_url: str, bundle_dir: Path, repo: str, layer_bytes: int = 8 << 20) -> Pushed:
+    """Push a freshly made image (tag: the time of the run) and time the upload."""
+    image, tag = unique_image(layer_bytes), time.strftime("verify-%Y%m%d-%H%M%S")
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        started = time.perf_counter()
+        digest = registry.push_image(repo, tag, image)
+        seconds = time.perf_counter() - started
+    blobs = [digest_of(b) for b in [image.config, *image.layers]]
+    return Pushed(repo=repo, tag=tag, digest=digest, blobs=blobs, seconds=seconds,
+                  bytes=len(image.manifest) + sum(len(b) for b in [image.config, *image.layers]))
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def pull_and_compare(base_url: str, bundle_dir: Path, pushed: Pushed) -> float:
+    """Pull the image back by digest; every blob's sha256 must match what was pushed. Returns seconds."""
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        started = time.perf_counter()
+        manifest, _ = registry.call(f"GET manifest {pushed.repo}@{pushed.digest}",
+                                    registry.repo(pushed.repo).get_manifest_and_response, pushed.digest)
+        if digest_of(manifest.encode()) != pushed.digest:
+            raise CrflowError(f"the manifest of {pushed.repo}@{pushed.digest} came back with another digest")
+        document = json.loads(manifest)
+        listed = [document["config"]["digest"], *(d["digest"] for d in document["layers"])]
+        if listed != pushed.blobs:
+            raise CrflowError(f"the manifest of {pushed.repo}@{pushed.digest} lists other blobs than were pushed")
+        for digest in listed:
+            registry.pull_blob(pushed.repo, digest)  # python-dxf checks each blob's sha256
+        return time.perf_counter() - started
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def listed_in_catalog(base_url: str, bundle_dir: Path, repo: str, tag: str) -> None:
+    """/v2/_catalog shows the repository and its tags/list shows the tag."""
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        repos = registry.call("GET /v2/_catalog", registry.base.list_repos)
+        tags = registry.call(f"GET /v2/{repo}/tags/list", registry.repo(repo).list_aliases)
+    if repo not in repos:
+        raise CrflowError(f"/v2/_catalog of {base_url} does not list {repo}")
+    if tag not in tags:
+        raise CrflowError(f"/v2/{repo}/tags/list of {base_url} does not list {tag}")
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def delete_by_digest(base_url: str, bundle_dir: Path, repo: str, digest: str) -> None:
+    """Delete the manifest by digest (the registry refuses deletes by tag), and see it gone."""
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        client = registry.repo(repo)
+        registry.call(f"DELETE manifest {repo}@{digest}", client.del_alias, digest)
+        try:
+            client.get_manifest_and_response(digest)
+        except requests.exceptions.HTTPError as err:
+            if err.response is not None and err.response.status_code == 404:
+                return
+            raise
+    raise CrflowError(f"{repo}@{digest} is still served after its deletion")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from pathlib import Path
 
@@ -47,22 +48,22 @@ def _http_client(ca_bundle: Path | None, skip_verify: bool) -> urllib3.PoolManag
     )
 
 
-def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle, skip_verify) -> bool:
-    """Make the bucket unless it exists; return whether it was created."""
-    host = endpoint.split("://", 1)[1].rstrip("/")
-    client = Minio(
-        host,
+def _minio(endpoint: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool) -> Minio:
+    return Minio(
+        endpoint.split("://", 1)[1].rstrip("/"),
         access_key=keys.access_key.get_secret_value(),
         secret_key=keys.secret_key.get_secret_value(),
         secure=endpoint.startswith("https://"),
         region=region,
         http_client=_http_client(ca_bundle, skip_verify),
     )
+
+
+@contextlib.contextmanager
+def s3_errors(endpoint: str, bucket: str):
+    """S3 failures as a person can act on them; an endpoint that does not answer is a ConnectionError."""
     try:
-        if client.bucket_exists(bucket):
-            return False
-        client.make_bucket(bucket, location=region)
-        return True
+        yield
     except S3Error as err:
         if err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise CrflowError(
@@ -76,6 +77,16 @@ def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Key
                 "its certificate, or storage.skip_verify: true to opt out"
             ) from None
         raise ConnectionError(f"S3 at {endpoint} is not answering: {err.reason}") from None
+
+
+def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle, skip_verify) -> bool:
+    """Make the bucket unless it exists; return whether it was created."""
+    client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    with s3_errors(endpoint, bucket):
+        if client.bucket_exists(bucket):
+            return False
+        client.make_bucket(bucket, location=region)
+        return True
 
 
 @task
@@ -99,3 +110,35 @@ def ensure_bucket(
     if skip_verify:
         get_run_logger().warning("TLS verification of %s is OFF (storage.skip_verify: true)", endpoint)
     return bucket_exists_or_create(endpoint, bucket, region, keys, ca_bundle, skip_verify)
+
+
+def blob_key(digest: str, root_directory: str = "") -> str:
+    """Where distribution keeps a blob in its storage, relative to the driver's root."""
+    hex_digest = digest.split(":", 1)[1]
+    return f"{root_directory.strip('/') + '/' if root_directory.strip('/') else ''}docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def blob_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
+                   ca_bundle: Path | None, skip_verify: bool, digest: str) -> str:
+    """The blob is an object in the bucket (so it landed in S3, not on a pod's disk)."""
+    client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    key = blob_key(digest, root_directory)
+    with s3_errors(endpoint, bucket):
+        try:
+            client.stat_object(bucket, key)
+        except S3Error as err:
+            if err.code != "NoSuchKey":
+                raise
+            raise CrflowError(f"blob {digest} is not in bucket {bucket} at {endpoint}: the registry is not "
+                              "storing into it") from None
+    return f"s3://{bucket}/{key}"
+
+
+@task
+def blob_in_directory(root: Path, digest: str) -> str:
+    """The blob is a file under the registry's storage directory on this machine."""
+    path = root / blob_key(digest)
+    if not path.is_file():
+        raise CrflowError(f"blob {digest} is not under {root}: the registry is not storing there")
+    return str(path)

@@ -1,0 +1,60 @@
+"""The nightly smoke check, as the runbook did it by hand: push an image, pull it back,
+see it listed, see its data in the bucket (not on a pod's disk), then clean up. Every check
+is timed; the run's artifacts say which passed, how fast, and how long the certificates last.
+It uses the client files crflow wrote (ca.crt, auth.json), as any client of the registry would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from prefect import flow
+
+from crflow.settings import S3Storage, load_site
+from flows.values import kube_access
+from tasks.helm import check_pod_storage, secret_names
+from tasks.kube import read_registry_pod, read_s3_keys_secret
+from tasks.localpod import read_local_pod
+from tasks.pki import days_left, served_certificate
+from tasks.registry import SMOKE_REPO, delete_by_digest, listed_in_catalog, pull_and_compare, push_unique_image
+from tasks.report import Checks
+from tasks.storage import blob_in_bucket, blob_in_directory, read_s3_keys_file
+
+
+@flow(name="verify-push-pull")
+def verify(site_file: str) -> str:
+    """Check that the registry of `site_file` takes, serves and stores images; fail if not."""
+    site = load_site(Path(site_file))
+    url, bundle, storage = f"https://{site.registry.server}", site.state_dir / "client", site.storage
+    kube = kube_access(site)
+    with Checks(f"Registry {site.release} verified", site.registry.server) as checks:
+        pushed = checks.check("push a new image", push_unique_image, url, bundle, SMOKE_REPO)
+        pull_seconds = checks.check("pull it back, every digest equal", pull_and_compare, url, bundle, pushed)
+        mib = pushed.bytes / 2**20
+        checks.figures.update({"push MiB/s": f"{mib / pushed.seconds:.0f}", "pull MiB/s": f"{mib / pull_seconds:.0f}"})
+        checks.check("catalog and tags list it", listed_in_catalog, url, bundle, pushed.repo, pushed.tag)
+
+        if site.target == "local":
+            pod = read_local_pod(site.state_dir / "pod")
+        else:
+            pod = read_registry_pod(kube, site.namespace, site.release)
+        bucket = storage.bucket if isinstance(storage, S3Storage) else None
+        checks.check("the pod stores blobs where the site says", check_pod_storage, pod, storage.kind, bucket)
+        layer = pushed.blobs[-1]
+        if isinstance(storage, S3Storage):
+            if site.target == "local":
+                source = storage.credentials
+                keys = read_s3_keys_file(source.file, source.access_key_key, source.secret_key_key)
+            else:
+                keys = read_s3_keys_secret(kube, site.namespace, secret_names(site.release)["s3"])
+            checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket,
+                         storage.region, storage.root_directory, keys, storage.ca_bundle, storage.skip_verify, layer)
+        elif site.target == "local":
+            checks.check("the layer is in the storage directory", blob_in_directory, site.data_dir, layer)
+
+        checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
+        served = served_certificate(site.registry.host.strip("[]"), site.registry.port)
+        ca = x509.load_pem_x509_certificate((bundle / "ca.crt").read_bytes())
+        checks.figures.update({"server cert days left": str(days_left(served)), "CA days left": str(days_left(ca))})
+    return f"{url}: all checks passed"
