@@ -28,11 +28,16 @@ app.add_typer(server_app, name="server")
 SiteFile = typer.Option(..., "--config", "-c", help="The site file (YAML), e.g. examples/local.yaml.")
 
 
+# CrflowError, and ConnectionError: what crflow raises for "not answering" and retries; once
+# the retries are spent, its message is the whole story.
+ONE_LINE_ERRORS = (CrflowError, ConnectionError)
+
+
 class _OneLineErrors(logging.Filter):
     """Prefect prints a failed run's traceback; for a CrflowError its one-line message is enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], CrflowError):
+        if record.exc_info and isinstance(record.exc_info[1], ONE_LINE_ERRORS):
             record.exc_info = record.exc_text = None  # Prefect's message already names the error
         return True
 
@@ -143,7 +148,7 @@ def main() -> None:
     runtime.configure()  # before anything imports prefect: its settings are read once, at import
     try:
         app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit
-    except CrflowError as err:
+    except ONE_LINE_ERRORS as err:
         typer.secho(f"crflow: error: {err}", err=True, fg="red")
         sys.exit(1)
     except Exception as err:  # not ours: say what and where to look, still one line

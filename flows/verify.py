@@ -11,15 +11,16 @@ from pathlib import Path
 from cryptography import x509
 from prefect import flow
 
-from crflow.settings import S3Storage, load_site
+from crflow.errors import CrflowError
+from crflow.settings import S3Storage, Site, load_site
 from flows.values import kube_access
 from tasks.helm import check_pod_storage, secret_names
-from tasks.kube import read_registry_pod, read_s3_keys_secret
+from tasks.kube import KubeAccess, read_registry_pod, read_s3_keys_secret
 from tasks.localpod import read_local_pod
 from tasks.pki import days_left, served_certificate
 from tasks.registry import SMOKE_REPO, delete_by_digest, listed_in_catalog, pull_and_compare, push_unique_image
 from tasks.report import Checks
-from tasks.storage import blob_in_bucket, blob_in_directory, read_s3_keys_file
+from tasks.storage import S3Keys, blob_in_bucket, blob_in_directory, bucket_present, read_s3_keys_file
 
 
 @flow(name="verify-push-pull")
@@ -29,7 +30,13 @@ def verify(site_file: str) -> str:
     url, bundle, storage = f"https://{site.registry.server}", site.state_dir / "client", site.storage
     kube = kube_access(site)
     with Checks(f"Registry {site.release} verified", site.registry.server) as checks:
-        pushed = checks.check("push a new image", push_unique_image, url, bundle, SMOKE_REPO)
+        try:
+            pushed = checks.check("push a new image", push_unique_image, url, bundle, SMOKE_REPO)
+        except CrflowError as err:
+            if "the registry's storage" in str(err) and isinstance(storage, S3Storage):
+                checks.check("diagnose the storage", bucket_present, storage.endpoint, storage.bucket,
+                             storage.region, s3_keys(site, kube), storage.ca_bundle, storage.skip_verify, str(err))
+            raise
         pull_seconds = checks.check("pull it back, every digest equal", pull_and_compare, url, bundle, pushed)
         mib = pushed.bytes / 2**20
         checks.figures.update({"push MiB/s": f"{mib / pushed.seconds:.0f}", "pull MiB/s": f"{mib / pull_seconds:.0f}"})
@@ -43,13 +50,8 @@ def verify(site_file: str) -> str:
         checks.check("the pod stores blobs where the site says", check_pod_storage, pod, storage.kind, bucket)
         layer = pushed.blobs[-1]
         if isinstance(storage, S3Storage):
-            if site.target == "local":
-                source = storage.credentials
-                keys = read_s3_keys_file(source.file, source.access_key_key, source.secret_key_key)
-            else:
-                keys = read_s3_keys_secret(kube, site.namespace, secret_names(site.release)["s3"])
-            checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket,
-                         storage.region, storage.root_directory, keys, storage.ca_bundle, storage.skip_verify, layer)
+            checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket, storage.region,
+                         storage.root_directory, s3_keys(site, kube), storage.ca_bundle, storage.skip_verify, layer)
         elif site.target == "local":
             checks.check("the layer is in the storage directory", blob_in_directory, site.data_dir, layer)
 
@@ -58,3 +60,11 @@ def verify(site_file: str) -> str:
         ca = x509.load_pem_x509_certificate((bundle / "ca.crt").read_bytes())
         checks.figures.update({"server cert days left": str(days_left(served)), "CA days left": str(days_left(ca))})
     return f"{url}: all checks passed"
+
+
+def s3_keys(site: Site, kube: KubeAccess) -> S3Keys:
+    """The keys the registry uses for S3: the local stand-in file, or the registry's Secret."""
+    if site.target == "local":
+        source = site.storage.credentials
+        return read_s3_keys_file(source.file, source.access_key_key, source.secret_key_key)
+    return read_s3_keys_secret(kube, site.namespace, secret_names(site.release)["s3"])

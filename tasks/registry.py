@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import uuid
@@ -159,11 +160,16 @@ class Registry:
                 f"{self.ca_file}, or does not name this address (it names: {served_names(self.host, self.port)})"
             ) from None
         except requests.exceptions.ConnectionError as err:
-            raise ConnectionError(f"registry at {self.base_url} is not answering ({type(err).__name__})") from None
+            reason = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
+            raise ConnectionError(f"registry at {self.base_url} is not answering"
+                                  f"{': ' + reason.group(0) if reason else ''}") from None
         except requests.exceptions.HTTPError as err:
             response = err.response
             detail = response.text[:300].strip() if response is not None else ""
             status = response.status_code if response is not None else "?"
+            driver = re.search(r'"DriverName":"(\w+)"', detail)
+            if driver:  # distribution's storage driver failed; its body holds no more than the driver's name
+                detail = f"the registry's storage ({driver.group(1)}) failed: {detail}"
             problem = f"{what} at {self.base_url} failed with {status}: {detail}"
             raise (ConnectionError if isinstance(status, int) and status in (502, 503, 504) else CrflowError)(problem) from None
 

@@ -135,6 +135,17 @@ def blob_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str,
     return f"s3://{bucket}/{key}"
 
 
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def bucket_present(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle: Path | None,
+                   skip_verify: bool, registry_said: str) -> None:
+    """After the registry's storage failed: say so plainly if the cause is a missing bucket."""
+    client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    with s3_errors(endpoint, bucket):
+        if not client.bucket_exists(bucket):
+            raise CrflowError(f"bucket {bucket} does not exist at {endpoint} (run crflow install to make it); "
+                              f"the registry said: {registry_said}")
+
+
 @task
 def blob_in_directory(root: Path, digest: str) -> str:
     """The blob is a file under the registry's storage directory on this machine."""

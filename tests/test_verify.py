@@ -1,0 +1,85 @@
+"""`crflow verify` (the verify-push-pull flow) on the local target: it passes on a working
+registry, and fails, with a message a person can act on, when something is wrong."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import httpx
+import yaml
+from minio import Minio
+
+from tasks.pki import new_ca
+
+
+def last_verify_row(prefect_api: str) -> dict:
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["crflow-verify"]}}, "sort": "CREATED_DESC", "limit": 1}).json()
+    data = artifacts[0]["data"]
+    return (json.loads(data) if isinstance(data, str) else data)[0]
+
+
+def failure(crflow, site) -> str:
+    result = crflow("verify", "-c", str(site.path), check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_verify_passes_and_reports(crflow, installed, prefect_api):
+    out = crflow("verify", "-c", str(installed.path)).stdout
+    assert out.strip().endswith("all checks passed")
+    row = last_verify_row(prefect_api)
+    assert row["result"] == "passed" and row["failed check"] == ""
+    assert float(row["push MiB/s"]) > 0 and float(row["pull MiB/s"]) > 0
+    assert 360 <= int(row["server cert days left"]) <= 365 and int(row["CA days left"]) > 3600
+    # it cleaned up: the image it pushed is deleted, so only the install's check image remains tagged
+    catalog = (installed.state / "data" / "docker" / "registry" / "v2" / "repositories" / "crflow-smoke" /
+               "_manifests" / "tags")
+    assert sorted(p.name for p in catalog.iterdir()) == ["install"] or all(
+        not (p / "current" / "link").exists() for p in catalog.iterdir() if p.name != "install")
+
+
+def test_wrong_password_fails_naming_user_and_registry(crflow, installed, prefect_api):
+    auth_file = installed.client / "auth.json"
+    document = json.loads(auth_file.read_text())
+    user, password = installed.login()
+    document["auths"][installed.server]["auth"] = base64.b64encode(f"{user}:{password}x".encode()).decode()
+    auth_file.write_text(json.dumps(document))
+    line = failure(crflow, installed)
+    assert f"registry at {installed.url} rejected user {user}: wrong user or password (401)" in line
+    assert password not in line
+    row = last_verify_row(prefect_api)
+    assert (row["result"], row["failed check"]) == ("FAILED", "push a new image")
+
+
+def test_wrong_ca_fails_naming_the_ca_file_and_the_certificates_names(crflow, installed):
+    (installed.client / "ca.crt").write_text(new_ca("some other CA", 30, "ecdsa-p256").cert_pem)
+    line = failure(crflow, installed)
+    assert f"TLS verification of {installed.url} failed" in line
+    assert f"CA in {installed.client / 'ca.crt'}" in line and "(it names: 127.0.0.1, localhost)" in line
+
+
+def test_stopped_registry_fails_after_bounded_retries(crflow, installed):
+    crflow("down", "-c", str(installed.path))
+    line = failure(crflow, installed)
+    assert f"registry at {installed.url} is not answering" in line
+
+
+def test_deleted_bucket_surfaces_the_registrys_error(crflow, make_site, moto_s3, tmp_path):
+    bucket = f"container-registry-{uuid.uuid4().hex[:8]}"
+    keys = tmp_path / "minio-keys.yaml"
+    keys.write_text(yaml.safe_dump({"accesskey": "crflow-test", "secretkey": "not-a-real-secret-0123456789"}))
+    site = make_site(storage={"kind": "s3", "endpoint": moto_s3, "bucket": bucket, "credentials": {"file": str(keys)}})
+    crflow("install", "-c", str(site.path))
+    assert crflow("verify", "-c", str(site.path)).stdout.strip().endswith("all checks passed")
+
+    s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
+    for obj in s3.list_objects(bucket, recursive=True):
+        s3.remove_object(bucket, obj.object_name)
+    s3.remove_bucket(bucket)
+    line = failure(crflow, site)
+    assert f"bucket {bucket} does not exist at {moto_s3}" in line
+    assert "the registry said: upload of" in line and "failed with 500: the registry's storage (s3aws) failed" in line
