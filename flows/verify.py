@@ -15,7 +15,7 @@ from crflow.errors import CrflowError
 from crflow.settings import S3Storage, Site, load_site
 from flows.values import kube_access
 from tasks.helm import check_pod_storage, secret_names
-from tasks.kube import KubeAccess, read_registry_pod, read_s3_keys_secret
+from tasks.kube import KubeAccess, pull_with_secret, read_registry_pod, read_s3_keys_secret
 from tasks.localpod import read_local_pod
 from tasks.pki import days_left, served_certificate
 from tasks.registry import SMOKE_REPO, delete_by_digest, listed_in_catalog, pull_and_compare, push_unique_image
@@ -54,6 +54,11 @@ def verify(site_file: str) -> str:
                          storage.root_directory, s3_keys(site, kube), storage.ca_bundle, storage.skip_verify, layer)
         elif site.target == "local":
             checks.check("the layer is in the storage directory", blob_in_directory, site.data_dir, layer)
+
+        if site.target == "kubernetes":
+            image = f"{site.registry.server}/{pushed.repo}@{pushed.digest}"
+            checks.check("a pod pulls it with a pull secret", pull_with_secret, kube, image, bundle / "auth.json",
+                         site.release)
 
         checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
         served = served_certificate(site.registry.host.strip("[]"), site.registry.port)

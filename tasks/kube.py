@@ -243,3 +243,51 @@ def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str) -> S3Keys:
     with api_client(kube) as api:
         keys = read_secret(api, namespace, name, ["s3AccessKey", "s3SecretKey"])
     return S3Keys(access_key=keys["s3AccessKey"], secret_key=keys["s3SecretKey"])
+
+
+PULL_TEST_NAMESPACE, PULL_SECRET, PULL_TEST = "crflow-verify", "crflow-verify-pull", "crflow-verify-pull-test"
+
+
+def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, labels: dict[str, str],
+                  timeout: float) -> str:
+    """A Deployment in the test namespace whose pod pulls `image` with a pull secret; wait
+    until it runs, then remove it. Raises CrflowError with the node's reason if it does not."""
+    apps = client.AppsV1Api(api)
+    ensure_namespace(api, PULL_TEST_NAMESPACE, labels)
+    apply_secret(api, PULL_TEST_NAMESPACE, PULL_SECRET, "kubernetes.io/dockerconfigjson",
+                 {".dockerconfigjson": docker_config}, labels)
+    selector = {"app.kubernetes.io/name": PULL_TEST}
+    deployment = client.V1Deployment(
+        metadata=client.V1ObjectMeta(name=PULL_TEST, labels={**labels, **selector}),
+        spec=client.V1DeploymentSpec(
+            replicas=1, selector=client.V1LabelSelector(match_labels=selector),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=selector),
+                spec=client.V1PodSpec(
+                    containers=[client.V1Container(name="pull-test", image=image, image_pull_policy="Always")],
+                    image_pull_secrets=[client.V1LocalObjectReference(name=PULL_SECRET)]))))
+    retrying(f"create Deployment {PULL_TEST_NAMESPACE}/{PULL_TEST}",
+             lambda: apps.create_namespaced_deployment(PULL_TEST_NAMESPACE, deployment))
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = retrying("read the pull test", lambda: apps.read_namespaced_deployment_status(
+                PULL_TEST, PULL_TEST_NAMESPACE)).status
+            if status and status.ready_replicas == 1:
+                return f"{image} pulled in namespace {PULL_TEST_NAMESPACE}"
+            stuck = [c for c in (status and status.conditions) or [] if c.type == "Progressing" and c.status == "False"]
+            if stuck:
+                raise CrflowError(f"a pod could not pull {image} with pull secret {PULL_TEST_NAMESPACE}/{PULL_SECRET}: "
+                                  f"{stuck[0].reason}: {stuck[0].message}")
+            time.sleep(0.5)
+        raise CrflowError(f"a pod pulling {image} in namespace {PULL_TEST_NAMESPACE} was not running after {timeout:.0f} s")
+    finally:
+        retrying(f"delete Deployment {PULL_TEST_NAMESPACE}/{PULL_TEST}",
+                 lambda: _get_or_none(lambda: apps.delete_namespaced_deployment(PULL_TEST, PULL_TEST_NAMESPACE)))
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, release: str, timeout: float = 120) -> str:
+    """Kubernetes: a pod pulls `image` with a pull secret made from the client login, and runs."""
+    with api_client(kube) as api:
+        return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release), timeout)

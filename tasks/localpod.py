@@ -117,17 +117,17 @@ class LocalPod:
         return pid if b"serve" in cmdline and state != "Z" else None
 
     def stop(self, timeout: float = 15) -> bool:
-        """Stop the registry (SIGTERM, then SIGKILL); return whether one was running."""
+        """Stop the registry (SIGTERM to its process group, then SIGKILL); return whether one was running."""
         pid = self.pid()
         if pid is None:
             self.pidfile.unlink(missing_ok=True)
             return False
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)  # it leads its own session (start_new_session)
         deadline = time.monotonic() + timeout
         while self.pid() is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.pid() is not None:
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
         return True
 
@@ -210,18 +210,35 @@ class LocalPod:
         return argv
 
     @staticmethod
-    def _check_port(host: str, port: int) -> None:
+    def _check_port(host: str, port: int, wait: float = 0) -> None:
+        """The port is free (waiting up to `wait` seconds for a stopped process to let go of it)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + wait
+        while True:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                    return
+                except OSError as err:
+                    if err.errno != errno.EADDRINUSE:
+                        raise CrflowError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+            if time.monotonic() >= deadline:
+                raise CrflowError(
+                    f"port {port} on {host} is in use by another process; stop it or choose another registry.port")
+            time.sleep(0.1)
+
+    def _wait_listening(self, process: subprocess.Popen, host: str, port: int, timeout: float = 20) -> None:
+        """The new process accepts connections; or it exited, and its log says why."""
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
             try:
-                probe.bind((host, port))
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    raise CrflowError(
-                        f"port {port} on {host} is in use by another process; stop it or choose another registry.port"
-                    ) from None
-                raise CrflowError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+                socket.create_connection((host, port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail()}")
 
     def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
         """Make the running process match the rendered pod; return "started", "restarted" or "unchanged"."""
@@ -246,7 +263,7 @@ class LocalPod:
             return "unchanged"
         if running is not None:
             self.stop()
-        self._check_port(*listen)
+        self._check_port(*listen, wait=10 if running is not None else 0)
         with open(self.logfile, "ab") as log:
             process = subprocess.Popen(
                 argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -254,10 +271,7 @@ class LocalPod:
             )
         write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
         write_atomic(self.specfile, digest.encode(), 0o644)
-        time.sleep(0.3)
-        if process.poll() is not None:
-            self.pidfile.unlink(missing_ok=True)
-            raise CrflowError(f"the registry exited at start (code {process.returncode}): {self.log_tail()}")
+        self._wait_listening(process, "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1])
         return "restarted" if running is not None else "started"
 
 

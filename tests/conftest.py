@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from kubernetes import client, config
 
 from servers import BIN, free_port, start_prefect_server, start_server, stop_server, wait_http
 from tasks.localpod import LocalPod
@@ -217,3 +218,28 @@ def kubelet(kube_api, tmp_path):
     node = Kubelet(kube_api.kubeconfig, tmp_path / "node")
     yield node
     node.stop()
+    for error in dict.fromkeys(node.errors):  # shown with a failing test's output
+        print(f"kubelet: {error}")
+
+
+MINIO_KEYS = {"accesskey": "crflow-test-access", "secretkey": "crflow-test-secret-0123456789"}
+
+
+@pytest.fixture
+def cluster_site(kube_api, kubelet, make_site, moto_s3, crflow):
+    """A kubernetes site on the emulated cluster, with MinIO's secret where the runbook has it."""
+    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="minio")))
+    core.create_namespaced_secret("minio", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="minio-access-secret"), string_data=MINIO_KEYS))
+    site = make_site(
+        target="kubernetes",
+        namespace="container-registry",
+        storage={"kind": "s3", "endpoint": moto_s3, "bucket": f"container-registry-{uuid.uuid4().hex[:8]}"},
+        cluster={"kubeconfig": str(kube_api.kubeconfig), "helm_timeout_seconds": 60},
+    )
+    site.settings["registry"]["service_type"] = "LoadBalancer"
+    site.write()
+    crflow.env["HOME"] = str(kube_api.home)  # helm's cache and config, per test
+    site.core = core
+    return site

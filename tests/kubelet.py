@@ -9,7 +9,11 @@ EMULATED, and every test that uses it says so. It polls the emulated API and:
 - reports the Deployment Ready (status fields as the deployment controller writes them) once
   the pod answers its readiness probe, and marks claims Bound;
 - forwards each Service address (loadBalancerIP, else 127.0.0.1, and the Service port) to
-  the pod, through a loopback TCP forwarder whose backend can be switched.
+  the pod, through a loopback TCP forwarder whose backend can be switched;
+- for any other Deployment, "starts" its pod by pulling its image (manifest and every blob,
+  digests checked) with the pod's imagePullSecrets, trusting the CA files the node was given
+  with `trust()` (the runbook's "trust the cert on every node"), then reports it Ready; a
+  failed pull is reported as the deployment controller would (Progressing=False, the reason).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class Kubelet:
         self.shown: dict[str, tuple[str, dict]] = {}  # "ns/name" -> (digest, content) the node has now
         self.first_seen: dict[tuple[str, str], float] = {}  # ("ns/name", digest) -> when the API first had it
         self.errors: list[str] = []
+        self.trusted: dict[str, Path] = {}  # registry host:port -> CA file the node trusts for it
+        self.pulled: list[tuple[str, str]] = []  # (image, user) of each successful pull
         self.running = True
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -119,10 +125,47 @@ class Kubelet:
             self.shown[key] = shown = (digest, data)
         return shown[1]
 
+    def trust(self, server: str, ca_file: Path) -> None:
+        self.trusted[server] = ca_file
+
+    def _pull(self, deployment, spec: dict) -> None:
+        """Start a non-registry pod: pull its image with its pull secrets, then report it."""
+        from tasks.registry import Registry
+
+        key = f"{deployment.metadata.namespace}/{deployment.metadata.name}@{deployment.metadata.generation}"
+        if key in self.pods:
+            return
+        self.pods[key] = {}
+        image = spec["containers"][0]["image"]
+        server, _, path = image.partition("/")
+        repo, _, digest = path.partition("@")
+        try:
+            user = password = None
+            for ref in spec.get("imagePullSecrets") or []:
+                secret = self.core.read_namespaced_secret(ref["name"], deployment.metadata.namespace)
+                auths = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))["auths"]
+                if server in auths:
+                    user, _, password = base64.b64decode(auths[server]["auth"]).decode().partition(":")
+            if user is None:
+                raise RuntimeError(f"no imagePullSecret holds a login for {server}")
+            if server not in self.trusted:
+                raise RuntimeError(f"x509: the node does not trust the CA of {server}")
+            with Registry(f"https://{server}", self.trusted[server], user, password) as registry:
+                registry.pull_image(repo, digest)
+            self.pulled.append((image, user))
+            self._report_ready(deployment)
+        except Exception as err:
+            self.apps.patch_namespaced_deployment_status(
+                deployment.metadata.name, deployment.metadata.namespace,
+                {"status": {"observedGeneration": deployment.metadata.generation, "conditions": [
+                    {"type": "Progressing", "status": "False", "reason": "ErrImagePull", "message": str(err)[:300]}]}})
+
     def _run(self, deployment) -> None:
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
         template = self.api.sanitize_for_serialization(deployment.spec.template)
         spec = template["spec"]
+        if spec["containers"][0].get("command") != ["/bin/registry"]:
+            return self._pull(deployment, spec)
         manifests = [{"kind": "Deployment", "metadata": {"name": name}, "spec": {"template": template}}]
         secrets, claims = {}, {}
         for volume in spec.get("volumes") or []:
@@ -182,7 +225,7 @@ class Kubelet:
     def _forward(self, service) -> None:
         key = f"{service.metadata.namespace}/{service.metadata.name}"
         selector = service.spec.selector or {}
-        backend = next((p for k, p in self.pods.items() if k.split("/")[0] == service.metadata.namespace
+        backend = next((p for k, p in self.pods.items() if "port" in p and k.split("/")[0] == service.metadata.namespace
                         and self._selects(selector, k)), None)
         if backend is None or key in self.forwarders:
             if backend is not None:
@@ -203,5 +246,6 @@ class Kubelet:
         for forwarder in self.forwarders.values():
             forwarder.close()
         for pod in self.pods.values():
-            pod["pod"].stop()
+            if "pod" in pod:
+                pod["pod"].stop()
         self.api.close()

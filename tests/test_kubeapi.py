@@ -117,3 +117,16 @@ def test_faults_on_demand_errors_and_slow_responses(kube_api):
     started = time.monotonic()
     assert v1.read_namespace("default").metadata.name == "default"
     assert time.monotonic() - started >= 1.0
+
+
+def test_status_subresource_updates_status_only_and_every_time(kube_api):
+    apps = client.AppsV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    apps.create_namespaced_deployment("default", {
+        "metadata": {"name": "d"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "b"}},
+                 "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+    for generation in (1, 2):
+        apps.patch_namespaced_deployment_status("d", "default", {"status": {"observedGeneration": generation},
+                                                                  "spec": {"replicas": 7}})
+        found = apps.read_namespaced_deployment("d", "default")
+        assert found.status.observed_generation == generation and found.spec.replicas == 1

@@ -252,8 +252,9 @@ class Store:
         if sent_rv and sent_rv != current["metadata"]["resourceVersion"]:
             raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {resource.plural} "{name}": '
                                             "the object has been modified; please apply your changes to the latest version and try again")
-        if subresource == "status":
+        if subresource == "status":  # only the status changes, whatever else was sent
             new = {**current, "status": obj.get("status", {})}
+            new["metadata"] = dict(current["metadata"])
         else:
             new = {**obj, "status": current.get("status", obj.get("status"))} if "status" in current else dict(obj)
             meta = new.setdefault("metadata", {})
@@ -283,9 +284,7 @@ class Store:
             raise
         new = patcher(current, patch)
         new.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
-        if subresource == "status":
-            new = {**current, "status": new.get("status", {})}
-        return await self.replace(resource, namespace, name, new, dry_run=dry_run)
+        return await self.replace(resource, namespace, name, new, subresource, dry_run)
 
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> dict:
         obj = self.get(resource, namespace, name)
