@@ -29,6 +29,9 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
     subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
                    capture_output=True, timeout=60)  # an existing pool is fine
     assert "install" in prefect("deploy", "--all", env=env)
+    nightly = httpx.get(f"{prefect_api}/deployments/name/verify-push-pull/verify-nightly").json()
+    schedules = httpx.get(f"{prefect_api}/deployments/{nightly['id']}/schedules").json()
+    assert [s["schedule"]["cron"] for s in schedules] == ["17 3 * * *"]
     run = prefect("deployment", "run", "install/install", "--param", f"site_file={site.path}", env=env)
     flow_run_id = run.split("UUID:")[1].split()[0]
 
