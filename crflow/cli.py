@@ -64,8 +64,8 @@ def _run_flow(flow, site_file: Path):
 @app.command()
 def install(config: Path = SiteFile) -> None:
     """Install the registry described by the site file, or bring it back to that state."""
+    from crflow.oci import SMOKE_REPO
     from flows.install import install as install_flow
-    from tasks.registry import SMOKE_REPO
 
     site = _site(config)
     url = _run_flow(install_flow, config)

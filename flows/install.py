@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import SecretStr
 
+from crflow.oci import SMOKE_REPO
 from crflow.settings import PvcStorage, S3Storage, Site, load_site
 from crflow.vault import open_vault
 from flows.values import chart_values_for, kube_access
@@ -20,7 +21,7 @@ from tasks.helm import SECRET_TYPES, data_claim, helm_release, registry_secrets,
 from tasks.kube import copy_s3_credentials, create_hostpath_volume, create_namespace, put_secret
 from tasks.localpod import check_local_host, run_local_pod
 from tasks.pki import make_ca, make_server_cert
-from tasks.registry import SMOKE_REPO, push_pull_check, wait_until_ready
+from tasks.registry import push_pull_check, wait_until_ready
 from tasks.report import certificate_rows, publish_summary
 from tasks.storage import ensure_bucket, ensure_directory, read_s3_keys_file
 

@@ -12,13 +12,14 @@ from cryptography import x509
 from prefect import flow
 
 from crflow.errors import CrflowError
+from crflow.oci import SMOKE_REPO, served_certificate
 from crflow.settings import S3Storage, Site, load_site
 from flows.values import kube_access
 from tasks.helm import check_pod_storage, secret_names
 from tasks.kube import KubeAccess, pull_with_secret, read_registry_pod, read_s3_keys_secret
 from tasks.localpod import read_local_pod
-from tasks.pki import days_left, served_certificate
-from tasks.registry import SMOKE_REPO, delete_by_digest, listed_in_catalog, pull_and_compare, push_unique_image
+from tasks.pki import days_left
+from tasks.registry import delete_by_digest, listed_in_catalog, pull_and_compare, push_unique_image
 from tasks.report import Checks
 from tasks.storage import S3Keys, blob_in_bucket, blob_in_directory, bucket_present, read_s3_keys_file
 

@@ -123,12 +123,5 @@ def make_server_cert(
     return new_server_cert(ca, ips, dns_names, days, key_algorithm)
 
 
-def served_certificate(host: str, port: int) -> x509.Certificate:
-    """The certificate a TLS server presents (read only: not verified)."""
-    import ssl
-
-    return x509.load_pem_x509_certificate(ssl.get_server_certificate((host, port), timeout=5).encode())
-
-
 def days_left(cert: x509.Certificate) -> int:
     return (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days

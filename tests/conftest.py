@@ -22,9 +22,9 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from crflow.oci import tiny_image
 from servers import BIN, free_port, start_prefect_server, start_server, stop_server, wait_http
 from tasks.localpod import LocalPod
-from tasks.registry import tiny_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,7 +147,7 @@ def installed(crflow, make_site) -> Site:
 def oci_layout(path: Path, tag: str = "latest"):
     """A one-image OCI layout for skopeo to push, with unique content (skopeo caches blob
     locations and would otherwise mount instead of upload). Returns the image."""
-    from tasks.registry import OCI_MANIFEST, digest_of
+    from crflow.oci import OCI_MANIFEST, digest_of
 
     image = tiny_image({"hello.txt": f"crflow test {uuid.uuid4()}\n".encode()})
     blobs = path / "blobs" / "sha256"

@@ -130,7 +130,7 @@ class Kubelet:
 
     def _pull(self, deployment, spec: dict) -> None:
         """Start a non-registry pod: pull its image with its pull secrets, then report it."""
-        from tasks.registry import Registry
+        from crflow.oci import Registry
 
         key = f"{deployment.metadata.namespace}/{deployment.metadata.name}@{deployment.metadata.generation}"
         if key in self.pods:

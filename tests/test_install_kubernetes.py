@@ -48,7 +48,7 @@ def test_install_on_the_emulated_cluster_serves_skopeo_from_the_bucket(crflow, c
     bucket = yaml.safe_load(cluster_site.path.read_text())["storage"]["bucket"]
     s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
     names = [o.object_name for o in s3.list_objects(bucket, prefix="docker/registry/v2/", recursive=True)]
-    from tasks.registry import digest_of
+    from crflow.oci import digest_of
 
     assert any(digest_of(image.config)[7:] in n for n in names)
     assert not any((tmp_path / "node").rglob("docker/registry/v2/blobs"))  # nothing on the node's disk

@@ -25,7 +25,7 @@ def test_blobs_land_in_the_bucket_not_on_local_disk(crflow, make_site, moto_s3, 
 
     s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
     names = [o.object_name for o in s3.list_objects(bucket, prefix="docker/registry/v2/", recursive=True)]
-    from tasks.registry import digest_of
+    from crflow.oci import digest_of
 
     config_blob = f"docker/registry/v2/blobs/sha256/{digest_of(image.config)[7:9]}/{digest_of(image.config)[7:]}/data"
     assert config_blob in names
