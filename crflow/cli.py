@@ -51,14 +51,14 @@ def _site(path: Path) -> Site:
     return load_site(path)
 
 
-def _run_flow(flow, site_file: Path):
+def _run_flow(flow, site_file: Path, *parameters):
     """Run a flow in this process, reporting to crflow's Prefect server."""
     runtime.ensure_server()
     import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers, then we filter them)
 
     _quiet_tracebacks()
     typer.secho(f"Prefect UI: {runtime.ui_url()}", err=True, dim=True)
-    return flow(str(site_file.resolve()))
+    return flow(str(site_file.resolve()), *parameters)
 
 
 @app.command()
@@ -76,12 +76,18 @@ def install(config: Path = SiteFile) -> None:
 
 
 @app.command()
-def verify(config: Path = SiteFile) -> None:
+def verify(
+    config: Path = SiteFile,
+    source_image: str = typer.Option(None, help="Also copy this image (host/repo:tag, index and all) and check it."),
+    source_ca: Path = typer.Option(None, help="CA file of the source registry (default: the system's)."),
+    source_authfile: Path = typer.Option(None, help="auth.json with a login for the source registry."),
+) -> None:
     """Push a new image, pull it back, check the catalog and where the data landed, delete it."""
     from flows.verify import verify as verify_flow
 
     _site(config)
-    typer.echo(_run_flow(verify_flow, config))
+    extra = [str(p.resolve()) if isinstance(p, Path) else p for p in (source_image, source_ca, source_authfile)]
+    typer.echo(_run_flow(verify_flow, config, *extra))
 
 
 @app.command()

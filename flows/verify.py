@@ -19,14 +19,23 @@ from tasks.helm import check_pod_storage, secret_names
 from tasks.kube import KubeAccess, pull_with_secret, read_registry_pod, read_s3_keys_secret
 from tasks.localpod import read_local_pod
 from tasks.pki import days_left
-from tasks.registry import delete_by_digest, listed_in_catalog, pull_and_compare, push_unique_image
+from tasks.registry import (
+    copy_source_image,
+    delete_by_digest,
+    listed_in_catalog,
+    pull_and_compare,
+    pull_everything,
+    push_unique_image,
+)
 from tasks.report import Checks
 from tasks.storage import S3Keys, blob_in_bucket, blob_in_directory, bucket_present, read_s3_keys_file
 
 
 @flow(name="verify-push-pull")
-def verify(site_file: str) -> str:
-    """Check that the registry of `site_file` takes, serves and stores images; fail if not."""
+def verify(site_file: str, source_image: str | None = None, source_ca: str | None = None,
+           source_authfile: str | None = None) -> str:
+    """Check that the registry of `site_file` takes, serves and stores images; fail if not.
+    With `source_image` (host/repo:tag), first copy that image from its registry and check it too."""
     site = load_site(Path(site_file))
     url, bundle, storage = f"https://{site.registry.server}", site.state_dir / "client", site.storage
     kube = kube_access(site)
@@ -42,6 +51,11 @@ def verify(site_file: str) -> str:
         mib = pushed.bytes / 2**20
         checks.figures.update({"push MiB/s": f"{mib / pushed.seconds:.0f}", "pull MiB/s": f"{mib / pull_seconds:.0f}"})
         checks.check("catalog and tags list it", listed_in_catalog, url, bundle, pushed.repo, pushed.tag)
+        if source_image:
+            copied = checks.check(f"copy {source_image}", copy_source_image, source_image,
+                                  source_ca and Path(source_ca), source_authfile and Path(source_authfile),
+                                  url, bundle, f"{SMOKE_REPO}/source")
+            checks.check("pull the copy back", pull_everything, url, bundle, copied.repo, copied.digest)
 
         if site.target == "local":
             pod = read_local_pod(site.state_dir / "pod")
@@ -62,6 +76,8 @@ def verify(site_file: str) -> str:
                          site.release)
 
         checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
+        if source_image:
+            checks.check("delete the copy by digest", delete_by_digest, url, bundle, copied.repo, copied.digest)
         served = served_certificate(site.registry.host.strip("[]"), site.registry.port)
         ca = x509.load_pem_x509_certificate((bundle / "ca.crt").read_bytes())
         checks.figures.update({"server cert days left": str(days_left(served)), "CA days left": str(days_left(ca))})

@@ -16,7 +16,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from crflow.errors import CrflowError, transient_only
-from crflow.oci import Image, Registry, digest_of, tiny_image
+from crflow.oci import Image, Registry, copy_image, digest_of, parse_reference, read_login, tiny_image, walk
 
 
 def probe(base_url: str, bundle_dir: Path) -> str:
@@ -26,7 +26,7 @@ def probe(base_url: str, bundle_dir: Path) -> str:
             registry.ping()
     except (CrflowError, ConnectionError) as err:
         message = str(err)
-        return message if message.startswith("no login") else f"NOT OK: {message}"
+        return f"{message} (not installed yet?)" if message.startswith("no login") else f"NOT OK: {message}"
     return f"answers over TLS, login of user {registry.user} accepted"
 
 
@@ -130,3 +130,27 @@ def delete_by_digest(base_url: str, bundle_dir: Path, repo: str, digest: str) ->
                 return
             raise
     raise CrflowError(f"{repo}@{digest} is still served after its deletion")
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def copy_source_image(source: str, source_ca: Path | None, source_authfile: Path | None, base_url: str,
+                      bundle_dir: Path, repo: str) -> Pushed:
+    """Copy a real image (an index with its platform manifests, or one manifest, and every
+    blob) from another registry into this one, as the runbook pushed busybox."""
+    server, source_repo, ref = parse_reference(source)
+    user, password = read_login(source_authfile, server) if source_authfile else (None, None)
+    tag = ref if not ref.startswith("sha256:") else "source"
+    with Registry(f"https://{server}", source_ca, user, password) as origin, \
+            Registry.from_bundle(base_url, bundle_dir) as registry:
+        started = time.perf_counter()
+        digest = copy_image(origin, source_repo, ref, registry, repo, tag)
+        seconds = time.perf_counter() - started
+    return Pushed(repo=repo, tag=tag, digest=digest, blobs=[], bytes=0, seconds=seconds)
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def pull_everything(base_url: str, bundle_dir: Path, repo: str, digest: str) -> str:
+    """Pull an image or index back with all it references, every digest checked."""
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        digests = walk(registry, repo, digest)
+    return f"{len(digests)} manifests and blobs, every digest equal"

@@ -83,3 +83,37 @@ def test_deleted_bucket_surfaces_the_registrys_error(crflow, make_site, moto_s3,
     line = failure(crflow, site)
     assert f"bucket {bucket} does not exist at {moto_s3}" in line
     assert "the registry said: upload of" in line and "failed with 500: the registry's storage (s3aws) failed" in line
+
+
+def test_source_image_with_an_index_is_copied_and_checked(crflow, make_site, tmp_path):
+    """--source-image: a second real registry holds a two-platform OCI index; verify copies it
+    (index, platform manifests, blobs) into the first registry and pulls it all back."""
+    import json as json_
+
+    from crflow.oci import Registry, digest_of, tiny_image
+
+    target, source = make_site(), make_site()
+    crflow("install", "-c", str(target.path))
+    crflow("install", "-c", str(source.path))
+    platforms = {"amd64": tiny_image({"arch": b"amd64"}), "arm64": tiny_image({"arch": b"arm64"})}
+    with Registry.from_bundle(source.url, source.client) as registry:
+        entries = []
+        for arch, image in platforms.items():
+            entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": len(image.manifest),
+                            "digest": registry.push_image("library/tiny", arch, image),
+                            "platform": {"architecture": arch, "os": "linux"}})
+        index = json_.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                             "manifests": entries})
+        registry.call("PUT index", registry.repo("library/tiny").set_manifest, "v1", index)
+
+    out = crflow("verify", "-c", str(target.path), "--source-image", f"{source.server}/library/tiny:v1",
+                 "--source-ca", str(source.client / "ca.crt"), "--source-authfile", str(source.client / "auth.json"))
+    assert out.stdout.strip().endswith("all checks passed")
+    for task in ("copy_source_image", "pull_everything"):
+        line = next(x for x in out.stderr.splitlines() if f"Task run '{task}-" in x and "Finished" in x)
+        assert "Completed" in line
+    # what was copied kept its digests: the platform manifests are still in the target, by digest
+    with Registry.from_bundle(target.url, target.client) as registry:
+        for entry in entries:
+            manifest, _ = registry.repo("crflow-smoke/source").get_manifest_and_response(entry["digest"])
+            assert digest_of(manifest.encode()) == entry["digest"]
