@@ -243,3 +243,14 @@ def cluster_site(kube_api, kubelet, make_site, moto_s3, crflow):
     crflow.env["HOME"] = str(kube_api.home)  # helm's cache and config, per test
     site.core = core
     return site
+
+
+@pytest.fixture
+def s3_site(make_site, moto_s3, tmp_path) -> Site:
+    """A local-target site storing into a new bucket on moto (the stand-in for MinIO)."""
+    keys = tmp_path / "minio-keys.yaml"
+    keys.write_text(yaml.safe_dump({"accesskey": "crflow-test", "secretkey": "not-a-real-secret-0123456789"}))
+    site = make_site(storage={"kind": "s3", "endpoint": moto_s3, "bucket": f"container-registry-{uuid.uuid4().hex[:8]}",
+                              "credentials": {"file": str(keys)}})
+    site.bucket = site.settings["storage"]["bucket"]
+    return site

@@ -4,19 +4,13 @@ S3 API but ignores credentials, so credential checks are not tested here."""
 
 from __future__ import annotations
 
-import uuid
-
-import yaml
 from minio import Minio
 
 from conftest import oci_layout, skopeo
 
 
-def test_blobs_land_in_the_bucket_not_on_local_disk(crflow, make_site, moto_s3, tmp_path):
-    bucket = f"container-registry-{uuid.uuid4().hex[:8]}"
-    keys = tmp_path / "minio-keys.yaml"
-    keys.write_text(yaml.safe_dump({"accesskey": "crflow-test", "secretkey": "not-a-real-secret-0123456789"}))
-    site = make_site(storage={"kind": "s3", "endpoint": moto_s3, "bucket": bucket, "credentials": {"file": str(keys)}})
+def test_blobs_land_in_the_bucket_not_on_local_disk(crflow, s3_site, moto_s3, tmp_path):
+    site, bucket = s3_site, s3_site.bucket
     crflow("install", "-c", str(site.path))
 
     image = oci_layout(tmp_path / "layout", "v1")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 import httpx
-import yaml
 from minio import Minio
 
 from tasks.pki import new_ca
@@ -68,11 +66,8 @@ def test_stopped_registry_fails_after_bounded_retries(crflow, installed):
     assert f"registry at {installed.url} is not answering" in line
 
 
-def test_deleted_bucket_surfaces_the_registrys_error(crflow, make_site, moto_s3, tmp_path):
-    bucket = f"container-registry-{uuid.uuid4().hex[:8]}"
-    keys = tmp_path / "minio-keys.yaml"
-    keys.write_text(yaml.safe_dump({"accesskey": "crflow-test", "secretkey": "not-a-real-secret-0123456789"}))
-    site = make_site(storage={"kind": "s3", "endpoint": moto_s3, "bucket": bucket, "credentials": {"file": str(keys)}})
+def test_deleted_bucket_surfaces_the_registrys_error(crflow, s3_site, moto_s3):
+    site, bucket = s3_site, s3_site.bucket
     crflow("install", "-c", str(site.path))
     assert crflow("verify", "-c", str(site.path)).stdout.strip().endswith("all checks passed")
 
