@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -204,11 +205,57 @@ class Registry:
                   check_exists=False)
 
     def pull_to(self, repo: str, digest: str, sink) -> int:
-        """Stream a blob into `sink` (a binary file) in 1 MiB chunks; python-dxf checks its sha256."""
-        size = 0
-        for chunk in self.call(f"GET blob {digest} from {repo}", self.repo(repo).pull_blob, digest, chunk_size=CHUNK):
-            sink.write(chunk)
-            size += len(chunk)
+        """Stream a blob into `sink` (a binary file), checking its sha256; returns its size.
+
+        Written here rather than through python-dxf: requests' iter_content tops out near
+        300 MiB/s on this machine, http.client's readinto into one reused 1 MiB buffer near
+        540 MiB/s (TESTBED), which is what keeps a pull at curl's pace. Basic auth is sent up
+        front (the registry's htpasswd realm), and one redirect (S3 storage) is followed.
+        """
+        url = f"{self.base_url}/v2/{repo}/blobs/{digest}"
+        login = base64.b64encode(f"{self.user}:{self._password}".encode()).decode() if self.user else None
+        headers = {"Authorization": f"Basic {login}"} if login else {}
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        for _ in range(2):  # the blob, or one redirect to where it is
+            parts = urlsplit(url)
+            connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            connection = connection_type(parts.hostname, parts.port, timeout=self.timeout,
+                                         **({"context": context} if parts.scheme == "https" else {}))
+            try:
+                response = self.call(f"GET blob {digest} from {repo}", self._get, connection, parts, headers)
+                if response.status in (301, 302, 303, 307, 308):
+                    url, headers = response.getheader("Location"), {}
+                    continue
+                return self._receive(response, digest, sink, repo)
+            finally:
+                connection.close()
+        raise CrflowError(f"GET blob {digest} from {repo} at {self.base_url}: too many redirects")
+
+    def _get(self, connection, parts, headers):
+        try:
+            connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+            response = connection.getresponse()
+        except ssl.SSLCertVerificationError as err:
+            raise requests.exceptions.SSLError(str(err)) from None
+        except OSError as err:
+            raise requests.exceptions.ConnectionError(str(err)) from None
+        if response.status == 401:
+            raise DXFUnauthorizedError()
+        if response.status >= 400:
+            error = requests.Response()
+            error.status_code, error._content = response.status, response.read(300)
+            raise requests.exceptions.HTTPError(response=error)
+        return response
+
+    def _receive(self, response, digest: str, sink, repo: str) -> int:
+        hasher, buffer, size = hashlib.sha256(), bytearray(CHUNK), 0
+        view = memoryview(buffer)
+        while count := response.readinto(buffer):
+            hasher.update(view[:count])
+            sink.write(view[:count])
+            size += count
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise CrflowError(f"blob {digest} from {self.base_url}/{repo} does not match its digest")
         return size
 
     def push_image(self, repo: str, tag: str, image: Image) -> str:
@@ -218,9 +265,10 @@ class Registry:
         return digest_of(image.manifest)
 
     def pull_blob(self, repo: str, digest: str) -> bytes:
-        """A blob, read in 1 MiB chunks; python-dxf checks its sha256 against `digest`."""
-        chunks = self.call(f"GET blob {digest} from {repo}", self.repo(repo).pull_blob, digest, chunk_size=CHUNK)
-        return b"".join(self.call(f"GET blob {digest} from {repo}", list, chunks))
+        """A (small) blob, in memory, its sha256 checked."""
+        buffer = io.BytesIO()
+        self.pull_to(repo, digest, buffer)
+        return buffer.getvalue()
 
     def pull_image(self, repo: str, ref: str) -> Image:
         manifest, _ = self.call(f"GET manifest {repo}:{ref}", self.repo(repo).get_manifest_and_response, ref)
