@@ -34,6 +34,7 @@ def configure() -> bool:
     if os.environ.get("PREFECT_API_URL") and "CRFLOW_OWN_PREFECT" not in os.environ:
         return False
     home = crflow_home() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)  # Prefect makes its home without parents, and warns
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_port()}/api"
     os.environ["CRFLOW_OWN_PREFECT"] = "1"  # so a second call (and child processes) know it is ours
