@@ -215,9 +215,11 @@ class Registry:
         url = f"{self.base_url}/v2/{repo}/blobs/{digest}"
         login = base64.b64encode(f"{self.user}:{self._password}".encode()).decode() if self.user else None
         headers = {"Authorization": f"Basic {login}"} if login else {}
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         for _ in range(2):  # the blob, or one redirect to where it is
             parts = urlsplit(url)
+            # The registry is trusted through its CA; a redirect elsewhere (S3) through the system's.
+            ours = (parts.hostname, parts.port or 443) == (self.host, self.port)
+            context = ssl.create_default_context(cafile=str(self.ca_file) if ours and self.ca_file else None)
             connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
             connection = connection_type(parts.hostname, parts.port, timeout=self.timeout,
                                          **({"context": context} if parts.scheme == "https" else {}))
@@ -250,10 +252,17 @@ class Registry:
     def _receive(self, response, digest: str, sink, repo: str) -> int:
         hasher, buffer, size = hashlib.sha256(), bytearray(CHUNK), 0
         view = memoryview(buffer)
-        while count := response.readinto(buffer):
-            hasher.update(view[:count])
-            sink.write(view[:count])
-            size += count
+        expected = response.getheader("Content-Length")
+        try:
+            while count := response.readinto(buffer):
+                hasher.update(view[:count])
+                sink.write(view[:count])
+                size += count
+        except (http.client.HTTPException, ConnectionError, TimeoutError):
+            pass  # told below, with what did arrive
+        if expected is not None and size != int(expected):  # readinto returns 0 at an early close
+            raise ConnectionError(f"registry at {self.base_url} broke off the download of {digest} after "
+                                  f"{size} of {expected} bytes")
         if "sha256:" + hasher.hexdigest() != digest:
             raise CrflowError(f"blob {digest} from {self.base_url}/{repo} does not match its digest")
         return size
