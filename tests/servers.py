@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -61,3 +65,16 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}/api"
     wait_http(f"{url}/health", 180, "the Prefect server", process)
     return process, url
+
+
+@contextlib.contextmanager
+def http_server(handler, tls: ssl.SSLContext | None = None):
+    """A small real HTTP(S) server on loopback, in a thread, answering with `handler`; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from crflow.errors import CrflowError
 from crflow.oci import Registry
+from servers import http_server
 
 BODY = b"x" * 100_000
 DIGEST = "sha256:" + hashlib.sha256(BODY).hexdigest()
@@ -32,12 +32,10 @@ class Misbehaving(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def registry():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = Registry(f"http://127.0.0.1:{server.server_address[1]}", None, None, None, timeout=5)
-    yield client
-    client.__exit__()
-    server.shutdown()
+    with http_server(Misbehaving) as url:
+        client = Registry(url, None, None, None, timeout=5)
+        yield client
+        client.__exit__()
 
 
 def test_a_download_cut_short_is_a_connection_error_to_retry(registry):

@@ -4,13 +4,13 @@ boundary: a small real HTTP server on loopback answers as S3 answers a key witho
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError
+from servers import http_server
 from tasks.storage import S3Keys, bucket_exists_or_create
 
 ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
@@ -34,10 +34,8 @@ class Refusing(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def refusing_s3():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_server(Refusing) as url:
+        yield url
 
 
 def test_no_permission_names_the_bucket_and_endpoint_but_not_the_keys(refusing_s3):
@@ -59,18 +57,12 @@ def test_unverifiable_s3_certificate_says_how_to_trust_it(tmp_path):
     cert = new_server_cert(ca, ["127.0.0.1"], [], days=1, key_algorithm="ecdsa-p256")
     (tmp_path / "tls.crt").write_text(cert.cert_pem)
     (tmp_path / "tls.key").write_text(cert.key_pem.get_secret_value())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"https://127.0.0.1:{server.server_address[1]}"
     keys = S3Keys(access_key=SecretStr("a"), secret_key=SecretStr("b"))
-    try:
+    with http_server(Refusing, tls=context) as endpoint:
         with pytest.raises(CrflowError, match="set storage.ca_bundle to the CA of its certificate"):
             bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, None, False)
         (tmp_path / "ca.crt").write_text(ca.cert_pem)
         with pytest.raises(CrflowError, match=r"refused bucket container-registry \(AccessDenied\)"):
             bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, tmp_path / "ca.crt", False)
-    finally:
-        server.shutdown()
