@@ -19,7 +19,7 @@ import typer
 
 from crflow import runtime
 from crflow.errors import CrflowError
-from crflow.settings import Site, load_site
+from crflow.settings import load_site
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server that records crflow's runs.")
@@ -47,10 +47,6 @@ def _quiet_tracebacks() -> None:
         handler.addFilter(_OneLineErrors())
 
 
-def _site(path: Path) -> Site:
-    return load_site(path)
-
-
 def _run_flow(flow, site_file: Path, *parameters):
     """Run a flow in this process, reporting to crflow's Prefect server."""
     runtime.ensure_server()
@@ -67,7 +63,7 @@ def install(config: Path = SiteFile) -> None:
     from crflow.oci import SMOKE_REPO
     from flows.install import install as install_flow
 
-    site = _site(config)
+    site = load_site(config)
     url = _run_flow(install_flow, config)
     client = site.state_dir / "client"
     typer.echo(f"Registry ready at {url}")
@@ -85,7 +81,7 @@ def verify(
     """Push a new image, pull it back, check the catalog and where the data landed, delete it."""
     from flows.verify import verify as verify_flow
 
-    _site(config)
+    load_site(config)
     extra = [str(p.resolve()) if isinstance(p, Path) else p for p in (source_image, source_ca, source_authfile)]
     typer.echo(_run_flow(verify_flow, config, *extra))
 
@@ -95,7 +91,7 @@ def down(config: Path = SiteFile) -> None:
     """Stop the local registry (its data, certificates and credentials stay)."""
     from tasks.localpod import LocalPod
 
-    site = _site(config)
+    site = load_site(config)
     if site.target != "local":
         raise CrflowError("crflow down stops the local target's registry; on Kubernetes use helm uninstall")
     stopped = LocalPod(site.state_dir / "pod").stop()
@@ -108,7 +104,7 @@ def status(config: Path = SiteFile) -> None:
     from tasks.localpod import LocalPod
     from tasks.registry import probe
 
-    site = _site(config)
+    site = load_site(config)
     healthy = True
     if site.target == "local":
         pid = LocalPod(site.state_dir / "pod").pid()
@@ -125,7 +121,7 @@ def status(config: Path = SiteFile) -> None:
 @app.command("export-client")
 def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out", help="Directory to write.")) -> None:
     """Write DIR/ca.crt and DIR/auth.json (0600): what skopeo, podman or docker need."""
-    site = _site(config)
+    site = load_site(config)
     bundle = site.state_dir / "client"
     if not (bundle / "auth.json").exists():
         raise CrflowError(f"no client files in {bundle}: run crflow install -c {config} first")
