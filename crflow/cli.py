@@ -86,6 +86,31 @@ def verify(
     typer.echo(_run_flow(verify_flow, config, *extra))
 
 
+@app.command("rotate-credentials")
+def rotate_credentials(
+    config: Path = SiteFile,
+    grace: int = typer.Option(None, "--grace", min=0, help="Seconds both logins work after consumers have the new "
+                              "one (default: rotation.grace_seconds)."),
+    renew_cert_within: int = typer.Option(None, "--renew-cert-within", min=0, metavar="DAYS",
+                                          help="Also renew the server certificate if it expires within DAYS."),
+) -> None:
+    """Rotate the registry login (new user and password) with no failed pull, and hand it to every consumer."""
+    from flows.rotate import rotate_credentials as rotate_flow
+
+    load_site(config)
+    generation = _run_flow(rotate_flow, config, grace, renew_cert_within)
+    typer.echo(f"Login rotated to generation {generation}; pull Secrets and client files updated")
+
+
+@app.command("rotate-cert")
+def rotate_cert(config: Path = SiteFile) -> None:
+    """Renew the server certificate from the same CA and roll the registry onto it."""
+    from flows.rotate import rotate_cert as rotate_flow
+
+    load_site(config)
+    typer.echo(f"Server certificate renewed: {_run_flow(rotate_flow, config)}")
+
+
 @app.command()
 def down(config: Path = SiteFile) -> None:
     """Stop the local registry (its data, certificates and credentials stay)."""

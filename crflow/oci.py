@@ -124,6 +124,10 @@ def served_names(host: str, port: int) -> str:
         return "unknown"
 
 
+class LoginRefused(CrflowError):
+    """The registry answered 401 to this login."""
+
+
 class Registry:
     """A registry client for one registry, one login and one CA file (python-dxf underneath)."""
 
@@ -164,7 +168,7 @@ class Registry:
         try:
             return action(*args, **kwargs)
         except DXFUnauthorizedError:
-            raise CrflowError(f"registry at {self.base_url} rejected user {self.user}: wrong user or password (401)") from None
+            raise LoginRefused(f"registry at {self.base_url} rejected user {self.user}: wrong user or password (401)") from None
         except requests.exceptions.SSLError:
             raise CrflowError(
                 f"TLS verification of {self.base_url} failed: its certificate is not signed by the CA in "

@@ -164,6 +164,26 @@ class Cluster(Strict):
     helm_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
 
 
+class PullSecrets(Strict):
+    """Where workloads get the registry login: a kubernetes.io/dockerconfigjson Secret named
+    `name` in each listed namespace and each namespace the label selector matches. crflow
+    writes it on install and rewrites it on every rotation, creating it where it is missing."""
+
+    name: Annotated[str, Field(pattern=DNS_LABEL, max_length=253)] = "registry-pull"
+    namespaces: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] = []
+    namespace_selector: str | None = None  # e.g. "registry-access=true"
+    default_service_account: bool = False  # also list the Secret in each namespace's `default` ServiceAccount
+
+
+class Rotation(Strict):
+    # How long the old login keeps working after every consumer has the new one: long
+    # enough for clients that read their pull secret or auth file only now and then.
+    grace_seconds: Annotated[int, Field(ge=0, le=86400)] = 60
+    # How long to wait for the registry to see a changed htpasswd Secret: the kubelet
+    # refreshes Secret volumes within about a minute (its sync period plus cache TTL).
+    propagation_timeout_seconds: Annotated[int, Field(ge=5, le=3600)] = 180
+
+
 class Site(Strict):
     target: Literal["local", "kubernetes"] = "local"
     state_dir: Path
@@ -176,6 +196,8 @@ class Site(Strict):
     tls: Tls = Tls()
     auth: Auth = Auth()
     cluster: Cluster = Cluster()
+    pull_secrets: PullSecrets = PullSecrets()
+    rotation: Rotation = Rotation()
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:
@@ -185,6 +207,8 @@ class Site(Strict):
                 raise ValueError("storage.kind: pvc needs target: kubernetes; use kind: filesystem on the local target")
             if isinstance(storage, S3Storage) and storage.credentials.file is None:
                 raise ValueError("storage.credentials.file: the local target reads the S3 keys from a file; set its path")
+            if self.pull_secrets.namespaces or self.pull_secrets.namespace_selector:
+                raise ValueError("pull_secrets: namespaces need target: kubernetes; local clients use crflow export-client")
         elif isinstance(storage, FilesystemStorage):
             raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
         return self

@@ -9,18 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from pydantic import SecretStr
 
+from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
 from crflow.settings import PvcStorage, S3Storage, Site, load_site
 from crflow.vault import open_vault
+from flows.steps import login, publish_login, server_cert, site_ca
 from flows.values import chart_values_for, kube_access
-from tasks.client import save_client_bundle
-from tasks.credentials import make_credentials, make_htpasswd, make_http_secret
+from tasks.credentials import make_http_secret
 from tasks.helm import SECRET_TYPES, data_claim, helm_release, registry_secrets, render_chart, secret_names
 from tasks.kube import copy_s3_credentials, create_hostpath_volume, create_namespace, put_secret
 from tasks.localpod import check_local_host, run_local_pod
-from tasks.pki import make_ca, make_server_cert
 from tasks.registry import push_pull_check, wait_until_ready
 from tasks.report import certificate_rows, publish_summary
 from tasks.storage import ensure_bucket, ensure_directory, read_s3_keys_file
@@ -33,28 +32,28 @@ def install(site_file: str) -> str:
     if site.target == "local":
         check_local_host(site.state_dir / "pod", site.registry.listen)
     vault = open_vault(site.state_dir)
+    gens = Generations.load(site.state_dir)  # rotations move these on; an install keeps what they made
 
     # TLS: a long-lived CA, and a server certificate for the addresses clients use.
-    ca = vault(make_ca)(f"crflow {site.release} CA", days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm)
-    server_cert = vault(make_server_cert)(
-        ca, site.registry.ips, site.registry.dns_names, days=site.tls.server_days, key_algorithm=site.tls.key_algorithm
-    )
+    ca = site_ca(site, vault)
+    cert = server_cert(site, vault, ca, gens.server_cert)
 
     # Login: a user with a random password, bcrypt-hashed into htpasswd.
-    creds = vault(make_credentials)(site.auth.user)
-    htpasswd = vault(make_htpasswd)(creds, cost=site.auth.bcrypt_cost)
+    creds, htpasswd = login(site, vault, gens.credentials)
     http_secret = vault(make_http_secret)()
 
-    secrets = dict(ca=ca, server_cert=server_cert, htpasswd=htpasswd, http_secret=http_secret)
+    secrets = dict(ca=ca, server_cert=cert, htpasswd=htpasswd, http_secret=http_secret)
     if site.target == "local":
         on_this_machine(site, **secrets)
     else:
-        on_the_cluster(site, login={"username": SecretStr(creds.user), "password": creds.password}, **secrets)
+        on_the_cluster(site, **secrets)
 
-    # Proof, with the client files a person would use: the registry answers our login over
-    # TLS, trusting only our CA, and an image goes in and comes out.
+    # The login goes to its users (client files here; login and pull Secrets on the cluster).
+    # Then proof, with the client files a person would use: the registry answers our login
+    # over TLS, trusting only our CA, and an image goes in and comes out.
     url = f"https://{site.registry.server}"
-    bundle = save_client_bundle(site.state_dir / "client", site.registry.server, ca.cert_pem, creds)
+    publish_login(site, ca.cert_pem, creds)
+    bundle = site.state_dir / "client"
     wait_until_ready(url, bundle)
     digest = push_pull_check(url, bundle, SMOKE_REPO, "install")
 
@@ -62,7 +61,7 @@ def install(site_file: str) -> str:
         "crflow-install",
         f"Registry {site.release} installed",
         [("Address", url), ("Target", site.target), ("Storage", site.storage.kind),
-         ("Checked image", f"{SMOKE_REPO}@{digest}"), *certificate_rows(ca, server_cert)],
+         ("Checked image", f"{SMOKE_REPO}@{digest}"), *certificate_rows(ca, cert)],
     )
     return url
 
@@ -83,7 +82,7 @@ def on_this_machine(site: Site, **secrets) -> None:
     run_local_pod(site.state_dir / "pod", manifests, contents, claims, site.registry.listen)
 
 
-def on_the_cluster(site: Site, login: dict[str, SecretStr], **secrets) -> None:
+def on_the_cluster(site: Site, **secrets) -> None:
     """Kubernetes target: namespace, storage, the registry's Secrets, then the helm release."""
     kube = kube_access(site)
     names, storage, s3_keys = secret_names(site.release), site.storage, None
@@ -100,7 +99,6 @@ def on_the_cluster(site: Site, login: dict[str, SecretStr], **secrets) -> None:
 
     contents = registry_secrets(site.release, **secrets,
                                 s3_ca_pem=storage.ca_pem() if isinstance(storage, S3Storage) else None)
-    contents[names["login"]] = login
     for role, name in names.items():
         if name in contents:
             put_secret(kube, site.namespace, name, SECRET_TYPES.get(role, "Opaque"), contents[name], site.release)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from prefect import task
 
+from crflow.files import write_atomic
+from crflow.undo import undo, undoable
 from tasks.credentials import Credentials
-from tasks.localpod import write_atomic
 
 
 def write_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credentials) -> Path:
@@ -26,5 +27,13 @@ def write_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credenti
 
 @task
 def save_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credentials) -> Path:
-    """ca.crt and auth.json (0600) for clients of `server`."""
-    return write_client_bundle(out_dir, server, ca_pem, creds)
+    """ca.crt and auth.json (0600) for clients of `server` (the previous auth.json comes back on rollback)."""
+    auth = out_dir / "auth.json"
+    before = auth.read_bytes() if auth.exists() else None
+    with undoable() as on_undo:
+        write_client_bundle(out_dir, server, ca_pem, creds)
+        on_undo(lambda: write_atomic(auth, before, 0o600) if before else auth.unlink(missing_ok=True))
+    return out_dir
+
+
+save_client_bundle.on_rollback(undo)

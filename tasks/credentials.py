@@ -55,8 +55,11 @@ def htpasswd_line(creds: Credentials, cost: int) -> SecretStr:
 
 @task(cache_policy=INPUTS)
 def make_credentials(user: str | None, generation: int = 0) -> Credentials:
-    """The registry user (generated when `user` is None) with a fresh random password."""
-    return new_credentials(user)
+    """The registry login of one generation: a fresh random password, and a user generated
+    when `user` is None, else `user` (generation 0) and `user-N` after rotations. Each
+    generation has its own user: htpasswd holds one hash per user, and during a rotation
+    the old login and the new one both work."""
+    return new_credentials(f"{user}-{generation}" if user and generation else user)
 
 
 @task(cache_policy=INPUTS)

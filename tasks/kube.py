@@ -29,6 +29,7 @@ from prefect import task
 from pydantic import BaseModel, SecretStr
 
 from crflow.errors import CrflowError, transient_only
+from crflow.undo import undo, undoable
 from tasks.storage import S3Keys
 
 KUBECONFIG_HINT = "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config"
@@ -144,6 +145,34 @@ def apply_secret(api: client.ApiClient, namespace: str, name: str, secret_type: 
     return retrying(f"write Secret {namespace}/{name}", attempt)
 
 
+def snapshot_secret(api: client.ApiClient, namespace: str, name: str) -> client.V1Secret | None:
+    """A Secret as it is now (None: absent), to put it back with `restore_secret`."""
+    core = client.CoreV1Api(api)
+    return retrying(f"read Secret {namespace}/{name}",
+                    lambda: _get_or_none(lambda: core.read_namespaced_secret(name, namespace)))
+
+
+def restore_secret(kube: KubeAccess, namespace: str, name: str, before: client.V1Secret | None) -> None:
+    """Put back a Secret `snapshot_secret` saw (or delete it, if it was absent)."""
+    with api_client(kube) as api:
+        if before is None:
+            core = client.CoreV1Api(api)
+            retrying(f"delete Secret {namespace}/{name}",
+                     lambda: _get_or_none(lambda: core.delete_namespaced_secret(name, namespace)))
+            return
+        data = {k: SecretStr(base64.b64decode(v).decode()) for k, v in (before.data or {}).items()}
+        apply_secret(api, namespace, name, before.type, data, before.metadata.labels or {})
+
+
+def write_secret_undoably(kube: KubeAccess, api: client.ApiClient, namespace: str, name: str, secret_type: str,
+                          data: dict[str, SecretStr], labels: dict[str, str], on_undo: Callable) -> str:
+    before = snapshot_secret(api, namespace, name)
+    outcome = apply_secret(api, namespace, name, secret_type, data, labels)
+    if outcome != "unchanged":
+        on_undo(lambda: restore_secret(kube, namespace, name, before))
+    return outcome
+
+
 def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str]) -> dict[str, SecretStr]:
     core = client.CoreV1Api(api)
     secret = retrying(f"read Secret {namespace}/{name}", lambda: core.read_namespaced_secret(name, namespace))
@@ -195,9 +224,12 @@ def create_namespace(kube: KubeAccess, namespace: str, release: str) -> str:
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def put_secret(kube: KubeAccess, namespace: str, name: str, secret_type: str, data: dict[str, SecretStr],
                release: str) -> str:
-    """One of the registry's Secrets, written only where it differs."""
-    with api_client(kube) as api:
-        return apply_secret(api, namespace, name, secret_type, data, managed_labels(release))
+    """One of the registry's Secrets, written only where it differs (put back on rollback)."""
+    with api_client(kube) as api, undoable() as on_undo:
+        return write_secret_undoably(kube, api, namespace, name, secret_type, data, managed_labels(release), on_undo)
+
+
+put_secret.on_rollback(undo)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)

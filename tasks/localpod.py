@@ -38,6 +38,8 @@ from prefect import task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
+from crflow.files import write_atomic
+from crflow.undo import undo, undoable
 from tasks.helm import helm_executable
 
 BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
@@ -51,19 +53,6 @@ def registry_binary() -> str:
     if not binary or not os.access(binary, os.X_OK):
         raise CrflowError(f"the registry binary docker-registry was not found: {BINARY_HINT}")
     return binary
-
-
-def write_atomic(path: Path, content: bytes, mode: int) -> bool:
-    """Replace `path` by rename (readers never see half a file); return whether it changed."""
-    if path.exists() and path.read_bytes() == content:
-        return False
-    partial = path.with_name(f".{path.name}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(content)
-    os.chmod(partial, mode)
-    partial.rename(path)
-    return True
 
 
 def _find(manifests: list[dict], kind: str, name: str | None = None) -> dict:
@@ -168,13 +157,36 @@ class LocalPod:
             mode = 0o600
         else:
             raise CrflowError(f"volume {name}: only configMap, secret, emptyDir and PVC volumes run locally")
+        self._write_items(host, volume, files, mode)
+        return host
+
+    @staticmethod
+    def _write_items(host: Path, volume: dict, files: dict[str, bytes], mode: int) -> dict[str, bytes]:
+        """Write a ConfigMap/Secret volume's files, each atomically; return what they held before."""
         items = volume.get("configMap", volume.get("secret")).get("items") or [{"key": k, "path": k} for k in files]
         host.mkdir(parents=True, exist_ok=True, mode=0o700)
+        before = {}
         for item in items:
             if item["key"] not in files:
-                raise CrflowError(f"volume {name}: key {item['key']} is missing from its source")
-            write_atomic(host / item["path"], files[item["key"]], mode)
-        return host
+                raise CrflowError(f"volume {volume['name']}: key {item['key']} is missing from its source")
+            path = host / item["path"]
+            if path.exists():
+                before[item["key"]] = path.read_bytes()
+            write_atomic(path, files[item["key"]], mode)
+        return before
+
+    def refresh_secret(self, name: str, data: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """Replace the files of the running pod's Secret volumes for Secret `name`, as the kubelet
+        refreshes them: each file atomically, no restart. Returns the previous content."""
+        files = {k: v.get_secret_value().encode() for k, v in data.items()}
+        volumes = [v for v in self.running_pod()["template"]["spec"].get("volumes") or []
+                   if (v.get("secret") or {}).get("secretName") == name]
+        if not volumes:
+            raise CrflowError(f"the local registry mounts no Secret {name}")
+        before = {}
+        for volume in volumes:
+            before.update(self._write_items(self.dir / "volumes" / volume["name"], volume, files, 0o600))
+        return {k: SecretStr(v.decode()) for k, v in before.items()}
 
     # --- the container ---------------------------------------------------------------------
     @staticmethod
@@ -290,6 +302,18 @@ def run_local_pod(
 ) -> str:
     """Run (or leave running) the registry pod from `manifests` as a local process."""
     return LocalPod(pod_dir).apply(manifests, secrets, claims, listen)
+
+
+@task
+def put_local_secret(pod_dir: Path, name: str, data: dict[str, SecretStr]) -> None:
+    """New content for a Secret the local registry mounts (put back on rollback)."""
+    pod = LocalPod(pod_dir)
+    with undoable() as on_undo:
+        before = pod.refresh_secret(name, data)
+        on_undo(lambda: pod.refresh_secret(name, before))
+
+
+put_local_secret.on_rollback(undo)
 
 
 @task

@@ -11,11 +11,23 @@ import uuid
 from pathlib import Path
 
 import requests
+from cryptography.hazmat.primitives import hashes
 from prefect import task
 from pydantic import BaseModel
 
 from crflow.errors import CrflowError, transient_only
-from crflow.oci import Image, Registry, copy_image, digest_of, parse_reference, read_login, tiny_image, walk
+from crflow.oci import (
+    Image,
+    LoginRefused,
+    Registry,
+    copy_image,
+    digest_of,
+    parse_reference,
+    read_login,
+    served_certificate,
+    tiny_image,
+    walk,
+)
 
 
 def probe(base_url: str, bundle_dir: Path) -> str:
@@ -42,6 +54,43 @@ def wait_until_ready(base_url: str, bundle_dir: Path, timeout: float = 30) -> fl
                 if time.monotonic() - started > timeout:
                     raise
                 time.sleep(0.2)
+
+
+def login_accepted(base_url: str, bundle_dir: Path) -> bool:
+    """GET /v2/ with the bundle's login: True on 200, False on 401; ConnectionError if no answer."""
+    with Registry.from_bundle(base_url, bundle_dir, timeout=5) as registry:
+        try:
+            registry.ping()
+        except LoginRefused:
+            return False
+    return True
+
+
+@task(retries=1, retry_condition_fn=transient_only)
+def wait_for_login(base_url: str, bundle_dir: Path, accepted: bool, timeout: float) -> float:
+    """Poll until the registry accepts (or, `accepted=False`, refuses) the bundle's login, as it
+    does once a changed htpasswd reaches its pod; return the seconds it took."""
+    started = time.monotonic()
+    while True:
+        try:
+            if login_accepted(base_url, bundle_dir) == accepted:
+                return time.monotonic() - started
+        except ConnectionError:
+            pass  # a pod being replaced: keep asking
+        if time.monotonic() - started > timeout:
+            user = read_login(bundle_dir / "auth.json", base_url.removeprefix("https://"))[0]
+            raise CrflowError(f"after {timeout:.0f} s the registry still {'refuses' if accepted else 'accepts'} "
+                              f"user {user}: the new htpasswd has not reached the registry's pod")
+        time.sleep(0.3)
+
+
+@task
+def check_served_certificate(host: str, port: int, fingerprint: str) -> str:
+    """The registry serves the certificate with this fingerprint (after a renewal, the new one)."""
+    served = served_certificate(host.strip("[]"), port).fingerprint(hashes.SHA256()).hex(":").upper()
+    if served != fingerprint:
+        raise CrflowError(f"{host}:{port} serves certificate {served}, not the renewed {fingerprint}")
+    return served
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)

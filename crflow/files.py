@@ -1,0 +1,19 @@
+"""Files crflow keeps (state, client bundles, a local pod's volumes) are replaced whole."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, content: bytes, mode: int) -> bool:
+    """Replace `path` by rename (readers never see half a file); return whether it changed."""
+    if path.exists() and path.read_bytes() == content:
+        return False
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(content)
+    os.chmod(partial, mode)
+    partial.rename(path)
+    return True

@@ -1,0 +1,44 @@
+"""Which generation of the rotated secrets is in use, kept in `<state_dir>/generations.json`.
+
+The credentials and the server certificate are cached by their inputs, and the generation
+is one of them: rotation makes generation N+1, and every later run (install, upgrade,
+verify) asks the cache for generation N+1, so it keeps the rotated values and never brings
+the old ones back. The file holds numbers only, never a secret.
+
+    gens = Generations.load(state_dir)
+    gens.credentials            # the login in use
+    gens.rotating_to            # a credential rotation under way (its new generation), or None
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from crflow.errors import CrflowError
+from crflow.files import write_atomic
+
+FILE = "generations.json"
+
+
+class Generations(BaseModel):
+    credentials: int = 0
+    rotating_to: int | None = None  # set when a rotation starts, so a rerun finishes it with the same new user
+    server_cert: int = 0
+    renewing_cert: bool = False  # server_cert was raised by a renewal that has not been verified yet
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Generations:
+        path = state_dir / FILE
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except ValidationError:
+            raise CrflowError(f"{path} is damaged; it only holds generation numbers: fix or restore it") from None
+
+    def save(self, state_dir: Path) -> Generations:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o644)
+        return self
