@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from prefect import task
+from prefect import get_run_logger, task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
@@ -253,7 +253,8 @@ class LocalPod:
         raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail()}")
 
     def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
-        """Make the running process match the rendered pod; return "started", "restarted" or "unchanged"."""
+        """Make the running process match the rendered pod; return "started", "unchanged", or
+        "restarted; ..." with how long connections were refused."""
         deployment = _find(manifests, "Deployment")
         template = deployment["spec"]["template"]
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == "registry"]
@@ -273,6 +274,7 @@ class LocalPod:
         running = self.pid()
         if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
             return "unchanged"
+        stopped = time.monotonic()
         if running is not None:
             self.stop()
         self._check_port(*listen, wait=10 if running is not None else 0)
@@ -284,7 +286,10 @@ class LocalPod:
         write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
         write_atomic(self.specfile, digest.encode(), 0o644)
         self._wait_listening(process, "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1])
-        return "restarted" if running is not None else "started"
+        if running is None:
+            return "started"
+        # One process per port: between the old one's stop and the new one's listen, connections are refused.
+        return f"restarted; refused connections for {time.monotonic() - stopped:.2f} s"
 
 
 @task
@@ -301,7 +306,9 @@ def run_local_pod(
     pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]
 ) -> str:
     """Run (or leave running) the registry pod from `manifests` as a local process."""
-    return LocalPod(pod_dir).apply(manifests, secrets, claims, listen)
+    outcome = LocalPod(pod_dir).apply(manifests, secrets, claims, listen)
+    get_run_logger().info("local registry %s", outcome)
+    return outcome
 
 
 @task

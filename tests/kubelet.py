@@ -4,6 +4,10 @@ EMULATED, and every test that uses it says so. It polls the emulated API and:
 - runs each Deployment's pod through crflow's local runner (tasks/localpod.py), with the
   ConfigMaps, Secrets and claims read back from the API, so a real registry process serves
   exactly what the cluster holds;
+- replaces the pod when the Deployment's spec changes as a rolling update with
+  maxUnavailable 0 does: a new process on a new port, the Service switched to it once it is
+  ready, the old one stopped after in-flight requests had time to finish; a new pod that
+  never gets ready is reported (Progressing=False) and the old one keeps serving;
 - refreshes Secret volume files in place after `secret_refresh_delay` seconds, atomically,
   as the kubelet does for volumes not mounted with subPath;
 - reports the Deployment Ready (status fields as the deployment controller writes them) once
@@ -88,6 +92,9 @@ class Kubelet:
         self.shown: dict[str, tuple[str, dict]] = {}  # "ns/name" -> (digest, content) the node has now
         self.first_seen: dict[tuple[str, str], float] = {}  # ("ns/name", digest) -> when the API first had it
         self.errors: list[str] = []
+        self.failed: dict[str, int] = {}  # "ns/name" -> the Deployment generation whose pod never became ready
+        self.retired: list[LocalPod] = []  # pods replaced by a rolling update
+        self.serial = 0  # pods started so far: each gets a directory of its own
         self.trusted: dict[str, Path] = {}  # registry host:port -> CA file the node trusts for it
         self.pulled: list[tuple[str, str]] = []  # (image, user) of each successful pull
         self.running = True
@@ -155,10 +162,7 @@ class Kubelet:
             self.pulled.append((image, user))
             self._report_ready(deployment)
         except Exception as err:
-            self.apps.patch_namespaced_deployment_status(
-                deployment.metadata.name, deployment.metadata.namespace,
-                {"status": {"observedGeneration": deployment.metadata.generation, "conditions": [
-                    {"type": "Progressing", "status": "False", "reason": "ErrImagePull", "message": str(err)[:300]}]}})
+            self._report_stuck(deployment, "ErrImagePull", str(err))
 
     def _run(self, deployment) -> None:
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
@@ -185,13 +189,40 @@ class Kubelet:
                 if ref and ref["name"] not in secrets:
                     secrets[ref["name"]] = self._secret(namespace, ref["name"])
 
-        key = f"{namespace}/{name}"
+        key, generation = f"{namespace}/{name}", deployment.metadata.generation
         pod = self.pods.get(key)
-        if pod is None:
-            pod = self.pods[key] = {"pod": LocalPod(self.work / f"{namespace}-{name}"), "port": free_port()}
-        pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]))
-        if self._ready(pod["port"]):
-            self._report_ready(deployment)
+        if pod is not None and pod["generation"] == generation:
+            pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]))  # Secret files refreshed
+            if self._ready(pod["port"]):
+                self._report_ready(deployment)
+            return
+        if self.failed.get(key) == generation:
+            return  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
+        # A new pod: the first one, or a rolling update with maxUnavailable 0 (the old pod serves
+        # until the new one is ready; then the Service switches over and the old one stops).
+        self.serial += 1
+        new = {"pod": LocalPod(self.work / f"{namespace}-{name}-{self.serial}"), "port": free_port(),
+               "generation": generation}
+        try:
+            new["pod"].apply(manifests, secrets, claims, ("127.0.0.1", new["port"]))
+            deadline = time.monotonic() + 20
+            while not self._ready(new["port"]):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the readiness probe GET / did not answer 200 within 20 s")
+                time.sleep(0.2)
+        except Exception as err:
+            new["pod"].stop()
+            self.failed[key] = generation
+            self._report_stuck(deployment, "ProgressDeadlineExceeded", f"pod {namespace}/{name}-{self.serial} not ready: {err}")
+            return
+        self.pods[key] = new
+        if pod is not None:
+            for forwarder in self.forwarders.values():
+                if forwarder.backend == pod["port"]:
+                    forwarder.backend = new["port"]
+            self.retired.append(pod["pod"])
+            threading.Timer(2.0, pod["pod"].stop).start()  # in-flight requests finish on the old pod
+        self._report_ready(deployment)
 
     @staticmethod
     def _ready(port: int) -> bool:
@@ -202,6 +233,12 @@ class Kubelet:
             return httpx.get(f"https://127.0.0.1:{port}/", verify=context, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def _report_stuck(self, deployment, reason: str, message: str) -> None:
+        """What the deployment controller reports for a pod that does not come up."""
+        self.apps.patch_namespaced_deployment_status(deployment.metadata.name, deployment.metadata.namespace, {
+            "status": {"observedGeneration": deployment.metadata.generation, "conditions": [
+                {"type": "Progressing", "status": "False", "reason": reason, "message": message[:300]}]}})
 
     def _report_ready(self, deployment) -> None:
         replicas = deployment.spec.replicas or 1
@@ -245,7 +282,6 @@ class Kubelet:
         self.thread.join(timeout=10)
         for forwarder in self.forwarders.values():
             forwarder.close()
-        for pod in self.pods.values():
-            if "pod" in pod:
-                pod["pod"].stop()
+        for pod in [*self.retired, *(p["pod"] for p in self.pods.values() if "pod" in p)]:
+            pod.stop()
         self.api.close()
