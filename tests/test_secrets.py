@@ -1,6 +1,6 @@
 """No secret in a log line, flow parameter, artifact, exception message, result file or
-cache key: after a real install, every place Prefect and crflow write to is searched for
-every secret the install made."""
+cache key: after a real install and rotations of the login and the server certificate,
+every place Prefect and crflow write to is searched for every secret they made."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def secrets_of(site) -> dict[str, str]:
     return {
         "password": password,
         "htpasswd hash": (volumes / "auth" / "htpasswd").read_text().split(":", 1)[1].strip(),
-        "server key": "".join(key_pem.strip().splitlines()[1:-1])[:40],  # the base64 body
+        # the base64 body past the PKCS#8 header (48 characters, the same for every P-256 key)
+        "server key": "".join(key_pem.strip().splitlines()[1:-1])[48:88],
         "http.secret": environ["REGISTRY_HTTP_SECRET"],
         "result key": (site.state / "result.key").read_text().strip(),
     }
@@ -59,6 +60,10 @@ def test_no_secret_reaches_prefect_logs_artifacts_results_or_output(crflow, make
     site = make_site()
     runs = [crflow("install", "-c", str(site.path)) for _ in range(2)]
     secrets = secrets_of(site)
+    runs += [crflow("rotate-credentials", "-c", str(site.path), "--grace", "0"), crflow("rotate-cert", "-c", str(site.path))]
+    rotated = secrets_of(site)
+    assert rotated["password"] != secrets["password"] and rotated["server key"] != secrets["server key"]
+    secrets.update({f"{name} after rotation": value for name, value in rotated.items()})
     assert_nowhere(secrets, runs, site, prefect_api, prefect_home)
     registry_log = (site.state / "pod" / "registry.log").read_text()
     assert not any(value in registry_log for value in secrets.values())
