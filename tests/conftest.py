@@ -192,6 +192,9 @@ class KubeApi:
         """Make the next matching requests fail: fault(method="POST", path="/secrets", status=500, count=3)."""
         httpx.post(f"{self.url}/_emulator/faults", json=rule).raise_for_status()
 
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/_emulator/faults").raise_for_status()
+
     def requests(self) -> list[dict]:
         return httpx.get(f"{self.url}/_emulator/requests").json()
 
