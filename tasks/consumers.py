@@ -21,9 +21,9 @@ from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
 from crflow.undo import undo, undoable
-from tasks.kube import KubeAccess, _get_or_none, api_client, managed_labels, retrying, write_secret_undoably
+from tasks.kube import POOL_SIZE, KubeAccess, _get_or_none, api_client, managed_labels, retrying, write_secret_undoably
 
-WORKERS = 16  # concurrent API calls; a real apiserver's default client QPS limits are per client, not per call
+WORKERS = POOL_SIZE  # concurrent API calls, one keep-alive connection each
 
 
 def consumer_namespaces(api: client.ApiClient, namespaces: list[str], selector: str | None) -> list[str]:

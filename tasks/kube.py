@@ -34,6 +34,7 @@ from tasks.storage import S3Keys
 
 KUBECONFIG_HINT = "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config"
 RETRIED_STATUSES = {409, 429, 500, 502, 503, 504}
+POOL_SIZE = 16  # keep-alive connections per client: as many as tasks/consumers.py writes in parallel
 
 
 class KubeAccess(BaseModel):
@@ -51,17 +52,19 @@ def managed_labels(release: str) -> dict[str, str]:
 @contextlib.contextmanager
 def api_client(kube: KubeAccess) -> Iterator[client.ApiClient]:
     """An ApiClient for `kube`, closed afterwards; a missing kubeconfig is a CrflowError with the fix."""
+    configuration = client.Configuration()
     if kube.kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ:
-        config.load_incluster_config()
-        api = client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)
     else:
         path = Path(kube.kubeconfig or os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
         if not path.is_file():
             raise CrflowError(f"no kubeconfig at {path}: write one with `{KUBECONFIG_HINT}` or set cluster.kubeconfig")
         try:
-            api = config.new_client_from_config(config_file=str(path), context=kube.context)
+            config.load_kube_config(config_file=str(path), context=kube.context, client_configuration=configuration)
         except config.ConfigException as err:
             raise CrflowError(f"kubeconfig {path}: {err}") from None
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, POOL_SIZE)
+    api = client.ApiClient(configuration)
     try:
         yield api
     finally:

@@ -1,5 +1,5 @@
-"""prefect.yaml works as documented: deploy it, and a real Prefect worker (process work
-pool) runs the `install` deployment, which installs a working registry."""
+"""prefect.yaml works as documented: deploy it (the schedules are there), and a real Prefect
+worker (process work pool) runs the `install` deployment, which installs a working registry."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
     subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
                    capture_output=True, timeout=60)  # an existing pool is fine
     assert "install" in prefect("deploy", "--all", env=env)
-    nightly = httpx.get(f"{prefect_api}/deployments/name/verify-push-pull/verify-nightly").json()
-    schedules = httpx.get(f"{prefect_api}/deployments/{nightly['id']}/schedules").json()
-    assert [s["schedule"]["cron"] for s in schedules] == ["17 3 * * *"]
+    for name, cron in (("verify-push-pull/verify-nightly", "17 3 * * *"),
+                       ("rotate-credentials/rotate-credentials-monthly", "0 4 1 * *")):
+        deployment = httpx.get(f"{prefect_api}/deployments/name/{name}").json()
+        schedules = httpx.get(f"{prefect_api}/deployments/{deployment['id']}/schedules").json()
+        assert [s["schedule"]["cron"] for s in schedules] == [cron]
     run = prefect("deployment", "run", "install/install", "--param", f"site_file={site.path}", env=env)
     flow_run_id = run.split("UUID:")[1].split()[0]
 
