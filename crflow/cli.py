@@ -86,6 +86,18 @@ def verify(
     typer.echo(_run_flow(verify_flow, config, *extra))
 
 
+@app.command()
+def upgrade(
+    config: Path = SiteFile,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change (the diff artifact), change nothing."),
+) -> None:
+    """Upgrade the registry to the site file and helm_chart/: diff, upgrade, verify, roll back if it breaks."""
+    from flows.upgrade import upgrade as upgrade_flow
+
+    load_site(config)
+    typer.echo(_run_flow(upgrade_flow, config, dry_run))
+
+
 @app.command("rotate-credentials")
 def rotate_credentials(
     config: Path = SiteFile,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -184,6 +184,30 @@ class Rotation(Strict):
     propagation_timeout_seconds: Annotated[int, Field(ge=5, le=3600)] = 180
 
 
+# Chart values crflow derives from the rest of the site file, and where to change them.
+CRFLOW_VALUES = {
+    "service": "registry (service_type, port, ips)", "storage": "storage", "s3": "storage",
+    "persistence": "storage", "secrets": "nothing (crflow makes the Secrets)", "tlsSecretName": "tls",
+    "secretsChecksum": "nothing (the server certificate's fingerprint)",
+}
+
+
+class Chart(Strict):
+    """More values for the chart, in the community docker-registry chart's terms: replicaCount,
+    image.tag, resources, garbageCollect, configData, podAnnotations... Applied by install and
+    upgrade; the chart's values.schema.json checks them."""
+
+    values: dict[str, Any] = {}
+
+    @field_validator("values")
+    @classmethod
+    def _not_crflows(cls, values: dict[str, Any]) -> dict[str, Any]:
+        for key, where in CRFLOW_VALUES.items():
+            if key in values:
+                raise ValueError(f"{key} is set by crflow from {where}; set it there, not in chart.values")
+        return values
+
+
 class Site(Strict):
     target: Literal["local", "kubernetes"] = "local"
     state_dir: Path
@@ -198,6 +222,7 @@ class Site(Strict):
     cluster: Cluster = Cluster()
     pull_secrets: PullSecrets = PullSecrets()
     rotation: Rotation = Rotation()
+    chart: Chart = Chart()
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crflow.settings import PvcStorage, S3Storage, Site
-from tasks.helm import chart_values
+from tasks.helm import chart_values, merged
 from tasks.kube import KubeAccess
 
 
@@ -23,7 +23,7 @@ def chart_values_for(site: Site, cert_fingerprint: str) -> dict:
             s3_ca_bundle=storage.ca_bundle is not None,
             s3_skip_verify=storage.skip_verify,
         )
-    return chart_values(
+    return merged(site.chart.values, chart_values(
         site.release,
         storage="s3" if isinstance(storage, S3Storage) else "filesystem",
         service_type=site.registry.service_type,
@@ -32,4 +32,4 @@ def chart_values_for(site: Site, cert_fingerprint: str) -> dict:
         cert_fingerprint=cert_fingerprint,
         claim=storage.existing_claim if isinstance(storage, PvcStorage) else None,
         **s3,
-    )
+    ))

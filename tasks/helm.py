@@ -10,6 +10,8 @@ The chart only references Secrets (see `secret_names`); their content never ente
 from __future__ import annotations
 
 import asyncio
+import difflib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +21,7 @@ from prefect import task
 from pydantic import SecretStr
 from pyhelm3 import Client
 from pyhelm3.errors import Error as HelmError
+from pyhelm3.errors import ReleaseNotFoundError
 
 from crflow.errors import CrflowError, transient_only
 from tasks.kube import KubeAccess
@@ -134,6 +137,14 @@ def chart_values(
     return values
 
 
+def merged(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, mappings merged key by key (as helm merges values files)."""
+    result = dict(base)
+    for key, value in over.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result
+
+
 async def _render(release: str, namespace: str, values: dict) -> list[dict]:
     client = Client(executable=helm_executable())
     chart = await client.get_chart(CHART_DIR)
@@ -150,9 +161,13 @@ def render_chart(release: str, namespace: str, values: dict) -> list[dict]:
         raise CrflowError(f"helm could not render {CHART_DIR}: {err}") from None
 
 
-async def _ensure_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int) -> int:
-    helm = Client(executable=helm_executable(), kubeconfig=kube.kubeconfig and Path(kube.kubeconfig),
+def _client(kube: KubeAccess) -> Client:
+    return Client(executable=helm_executable(), kubeconfig=kube.kubeconfig and Path(kube.kubeconfig),
                   kubecontext=kube.context)
+
+
+async def _ensure_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int) -> int:
+    helm = _client(kube)
     chart = await helm.get_chart(CHART_DIR)
     revision = await helm.ensure_release(release, chart, values, namespace=namespace, create_namespace=False,
                                          wait=True, timeout=f"{timeout_seconds}s")
@@ -167,6 +182,68 @@ def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, t
         return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds))
     except HelmError as err:
         raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {err}") from None
+
+
+async def _deployed(kube: KubeAccess, release: str, namespace: str) -> tuple[int | None, list[dict]]:
+    helm = _client(kube)
+    try:
+        revision = await helm.get_current_revision(release, namespace=namespace)
+    except ReleaseNotFoundError:
+        return None, []
+    return revision.revision, [r for r in await revision.resources() if r]
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def deployed_release(kube: KubeAccess, release: str, namespace: str) -> tuple[int | None, list[dict]]:
+    """The release's current revision and its manifests (`helm get manifest`); (None, []) if none."""
+    try:
+        return asyncio.run(_deployed(kube, release, namespace))
+    except HelmError as err:
+        raise CrflowError(f"helm could not read release {namespace}/{release}: {err}") from None
+
+
+async def _rollback(kube: KubeAccess, release: str, namespace: str, revision: int, timeout_seconds: int) -> int:
+    current = await _client(kube).get_current_revision(release, namespace=namespace)
+    rolled = await current.release.rollback(revision, wait=True, timeout=f"{timeout_seconds}s")
+    return rolled.revision
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def rollback_release(kube: KubeAccess, release: str, namespace: str, revision: int, timeout_seconds: int) -> int:
+    """`helm rollback` to `revision` and wait until it is ready; returns the new revision's number."""
+    try:
+        return asyncio.run(_rollback(kube, release, namespace, revision, timeout_seconds))
+    except HelmError as err:
+        raise CrflowError(f"helm could not roll release {namespace}/{release} back to revision {revision}: {err}") from None
+
+
+REDACTED = "(redacted)"
+
+
+def _comparable(obj: dict) -> dict:
+    """An object as the chart defines it: Secret values redacted, server-set fields dropped."""
+    obj = json.loads(json.dumps(obj))
+    if obj.get("kind") == "Secret":
+        for field in ("data", "stringData"):
+            obj[field] = dict.fromkeys(obj.get(field) or {}, REDACTED)
+    obj.get("metadata", {}).pop("namespace", None)
+    return obj
+
+
+def diff_manifests(deployed: list[dict], rendered: list[dict]) -> str:
+    """A unified diff of two sets of manifests, object by object (kind/name), Secret data redacted;
+    "" if they define the same objects."""
+    def by_key(objects: list[dict]) -> dict[str, str]:
+        return {f"{o['kind']}/{o['metadata']['name']}": yaml.safe_dump(_comparable(o), sort_keys=True)
+                for o in objects}
+
+    old, new = by_key(deployed), by_key(rendered)
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            lines += difflib.unified_diff((old.get(key) or "").splitlines(), (new.get(key) or "").splitlines(),
+                                          f"deployed/{key}", f"upgrade/{key}", lineterm="", n=2)
+    return "\n".join(lines)
 
 
 def pod_storage(pod: dict) -> tuple[str, str]:

@@ -91,7 +91,7 @@ class LocalPod:
         self.dir = pod_dir
         self.pidfile = pod_dir / "registry.pid"
         self.specfile = pod_dir / "spec.sha256"
-        self.podfile = pod_dir / "pod.json"  # the pod template and config the process runs
+        self.manifestfile = pod_dir / "manifests.json"  # the rendered chart the process runs, as a release's manifest
         self.logfile = pod_dir / "registry.log"
 
     # --- process state -------------------------------------------------------------------
@@ -120,11 +120,20 @@ class LocalPod:
         self.pidfile.unlink(missing_ok=True)
         return True
 
+    def manifests(self) -> list[dict]:
+        """The rendered chart last applied ([] if none), as `helm get manifest` shows a release."""
+        try:
+            return json.loads(self.manifestfile.read_text())
+        except FileNotFoundError:
+            return []
+
     def running_pod(self) -> dict:
         """{"template": the pod template, "configMaps": name -> data} of the running registry."""
         if self.pid() is None:
             raise CrflowError(f"the local registry is not running (no process for {self.dir}); run crflow install")
-        return json.loads(self.podfile.read_text())
+        manifests = self.manifests()
+        configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in manifests if cm.get("kind") == "ConfigMap"}
+        return {"template": _find(manifests, "Deployment")["spec"]["template"], "configMaps": configs}
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -269,8 +278,7 @@ class LocalPod:
         spec = json.dumps([template, argv, env], sort_keys=True).encode()
         digest = hashlib.sha256(spec).hexdigest()
 
-        configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in manifests if cm.get("kind") == "ConfigMap"}
-        write_atomic(self.podfile, json.dumps({"template": template, "configMaps": configs}).encode(), 0o644)
+        write_atomic(self.manifestfile, json.dumps(manifests).encode(), 0o644)
         running = self.pid()
         if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
             return "unchanged"
