@@ -41,6 +41,12 @@ def helm_executable() -> str:
     raise CrflowError(f"helm not found: {HELM_HINT}")
 
 
+def _reason(err: HelmError) -> str:
+    """helm's own one-line reason ("Error: UPGRADE FAILED: ..."), without the lines before it."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix("Error: ") if lines else type(err).__name__
+
+
 def secret_names(release: str) -> dict[str, str]:
     """The Secrets a release's chart references, by role. Created by crflow, named once here."""
     return {
@@ -158,7 +164,7 @@ def render_chart(release: str, namespace: str, values: dict) -> list[dict]:
     try:
         return asyncio.run(_render(release, namespace, values))
     except HelmError as err:
-        raise CrflowError(f"helm could not render {CHART_DIR}: {err}") from None
+        raise CrflowError(f"helm could not render {CHART_DIR}: {_reason(err)}") from None
 
 
 def _client(kube: KubeAccess) -> Client:
@@ -181,7 +187,7 @@ def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, t
     try:
         return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds))
     except HelmError as err:
-        raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {err}") from None
+        raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {_reason(err)}") from None
 
 
 async def _deployed(kube: KubeAccess, release: str, namespace: str) -> tuple[int | None, list[dict]]:
@@ -199,7 +205,7 @@ def deployed_release(kube: KubeAccess, release: str, namespace: str) -> tuple[in
     try:
         return asyncio.run(_deployed(kube, release, namespace))
     except HelmError as err:
-        raise CrflowError(f"helm could not read release {namespace}/{release}: {err}") from None
+        raise CrflowError(f"helm could not read release {namespace}/{release}: {_reason(err)}") from None
 
 
 async def _rollback(kube: KubeAccess, release: str, namespace: str, revision: int, timeout_seconds: int) -> int:
@@ -214,7 +220,7 @@ def rollback_release(kube: KubeAccess, release: str, namespace: str, revision: i
     try:
         return asyncio.run(_rollback(kube, release, namespace, revision, timeout_seconds))
     except HelmError as err:
-        raise CrflowError(f"helm could not roll release {namespace}/{release} back to revision {revision}: {err}") from None
+        raise CrflowError(f"helm could not roll release {namespace}/{release} back to revision {revision}: {_reason(err)}") from None
 
 
 REDACTED = "(redacted)"
@@ -230,11 +236,19 @@ def _comparable(obj: dict) -> dict:
     return obj
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """YAML with multi-line strings (a ConfigMap's config.yml) as blocks, so a diff shows their lines."""
+
+
+_BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
 def diff_manifests(deployed: list[dict], rendered: list[dict]) -> str:
     """A unified diff of two sets of manifests, object by object (kind/name), Secret data redacted;
     "" if they define the same objects."""
     def by_key(objects: list[dict]) -> dict[str, str]:
-        return {f"{o['kind']}/{o['metadata']['name']}": yaml.safe_dump(_comparable(o), sort_keys=True)
+        return {f"{o['kind']}/{o['metadata']['name']}": yaml.dump(_comparable(o), Dumper=_BlockDumper, sort_keys=True)
                 for o in objects}
 
     old, new = by_key(deployed), by_key(rendered)

@@ -135,11 +135,16 @@ class LocalPod:
         configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in manifests if cm.get("kind") == "ConfigMap"}
         return {"template": _find(manifests, "Deployment")["spec"]["template"], "configMaps": configs}
 
-    def log_tail(self, lines: int = 3) -> str:
+    def log_tail(self, since: int = 0, lines: int = 3) -> str:
+        """What the registry logged from byte `since` on: its error lines if any, else the last lines."""
         try:
-            return " | ".join(self.logfile.read_text(errors="replace").strip().splitlines()[-lines:])
+            with open(self.logfile, "rb") as log:
+                log.seek(since)
+                logged = log.read().decode(errors="replace").strip().splitlines()
         except FileNotFoundError:
             return ""
+        errors = [line for line in logged if "error" in line.lower()]
+        return " | ".join((errors or logged)[-lines:])
 
     # --- volumes ---------------------------------------------------------------------------
     def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path]) -> Path:
@@ -249,7 +254,8 @@ class LocalPod:
                     f"port {port} on {host} is in use by another process; stop it or choose another registry.port")
             time.sleep(0.1)
 
-    def _wait_listening(self, process: subprocess.Popen, host: str, port: int, timeout: float = 20) -> None:
+    def _wait_listening(self, process: subprocess.Popen, host: str, port: int, log_start: int,
+                        timeout: float = 20) -> None:
         """The new process accepts connections; or it exited, and its log says why."""
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
@@ -259,7 +265,7 @@ class LocalPod:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail()}")
+        raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail(log_start)}")
 
     def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
         """Make the running process match the rendered pod; return "started", "unchanged", or
@@ -287,13 +293,15 @@ class LocalPod:
             self.stop()
         self._check_port(*listen, wait=10 if running is not None else 0)
         with open(self.logfile, "ab") as log:
+            log_start = log.tell()
             process = subprocess.Popen(
                 argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives the crflow process that started it
             )
         write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
         write_atomic(self.specfile, digest.encode(), 0o644)
-        self._wait_listening(process, "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1])
+        self._wait_listening(process, "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1],
+                             log_start)
         if running is None:
             return "started"
         # One process per port: between the old one's stop and the new one's listen, connections are refused.

@@ -92,7 +92,7 @@ class Kubelet:
         self.shown: dict[str, tuple[str, dict]] = {}  # "ns/name" -> (digest, content) the node has now
         self.first_seen: dict[tuple[str, str], float] = {}  # ("ns/name", digest) -> when the API first had it
         self.errors: list[str] = []
-        self.failed: dict[str, int] = {}  # "ns/name" -> the Deployment generation whose pod never became ready
+        self.failed: dict[str, tuple[int, str]] = {}  # "ns/name" -> (generation, why) of a pod that never got ready
         self.retired: list[LocalPod] = []  # pods replaced by a rolling update
         self.serial = 0  # pods started so far: each gets a directory of its own
         self.trusted: dict[str, Path] = {}  # registry host:port -> CA file the node trusts for it
@@ -139,7 +139,7 @@ class Kubelet:
         """Start a non-registry pod: pull its image with its pull secrets, then report it."""
         from crflow.oci import Registry
 
-        key = f"{deployment.metadata.namespace}/{deployment.metadata.name}@{deployment.metadata.generation}"
+        key = f"{deployment.metadata.uid}@{deployment.metadata.generation}"  # a Deployment made anew is new
         if key in self.pods:
             return
         self.pods[key] = {}
@@ -196,7 +196,7 @@ class Kubelet:
             if self._ready(pod["port"]):
                 self._report_ready(deployment)
             return
-        if self.failed.get(key) == generation:
+        if self.failed.get(key, (None,))[0] == generation:
             return  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
         # A new pod: the first one, or a rolling update with maxUnavailable 0 (the old pod serves
         # until the new one is ready; then the Service switches over and the old one stops).
@@ -212,8 +212,8 @@ class Kubelet:
                 time.sleep(0.2)
         except Exception as err:
             new["pod"].stop()
-            self.failed[key] = generation
-            self._report_stuck(deployment, "ProgressDeadlineExceeded", f"pod {namespace}/{name}-{self.serial} not ready: {err}")
+            self.failed[key] = (generation, f"pod {namespace}/{name}-{self.serial} not ready: {err}")
+            self._report_stuck(deployment, "ProgressDeadlineExceeded", self.failed[key][1])
             return
         self.pods[key] = new
         if pod is not None:

@@ -1,0 +1,93 @@
+"""`crflow upgrade` on the emulated cluster with the real helm. EMULATED: the Kubernetes API
+(tests/kubeapi) and the kubelet (tests/kubelet.py: rolling updates with maxUnavailable 0,
+readiness from the real registry's GET /); helm, the registry processes and S3 (moto) are real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes import client
+from test_rotate import push
+from test_upgrade import last_artifact, set_chart_values
+
+from crflow.oci import Registry
+
+pytestmark = pytest.mark.kubernetes
+
+
+def history(kube_api) -> list[dict]:
+    return json.loads(kube_api.run("helm", "history", "registry", "-n", "container-registry", "-o", "json"))
+
+
+def revisions(kube_api) -> list[tuple[int, str]]:
+    return [(entry["revision"], entry["status"]) for entry in history(kube_api)]
+
+
+def deployment_version(site) -> str:
+    apps = client.AppsV1Api(site.core.api_client)
+    return apps.read_namespaced_deployment("registry", "container-registry").metadata.resource_version
+
+
+def test_upgrade_diffs_exactly_the_change_keeps_images_and_a_no_change_run_does_nothing(
+        crflow, cluster_site, kube_api, kubelet, prefect_api):
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+    kubelet.trust(site.server, site.client / "ca.crt")  # the runbook's "trust the cert on every node"
+    digest, version, serial = push(site), deployment_version(site), kubelet.serial
+    set_chart_values(site, {"image": {"tag": "2.8.4"}, "resources": {"limits": {"memory": "256Mi"}}})
+
+    assert "1 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
+    diff = last_artifact(prefect_api, "crflow-upgrade-diff")
+    changed = [line for line in diff.splitlines() if line[:1] in ("+", "-") and line[:3] not in ("+++", "---")]
+    assert changed == ["-        image: registry:2.8.3", "+        image: registry:2.8.4", "+        resources:",
+                       "+          limits:", "+            memory: 256Mi"], diff
+    assert "against revision 1" in diff and site.login()[1] not in diff
+    assert revisions(kube_api) == [(1, "deployed")] and deployment_version(site) == version  # the dry run changed nothing
+
+    assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
+    assert revisions(kube_api)[-1] == (2, "deployed")
+    assert kubelet.serial == serial + 1  # a rolling update replaced the pod
+    with Registry.from_bundle(site.url, site.client) as registry:
+        assert registry.pull_image("team/app", digest)  # storage (the bucket) survived; same digest
+
+    assert "no change" in crflow("upgrade", "-c", str(site.path)).stdout
+    assert revisions(kube_api)[-1] == (2, "deployed") and kubelet.serial == serial + 1
+
+
+BREAKAGES = {
+    # The registry exits at start ("invalid loglevel"): the new pod never gets ready and helm's wait fails.
+    "pod-not-ready": {"configData": {"log": {"level": "loud"}}},
+    # The registry serves under /broken/ only: the pod is ready (GET / answers), verify's push gets 404.
+    "verify-fails": {"configData": {"http": {"prefix": "/broken/"}}},
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_an_upgrade_the_registry_cannot_survive_is_rolled_back(crflow, cluster_site, kube_api, kubelet, prefect_api,
+                                                               breakage):
+    site = cluster_site
+    site.settings["cluster"]["helm_timeout_seconds"] = 20
+    site.write()
+    crflow("install", "-c", str(site.path))
+    kubelet.trust(site.server, site.client / "ca.crt")  # the runbook's "trust the cert on every node"
+    digest = push(site)
+    set_chart_values(site, BREAKAGES[breakage])
+
+    result = crflow("upgrade", "-c", str(site.path), check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "crflow: error: the upgrade failed and was rolled back to revision 1 (now revision 3), which passes verify")
+    # helm keeps a failed upgrade "failed"; one that was deployed (and then failed verify) is "superseded"
+    second = "failed" if breakage == "pod-not-ready" else "superseded"
+    assert revisions(kube_api) == [(1, "superseded"), (2, second), (3, "deployed")]
+    assert history(kube_api)[-1]["description"] == "Rollback to 1"
+    if breakage == "pod-not-ready":
+        assert "invalid loglevel loud" in kubelet.failed["container-registry/registry"][1]
+    else:
+        assert "container-registry/registry" not in kubelet.failed
+    report = last_artifact(prefect_api, "crflow-upgrade")
+    assert "revision 2" in report and "revision 1 (now revision 3)" in report
+    with Registry.from_bundle(site.url, site.client) as registry:
+        assert registry.pull_image("team/app", digest)
+    push(site, "team/after-rollback")  # the previous revision serves push and pull again
