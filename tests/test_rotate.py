@@ -143,3 +143,42 @@ def test_rotation_renews_a_certificate_that_expires_soon(crflow, installed):
     assert tls_crt.read_text() != cert
     assert json.loads((installed.state / "generations.json").read_text()) == {
         "credentials": 2, "rotating_to": None, "server_cert": 1, "renewing_cert": False}
+
+
+# Where a rotation is killed: after the n-th run of a task, one point in each of its steps.
+KILL_POINTS = [("make_credentials", 2), ("save_client_bundle", 2), ("put_local_secret", 1), ("wait_for_login", 1),
+               ("push_pull_check", 1), ("save_client_bundle", 3), ("grace_period", 1), ("put_local_secret", 2),
+               ("wait_for_login", 2), ("wait_for_login", 3)]
+
+
+def test_killing_a_rotation_in_any_step_then_rerunning_finishes_it_with_one_new_user(crflow, installed):
+    """SIGKILL the real `crflow rotate-credentials` the moment a task of each step reports
+    completion, then rerun: each rotation ends one generation further, with the new user the
+    killed run had made, the old login refused and the new one working."""
+    generations = installed.state / "generations.json"
+    for task, nth in KILL_POINTS:
+        generation = json.loads(generations.read_text())["credentials"] if generations.exists() else 0
+        old = installed.login()
+        process = crflow.popen("rotate-credentials", "-c", str(installed.path), "--grace", "0")
+        finished = []
+        for line in process.stdout:
+            if "Task run '" in line and "Finished in state" in line:
+                finished.append(line.split("Task run '")[1].split("'")[0].rsplit("-", 1)[0])
+                if finished.count(task) == nth:
+                    process.kill()
+                    break
+        process.wait()
+        assert finished.count(task) == nth, f"the run ended before {task} #{nth}: {finished}"
+        state = json.loads(generations.read_text())
+        committed = state["rotating_to"] is None  # the kill landed after the run had finished its work
+        pending = installed.state / "rotation" / "new" / "auth.json"
+        made = json.loads(pending.read_text()) if pending.exists() and not committed else None
+
+        crflow("rotate-credentials", "-c", str(installed.path), "--grace", "0")
+        new = installed.login()
+        assert json.loads(generations.read_text())["credentials"] == generation + 1 + committed, \
+            f"killed after {task} #{nth}: not exactly one rotation"
+        if made is not None:
+            assert json.loads((installed.client / "auth.json").read_text()) == made, f"a second new user after {task}"
+        assert htpasswd_users(installed) == [new[0]]
+        assert status(installed, *old) == 401 and status(installed, *new) == 200

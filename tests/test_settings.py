@@ -61,6 +61,11 @@ def test_defaults_are_the_documented_ones(tmp_path):
          "storage.credentials.file: the local target reads the S3 keys from a file"),
         ({"state_dir": "s", "target": "kubernetes", "storage": {"kind": "pvc"}},
          "storage: give exactly one of existing_claim or host_path"),
+        ({"state_dir": "s", "pull_secrets": {"namespaces": ["team-a"]}}, "pull_secrets: namespaces need target: kubernetes"),
+        ({"state_dir": "s", "pull_secrets": {"namespaces": ["Team_A"]}}, "pull_secrets.namespaces.0: String should match"),
+        ({"state_dir": "s", "rotation": {"grace_seconds": -1}}, "rotation.grace_seconds: Input should be greater than"),
+        ({"state_dir": "s", "chart": {"values": {"storage": "s3"}}},
+         "chart.values: storage is set by crflow from storage; set it there, not in chart.values"),
     ],
 )
 def test_errors_name_the_key(tmp_path, settings, message):
