@@ -106,11 +106,14 @@ def storage_and_secrets(site: Site, **secrets) -> tuple[SecretData, dict[str, Pa
     return contents, claims
 
 
-def deploy(site: Site, values: dict, manifests: list[dict], contents: SecretData, claims: dict[str, Path]) -> int | None:
+def deploy(site: Site, values: dict, manifests: list[dict], contents: SecretData, claims: dict[str, Path],
+           changed: bool = False) -> int | None:
     """The chart running: on the local target its rendered `manifests` as the local pod
     (restarted only if its spec changed); on Kubernetes the helm release with `values` (a new
-    revision only if chart or values changed), waited for. Returns the helm revision."""
+    revision only if chart version or values changed, or the caller saw the manifests differ),
+    waited for. Returns the helm revision."""
     if site.target == "local":
         run_local_pod(site.state_dir / "pod", manifests, contents, claims, site.registry.listen)
         return None
-    return helm_release(kube_access(site), site.release, site.namespace, values, site.cluster.helm_timeout_seconds)
+    return helm_release(kube_access(site), site.release, site.namespace, values, site.cluster.helm_timeout_seconds,
+                        always=changed)

@@ -71,7 +71,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
 
     contents, claims = storage_and_secrets(site, **secrets)
     try:
-        after = deploy(site, values, manifests, contents, claims)
+        after = deploy(site, values, manifests, contents, claims, changed=changed > 0)
         verify(site_file)
     except Exception as err:
         failed, _ = deployed_chart(site)

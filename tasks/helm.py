@@ -172,20 +172,27 @@ def _client(kube: KubeAccess) -> Client:
                   kubecontext=kube.context)
 
 
-async def _ensure_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int) -> int:
+async def _ensure_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int,
+                          always: bool) -> int:
     helm = _client(kube)
     chart = await helm.get_chart(CHART_DIR)
-    revision = await helm.ensure_release(release, chart, values, namespace=namespace, create_namespace=False,
-                                         wait=True, timeout=f"{timeout_seconds}s")
+    options = dict(namespace=namespace, create_namespace=False, wait=True, timeout=f"{timeout_seconds}s")
+    if always:
+        revision = await helm.install_or_upgrade_release(release, chart, values, **options)
+    else:
+        revision = await helm.ensure_release(release, chart, values, **options)
     return revision.revision
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
-def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int) -> int:
-    """Install or upgrade the release, only where chart or values changed; wait until it is ready.
+def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int,
+                 always: bool = False) -> int:
+    """Install or upgrade the release and wait until it is ready. Only where chart version or
+    values changed (pyhelm3's test), unless `always`: an upgrade that saw its manifests differ
+    (a template edited without a version bump, a release changed by hand) applies them anyway.
     Returns the release's revision (unchanged on a rerun with the same settings)."""
     try:
-        return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds))
+        return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds, always))
     except HelmError as err:
         raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {_reason(err)}") from None
 

@@ -5,12 +5,14 @@ readiness from the real registry's GET /); helm, the registry processes and S3 (
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from kubernetes import client
 from test_rotate import push
 from test_upgrade import last_artifact, set_chart_values
 
+from conftest import ROOT
 from crflow.oci import Registry
 
 pytestmark = pytest.mark.kubernetes
@@ -24,9 +26,13 @@ def revisions(kube_api) -> list[tuple[int, str]]:
     return [(entry["revision"], entry["status"]) for entry in history(kube_api)]
 
 
-def deployment_version(site) -> str:
-    apps = client.AppsV1Api(site.core.api_client)
-    return apps.read_namespaced_deployment("registry", "container-registry").metadata.resource_version
+def object_versions(site) -> dict[str, str]:
+    """resourceVersion of every Deployment, ConfigMap, Service and Secret in the registry's namespace."""
+    apps, core, namespace = client.AppsV1Api(site.core.api_client), site.core, "container-registry"
+    lists = [apps.list_namespaced_deployment, core.list_namespaced_config_map, core.list_namespaced_service,
+             core.list_namespaced_secret]
+    return {f"{o.kind or lister.__name__}/{o.metadata.name}": o.metadata.resource_version
+            for lister in lists for o in lister(namespace).items}
 
 
 def test_upgrade_diffs_exactly_the_change_keeps_images_and_a_no_change_run_does_nothing(
@@ -34,7 +40,7 @@ def test_upgrade_diffs_exactly_the_change_keeps_images_and_a_no_change_run_does_
     site = cluster_site
     crflow("install", "-c", str(site.path))
     kubelet.trust(site.server, site.client / "ca.crt")  # the runbook's "trust the cert on every node"
-    digest, version, serial = push(site), deployment_version(site), kubelet.serial
+    digest, versions, serial = push(site), object_versions(site), kubelet.serial
     set_chart_values(site, {"image": {"tag": "2.8.4"}, "resources": {"limits": {"memory": "256Mi"}}})
 
     assert "1 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
@@ -43,7 +49,7 @@ def test_upgrade_diffs_exactly_the_change_keeps_images_and_a_no_change_run_does_
     assert changed == ["-        image: registry:2.8.3", "+        image: registry:2.8.4", "+        resources:",
                        "+          limits:", "+            memory: 256Mi"], diff
     assert "against revision 1" in diff and site.login()[1] not in diff
-    assert revisions(kube_api) == [(1, "deployed")] and deployment_version(site) == version  # the dry run changed nothing
+    assert revisions(kube_api) == [(1, "deployed")] and object_versions(site) == versions  # the dry run changed nothing
 
     assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
     assert revisions(kube_api)[-1] == (2, "deployed")
@@ -91,3 +97,25 @@ def test_an_upgrade_the_registry_cannot_survive_is_rolled_back(crflow, cluster_s
     with Registry.from_bundle(site.url, site.client) as registry:
         assert registry.pull_image("team/app", digest)
     push(site, "team/after-rollback")  # the previous revision serves push and pull again
+
+
+def test_a_release_changed_behind_crflows_back_is_brought_back(crflow, cluster_site, kube_api, kubelet, prefect_api,
+                                                               tmp_path):
+    """Same chart version, same values, other manifests (someone ran helm with an edited copy of
+    the chart): the diff shows it, and the upgrade applies the chart although pyhelm3's
+    version-and-values test alone would call it up to date."""
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+    kubelet.trust(site.server, site.client / "ca.crt")
+    edited = tmp_path / "edited-chart"
+    shutil.copytree(ROOT / "helm_chart", edited)
+    service = edited / "templates" / "service.yaml"
+    service.write_text(service.read_text().replace("metadata:\n", "metadata:\n  annotations: {edited-by: hand}\n", 1))
+    kube_api.run("helm", "upgrade", "registry", str(edited), "-n", "container-registry", "--reuse-values")
+    assert revisions(kube_api)[-1] == (2, "deployed")
+
+    assert "1 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
+    assert "-  annotations:" in last_artifact(prefect_api, "crflow-upgrade-diff")
+    assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
+    assert revisions(kube_api)[-1] == (3, "deployed")
+    assert "0 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
