@@ -111,7 +111,7 @@ def rotate_credentials(
 
     load_site(config)
     generation = _run_flow(rotate_flow, config, grace, renew_cert_within)
-    typer.echo(f"Login rotated to generation {generation}; pull Secrets and client files updated")
+    typer.echo(f"Login rotated to generation {generation}: client files (and pull Secrets) hold the new one")
 
 
 @app.command("rotate-cert")
