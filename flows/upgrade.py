@@ -5,7 +5,8 @@ will change, changes it, proves the registry still works, and undoes itself if i
   2. the manifests the upgrade would apply, diffed against the deployed ones (Secret data
      redacted) and published as an artifact; a dry run stops here;
   3. storage and Secrets as the site file says, then the upgrade (helm, waited for; on the
-     local target the pod, restarted only if its spec changed);
+     local target the pod, restarted only if its spec changed), and the login handed out
+     again (a changed address reaches the client files and pull Secrets);
   4. the verify-push-pull flow;
   5. if 3 or 4 failed: back to the previous revision (helm rollback; locally the previous
      manifests), verify again, and end as Failed with both revisions in the artifact.
@@ -21,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from crflow.errors import CrflowError
 from crflow.settings import Site, load_site
 from crflow.vault import open_vault
-from flows.steps import deploy, site_secrets, storage_and_secrets
+from flows.steps import deploy, publish_login, site_secrets, storage_and_secrets
 from flows.values import chart_values_for, kube_access
 from flows.verify import verify
 from tasks.helm import deployed_release, diff_manifests, render_chart, rollback_release
@@ -58,7 +59,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
     """Upgrade the registry of `site_file` to what the file and helm_chart/ say; verify; roll back if it breaks."""
     site = load_site(Path(site_file))
     vault = open_vault(site.state_dir)
-    secrets, _ = site_secrets(site, vault)
+    secrets, creds = site_secrets(site, vault)
     values = chart_values_for(site, secrets["server_cert"].fingerprint)
     manifests = render_chart(site.release, site.namespace, values)
 
@@ -72,6 +73,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
     contents, claims = storage_and_secrets(site, **secrets)
     try:
         after = deploy(site, values, manifests, contents, claims, changed=changed > 0)
+        publish_login(site, secrets["ca"].cert_pem, creds)  # a changed address reaches the client files and pull Secrets
         verify(site_file)
     except Exception as err:
         failed, _ = deployed_chart(site)

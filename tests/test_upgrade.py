@@ -3,10 +3,13 @@ pod changes, storage that survives, and the automatic rollback of an upgrade tha
 
 from __future__ import annotations
 
+import json
+
 import httpx
 from test_rotate import push
 
 from crflow.oci import Registry
+from servers import free_port
 
 
 def last_artifact(prefect_api: str, key: str) -> str:
@@ -59,5 +62,17 @@ def test_an_upgrade_that_breaks_the_registry_is_rolled_back(crflow, installed, p
         "crflow: error: the upgrade failed and was rolled back to the previous pod spec, which passes verify")
     assert installed.pod.manifestfile.read_text() == manifests
     assert "rolled back" in last_artifact(prefect_api, "crflow-upgrade")
+    with Registry.from_bundle(installed.url, installed.client) as registry:
+        assert registry.pull_image("team/app", digest)
+
+
+def test_a_new_port_moves_the_registry_and_the_client_files_follow(crflow, installed):
+    digest, old_server = push(installed), installed.server
+    installed.port = free_port()
+    installed.settings["registry"]["port"] = installed.port
+    installed.write()
+    assert "verify passed" in crflow("upgrade", "-c", str(installed.path)).stdout
+    auths = json.loads((installed.client / "auth.json").read_text())["auths"]
+    assert list(auths) == [installed.server] and installed.server != old_server
     with Registry.from_bundle(installed.url, installed.client) as registry:
         assert registry.pull_image("team/app", digest)
