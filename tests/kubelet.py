@@ -43,7 +43,7 @@ class Forwarder:
     """A TCP forwarder on `listen` to a backend port that can change while it runs."""
 
     def __init__(self, listen: tuple[str, int], backend: int):
-        self.backend = backend
+        self.listen, self.backend = listen, backend
         self.server = socket.create_server(listen, reuse_port=False)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.running = True
@@ -264,12 +264,16 @@ class Kubelet:
         selector = service.spec.selector or {}
         backend = next((p for k, p in self.pods.items() if "port" in p and k.split("/")[0] == service.metadata.namespace
                         and self._selects(selector, k)), None)
-        if backend is None or key in self.forwarders:
-            if backend is not None:
-                self.forwarders[key].backend = backend["port"]
+        if backend is None:
             return
-        address = service.spec.load_balancer_ip or "127.0.0.1"
-        self.forwarders[key] = Forwarder((address, service.spec.ports[0].port), backend["port"])
+        listen = (service.spec.load_balancer_ip or "127.0.0.1", service.spec.ports[0].port)
+        forwarder = self.forwarders.get(key)
+        if forwarder is not None and forwarder.listen == listen:
+            forwarder.backend = backend["port"]
+            return
+        if forwarder is not None:  # the Service's address or port changed: the load balancer moves
+            forwarder.close()
+        self.forwarders[key] = Forwarder(listen, backend["port"])
 
     def _selects(self, selector: dict, pod_key: str) -> bool:
         namespace, name = pod_key.split("/")

@@ -119,3 +119,19 @@ def test_a_release_changed_behind_crflows_back_is_brought_back(crflow, cluster_s
     assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
     assert revisions(kube_api)[-1] == (3, "deployed")
     assert "0 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
+
+
+def test_a_new_load_balancer_address_gets_a_new_certificate_and_reaches_the_consumers(crflow, cluster_site, kubelet):
+    """registry.ips changes (a new MetalLB address): the upgrade re-issues the server certificate
+    for it (same CA), rolls the pod, moves the Service, and rewrites the client files."""
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+    digest = push(site)
+    site.settings["registry"]["ips"] = ["127.0.0.2"]
+    site.write()
+    new_server = f"127.0.0.2:{site.port}"
+    kubelet.trust(new_server, site.client / "ca.crt")  # the CA stays: nodes need no change
+    assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
+    assert list(json.loads((site.client / "auth.json").read_text())["auths"]) == [new_server]
+    with Registry.from_bundle(f"https://{new_server}", site.client) as registry:
+        assert registry.pull_image("team/app", digest)
