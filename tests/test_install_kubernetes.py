@@ -162,18 +162,34 @@ def test_unreachable_api_gives_the_runbooks_hint(crflow, make_site, tmp_path):
 
 
 def test_no_secret_reaches_prefect_on_the_cluster_target(crflow, cluster_site, prefect_api, prefect_home):
+    """Two installs, then a rotation that writes a pull Secret: none of the secrets, old or new,
+    is in Prefect's database, API, the CLI output or the result files."""
     from test_secrets import assert_nowhere
 
-    runs = [crflow("install", "-c", str(cluster_site.path)) for _ in range(2)]
-    def secret(name, key):
-        data = cluster_site.core.read_namespaced_secret(name, "container-registry").data[key]
-        return base64.b64decode(data).decode()
+    core = cluster_site.core
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="team-a")))
+    cluster_site.settings["pull_secrets"] = {"namespaces": ["team-a"]}
+    cluster_site.write()
 
-    secrets = {
-        "MinIO secret key": MINIO_KEYS["secretkey"],
-        "password": secret("registry-login", "password"),
-        "htpasswd hash": secret("registry-htpasswd", "htpasswd").split(":", 1)[1].strip(),
-        "server key": "".join(secret("registry-tls", "tls.key").strip().splitlines()[1:-1])[:40],
-        "http.secret": secret("registry-http-secret", "haSharedSecret"),
-    }
+    def secret(namespace, name, key):
+        return base64.b64decode(core.read_namespaced_secret(name, namespace).data[key]).decode()
+
+    def secrets_now() -> dict[str, str]:
+        registry = "container-registry"
+        return {
+            "password": secret(registry, "registry-login", "password"),
+            "htpasswd hash": secret(registry, "registry-htpasswd", "htpasswd").split(":", 1)[1].strip(),
+            # the base64 body past the PKCS#8 header (48 characters, the same for every P-256 key)
+            "server key": "".join(secret(registry, "registry-tls", "tls.key").strip().splitlines()[1:-1])[48:88],
+            "http.secret": secret(registry, "registry-http-secret", "haSharedSecret"),
+            "pull Secret auth": json.loads(secret("team-a", "registry-pull", ".dockerconfigjson"))[
+                "auths"][cluster_site.server]["auth"],
+        }
+
+    runs = [crflow("install", "-c", str(cluster_site.path)) for _ in range(2)]
+    secrets = {"MinIO secret key": MINIO_KEYS["secretkey"], **secrets_now()}
+    runs.append(crflow("rotate-credentials", "-c", str(cluster_site.path), "--grace", "0"))
+    rotated = secrets_now()
+    assert rotated["password"] != secrets["password"]
+    secrets.update({f"{name} after rotation": value for name, value in rotated.items()})
     assert_nowhere(secrets, runs, cluster_site, prefect_api, prefect_home)
