@@ -181,3 +181,21 @@ def test_killing_a_rotation_in_any_step_then_rerunning_finishes_it_with_one_new_
             assert json.loads((installed.client / "auth.json").read_text()) == made, f"a second new user after {task}"
         assert htpasswd_users(installed) == [new[0]]
         assert status(installed, *old) == 401 and status(installed, *new) == 200
+
+
+def test_a_failed_local_rotation_puts_back_htpasswd_and_the_client_files(crflow, installed):
+    """Step 3 fails (the registry is put in distribution's read-only mode, so the push with the
+    new login gets 405): the rollback hooks restore the mounted htpasswd and auth.json."""
+    installed.settings["chart"] = {"values": {"configData": {"storage": {"maintenance": {"readonly": {"enabled": True}}}}}}
+    installed.write()
+    assert crflow("install", "-c", str(installed.path), check=False).returncode == 1  # its own push fails: read-only
+    htpasswd = installed.state / "pod" / "volumes" / "auth" / "htpasswd"
+    before = {path: path.read_bytes() for path in (htpasswd, installed.client / "auth.json")}
+    old = installed.login()
+
+    result = crflow("rotate-credentials", "-c", str(installed.path), "--grace", "0", check=False)
+    assert result.returncode == 1 and "failed with 405" in result.stderr.strip().splitlines()[-1]
+    assert "Task run 'put_local_secret" in result.stderr  # the overlap had been written (and the new login accepted)
+    assert "Rollback hook 'undo' finished running successfully" in result.stderr
+    assert {path: path.read_bytes() for path in before} == before
+    assert status(installed, *old) == 200
