@@ -104,7 +104,8 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
         "crflow-rotate-credentials",
         f"Registry {site.release}: login rotated to generation {gens.credentials}",
         [("Rotated at", started.strftime("%Y-%m-%d %H:%M:%S UTC")), ("Generation", str(gens.credentials)),
-         ("Pull Secrets written or checked", f"{len(namespaces)}: {', '.join(namespaces) or '-'}"),
+         ("Pull Secrets written or checked", f"{len(namespaces)}: {', '.join(namespaces[:20]) or '-'}"
+                                             + (f" and {len(namespaces) - 20} more" if len(namespaces) > 20 else "")),
          ("Overlap (both logins worked)", f"{overlap}, of which grace period {grace} s")],
     )
     if renew_cert_within_days is not None:
