@@ -23,6 +23,11 @@ from prefect.cache_policies import INPUTS
 from pydantic import BaseModel, SecretStr
 
 
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint of a certificate, as `openssl x509 -fingerprint -sha256` shows it."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
 class KeyPair(BaseModel):
     """A certificate and its private key. The key is a SecretStr: Prefect's cache keys,
     reprs and logs see only asterisks; the encrypted result store keeps the real value."""
@@ -36,8 +41,7 @@ class KeyPair(BaseModel):
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 fingerprint of the certificate, as `openssl x509 -fingerprint -sha256` shows it."""
-        return self.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+        return fingerprint(self.cert)
 
     def private_key(self):
         return serialization.load_pem_private_key(self.key_pem.get_secret_value().encode(), password=None)

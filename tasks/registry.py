@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import requests
-from cryptography.hazmat.primitives import hashes
 from prefect import task
 from pydantic import BaseModel
 
@@ -28,6 +27,7 @@ from crflow.oci import (
     tiny_image,
     walk,
 )
+from tasks.pki import fingerprint
 
 
 def probe(base_url: str, bundle_dir: Path) -> str:
@@ -85,11 +85,11 @@ def wait_for_login(base_url: str, bundle_dir: Path, accepted: bool, timeout: flo
 
 
 @task
-def check_served_certificate(host: str, port: int, fingerprint: str) -> str:
+def check_served_certificate(host: str, port: int, expected: str) -> str:
     """The registry serves the certificate with this fingerprint (after a renewal, the new one)."""
-    served = served_certificate(host.strip("[]"), port).fingerprint(hashes.SHA256()).hex(":").upper()
-    if served != fingerprint:
-        raise CrflowError(f"{host}:{port} serves certificate {served}, not the renewed {fingerprint}")
+    served = fingerprint(served_certificate(host.strip("[]"), port))
+    if served != expected:
+        raise CrflowError(f"{host}:{port} serves certificate {served}, not the renewed {expected}")
     return served
 
 

@@ -10,8 +10,11 @@ import time
 
 import pytest
 import yaml
+from cryptography import x509
 from kubernetes import client
 from test_rotate import PullLoop, push, status
+
+from tasks.pki import fingerprint as fingerprint_of
 
 pytestmark = pytest.mark.kubernetes
 
@@ -104,10 +107,7 @@ def test_certificate_renewal_rolls_the_pod_with_no_failed_pull(crflow, cluster_s
     assert (site.client / "ca.crt").read_text() == before  # clients and nodes need no change
     fingerprint = run.stdout.strip().rsplit(" ", 1)[-1]
     tls = site.core.read_namespaced_secret("registry-tls", REGISTRY_NS)
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    served = x509.load_pem_x509_certificate(base64.b64decode(tls.data["tls.crt"]))
-    assert served.fingerprint(hashes.SHA256()).hex(":").upper() == fingerprint
+    assert fingerprint_of(x509.load_pem_x509_certificate(base64.b64decode(tls.data["tls.crt"]))) == fingerprint
 
 
 def make_read_only(site, kubelet) -> None:
