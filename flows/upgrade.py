@@ -40,12 +40,12 @@ def local_release(pod_dir: Path) -> tuple[None, list[dict]]:
 def publish_diff(release: str, revision: int | None, deployed: list[dict], rendered: list[dict]) -> int:
     """The diff as a markdown artifact; returns how many objects change."""
     changes = diff_manifests(deployed, rendered)
-    changed = sum(1 for line in changes.splitlines() if line.startswith("+++ "))
+    diff = "\n".join(changes.values())
     where = f"revision {revision}" if revision else "the running pod"
-    body = f"```diff\n{changes}\n```" if changes else "No change: the upgrade would apply what is deployed."
+    body = f"```diff\n{diff}\n```" if changes else "No change: the upgrade would apply what is deployed."
     create_markdown_artifact(key="crflow-upgrade-diff", description=f"Upgrade of {release}",
-                             markdown=f"# Upgrade of {release}: {changed} objects change against {where}\n\n{body}\n")
-    return changed
+                             markdown=f"# Upgrade of {release}: {len(changes)} objects change against {where}\n\n{body}\n")
+    return len(changes)
 
 
 def deployed_chart(site: Site) -> tuple[int | None, list[dict]]:
@@ -81,8 +81,9 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
             run_local_pod(site.state_dir / "pod", deployed, contents, claims, site.registry.listen)
             restored = "the previous pod spec"
         else:
-            restored = f"revision {before} (now revision " + str(rollback_release(
-                kube_access(site), site.release, site.namespace, before, site.cluster.helm_timeout_seconds)) + ")"
+            now = rollback_release(kube_access(site), site.release, site.namespace, before,
+                                   site.cluster.helm_timeout_seconds)
+            restored = f"revision {before} (now revision {now})"
         verify(site_file)
         publish_summary("crflow-upgrade", f"Upgrade of {site.release} failed and was rolled back", [
             ("Failed", f"revision {failed}" if failed else "the new pod spec"), ("Restored", restored),
