@@ -48,7 +48,7 @@ def site_secrets(site: Site, vault: Vault) -> tuple[dict, Credentials]:
 
 
 def put_registry_secret(site: Site, role: str, data: dict[str, SecretStr]) -> None:
-    """Change one Secret the registry's pod mounts: in the cluster, or in the local pod's volume."""
+    """Write one of the registry's Secrets: in the cluster, or into the running local pod's volume."""
     name = secret_names(site.release)[role]
     if site.target == "local":
         put_local_secret(site.state_dir / "pod", name, data)
@@ -102,7 +102,7 @@ def storage_and_secrets(site: Site, **secrets) -> tuple[SecretData, dict[str, Pa
     contents = registry_secrets(site.release, **secrets, s3_ca_pem=s3_ca_pem)
     for role, name in names.items():
         if name in contents:
-            put_secret(kube, site.namespace, name, SECRET_TYPES.get(role, "Opaque"), contents[name], site.release)
+            put_registry_secret(site, role, contents[name])
     return contents, claims
 
 
