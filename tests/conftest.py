@@ -161,6 +161,13 @@ def oci_layout(path: Path, tag: str = "latest"):
     return image
 
 
+def last_artifact(prefect_api: str, key: str):
+    """The data of the newest Prefect artifact with this key (markdown text, or a table)."""
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={
+        "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).json()
+    return artifacts[0]["data"]
+
+
 def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """skopeo, the independent client. --insecure-policy skips image *signature* policy only;
     TLS verification stays on (no --tls-verify=false anywhere in these tests)."""

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 from test_rotate import push
 
+from conftest import last_artifact
 from crflow.oci import Registry
 from servers import free_port
-
-
-def last_artifact(prefect_api: str, key: str) -> str:
-    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={
-        "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).json()
-    return artifacts[0]["data"]
 
 
 def set_chart_values(site, values: dict) -> None:

@@ -10,9 +10,9 @@ import shutil
 import pytest
 from kubernetes import client
 from test_rotate import push
-from test_upgrade import last_artifact, set_chart_values
+from test_upgrade import set_chart_values
 
-from conftest import ROOT
+from conftest import ROOT, last_artifact
 from crflow.oci import Registry
 
 pytestmark = pytest.mark.kubernetes

@@ -6,16 +6,14 @@ from __future__ import annotations
 import base64
 import json
 
-import httpx
 from minio import Minio
 
+from conftest import last_artifact
 from tasks.pki import new_ca
 
 
 def last_verify_row(prefect_api: str) -> dict:
-    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={
-        "artifacts": {"key": {"any_": ["crflow-verify"]}}, "sort": "CREATED_DESC", "limit": 1}).json()
-    data = artifacts[0]["data"]
+    data = last_artifact(prefect_api, "crflow-verify")
     return (json.loads(data) if isinstance(data, str) else data)[0]
 
 
