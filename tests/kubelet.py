@@ -115,10 +115,11 @@ class Kubelet:
             if (pvc.status and pvc.status.phase) != "Bound" and pvc.spec.volume_name:
                 self.core.patch_namespaced_persistent_volume_claim_status(
                     pvc.metadata.name, pvc.metadata.namespace, {"status": {"phase": "Bound"}})
-        for deployment in self.apps.list_deployment_for_all_namespaces().items:
-            self._run(deployment)
+        ready = [d for d in self.apps.list_deployment_for_all_namespaces().items if self._run(d)]
         for service in self.core.list_service_for_all_namespaces().items:
             self._forward(service)
+        for deployment in ready:  # only once its Services reach the new pod, as endpoints follow readiness
+            self._report_ready(deployment)
 
     def _secret(self, namespace: str, name: str) -> dict[str, SecretStr]:
         """A Secret's content as the node shows it: a change appears `delay` seconds after it was seen."""
@@ -164,12 +165,14 @@ class Kubelet:
         except Exception as err:
             self._report_stuck(deployment, "ErrImagePull", str(err))
 
-    def _run(self, deployment) -> None:
+    def _run(self, deployment) -> bool:
+        """Run the Deployment's pod; True when it is ready (reported after its Services move)."""
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
         template = self.api.sanitize_for_serialization(deployment.spec.template)
         spec = template["spec"]
         if spec["containers"][0].get("command") != ["/bin/registry"]:
-            return self._pull(deployment, spec)
+            self._pull(deployment, spec)
+            return False
         manifests = [{"kind": "Deployment", "metadata": {"name": name}, "spec": {"template": template}}]
         secrets, claims = {}, {}
         for volume in spec.get("volumes") or []:
@@ -193,11 +196,9 @@ class Kubelet:
         pod = self.pods.get(key)
         if pod is not None and pod["generation"] == generation:
             pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]))  # Secret files refreshed
-            if self._ready(pod["port"]):
-                self._report_ready(deployment)
-            return
+            return self._ready(pod["port"])
         if self.failed.get(key, (None,))[0] == generation:
-            return  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
+            return False  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
         # A new pod: the first one, or a rolling update with maxUnavailable 0 (the old pod serves
         # until the new one is ready; then the Service switches over and the old one stops).
         self.serial += 1
@@ -214,7 +215,7 @@ class Kubelet:
             new["pod"].stop()
             self.failed[key] = (generation, f"pod {namespace}/{name}-{self.serial} not ready: {err}")
             self._report_stuck(deployment, "ProgressDeadlineExceeded", self.failed[key][1])
-            return
+            return False
         self.pods[key] = new
         if pod is not None:
             for forwarder in self.forwarders.values():
@@ -222,7 +223,7 @@ class Kubelet:
                     forwarder.backend = new["port"]
             self.retired.append(pod["pod"])
             threading.Timer(2.0, pod["pod"].stop).start()  # in-flight requests finish on the old pod
-        self._report_ready(deployment)
+        return True
 
     @staticmethod
     def _ready(port: int) -> bool:

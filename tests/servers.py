@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -19,10 +20,47 @@ import httpx
 BIN = Path(sys.executable).parent
 
 
+# Test ports come from below the kernel's ephemeral range (32768-60999 by default): outgoing
+# connections take ports from that range at any moment, so a port picked there can be taken
+# between the pick and the server's bind. Below it only listeners take ports, and each one
+# this suite hands out is locked (flock, released when the process ends) so that parallel
+# workers and concurrent suites never hand out the same one.
+PORT_RANGE = (20000, 32000)
+PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "crflow-test-ports"
+_held: list = []
+_next = [PORT_RANGE[0] + (os.getpid() * 97) % (PORT_RANGE[1] - PORT_RANGE[0])]
+
+
+def _bindable(port: int) -> bool:
+    for host in ("127.0.0.1", "127.0.0.2"):  # the tests' Service addresses live on both
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no listener has, outside the ephemeral range, reserved for this process."""
+    low, high = PORT_RANGE
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    high = min(high, ephemeral_low)
+    PORT_LOCKS.mkdir(mode=0o777, exist_ok=True)
+    for _ in range(high - low):
+        port = _next[0]
+        _next[0] = low + (port + 1 - low) % (high - low)
+        lock = open(PORT_LOCKS / str(port), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        if _bindable(port):
+            _held.append(lock)
+            return port
+        lock.close()
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def start_server(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
