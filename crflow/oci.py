@@ -1,8 +1,6 @@
 """crflow's registry client: the Docker Registry HTTP API v2 over python-dxf, for one
 registry, one login and one CA file, with errors a person can act on. No Prefect here: a
 client process that only moves bytes should not pay for an orchestrator's import.
-wrote (ca.crt and auth.json, see tasks/client.py), over TLS trusting only that CA, and by
-pushing and pulling a real image.
 
     with Registry.from_bundle("https://127.0.0.1:5000", Path("state/client")) as registry:
         registry.ping()
@@ -12,7 +10,7 @@ The transport is python-dxf. Before choosing, python-dxf 12.1.1 and oras-py 0.2.
 measured against the need here (200 MiB incompressible layer, filesystem storage, TLS and
 htpasswd on loopback, 1 MiB chunks): python-dxf pushed at 157-194 MiB/s (streamed from the
 file, after its own hashing pass) and pulled with its sha256 check at 559-605 MiB/s, peak
-RSS 30 MiB. That is on a par with curl, the practical limit (TESTBED: ~130 MiB/s push,
+RSS 30 MiB. That is on a par with curl, the practical limit (measured here: ~130 MiB/s push,
 ~530 MiB/s pull). It does Basic auth, a CA file, cross-repo mount, and OCI and Docker
 manifests and indexes. oras-py does not meet the need: its `put_upload` reads the whole blob
 into memory, and its `download_blob` checks no digest. Written here, on top of python-dxf,
@@ -45,7 +43,7 @@ from cryptography import x509
 from dxf import DXF, DXFBase
 from dxf.exceptions import DXFUnauthorizedError
 
-from crflow.errors import CrflowError
+from crflow.errors import CrflowError, LoginRefused, NotAnswering, NotInstalled, StorageFailure, TlsFailure
 
 SMOKE_REPO = "crflow-smoke"  # where crflow's own check images go
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -124,10 +122,6 @@ def served_names(host: str, port: int) -> str:
         return "unknown"
 
 
-class LoginRefused(CrflowError):
-    """The registry answered 401 to this login."""
-
-
 class Registry:
     """A registry client for one registry, one login and one CA file (python-dxf underneath)."""
 
@@ -144,6 +138,9 @@ class Registry:
 
     @classmethod
     def from_bundle(cls, base_url: str, bundle_dir: Path, timeout: float = 60) -> Registry:
+        """With the client files crflow wrote (ca.crt, auth.json); NotInstalled if there are none."""
+        if not (bundle_dir / "auth.json").exists():
+            raise NotInstalled(f"no client files in {bundle_dir}: the registry is not installed yet")
         user, password = read_login(bundle_dir / "auth.json", urlsplit(base_url).netloc)
         return cls(base_url, bundle_dir / "ca.crt", user, password, timeout)
 
@@ -163,20 +160,20 @@ class Registry:
         return self.repos[name]
 
     def call(self, what: str, action, *args, **kwargs):
-        """One client action, with the failures a person can act on turned into CrflowError;
-        a registry that does not answer raises ConnectionError (tasks retry it)."""
+        """One client action, with the failures a person can act on turned into their types
+        (crflow/errors.py); a registry that does not answer raises NotAnswering (tasks retry it)."""
         try:
             return action(*args, **kwargs)
         except DXFUnauthorizedError:
             raise LoginRefused(f"registry at {self.base_url} rejected user {self.user}: wrong user or password (401)") from None
         except requests.exceptions.SSLError:
-            raise CrflowError(
+            raise TlsFailure(
                 f"TLS verification of {self.base_url} failed: its certificate is not signed by the CA in "
                 f"{self.ca_file}, or does not name this address (it names: {served_names(self.host, self.port)})"
             ) from None
         except requests.exceptions.ConnectionError as err:
             reason = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
-            raise ConnectionError(f"registry at {self.base_url} is not answering"
+            raise NotAnswering(f"registry at {self.base_url} is not answering"
                                   f"{': ' + reason.group(0) if reason else ''}") from None
         except requests.exceptions.HTTPError as err:
             response = err.response
@@ -184,9 +181,10 @@ class Registry:
             status = response.status_code if response is not None else "?"
             driver = re.search(r'"DriverName":"(\w+)"', detail)
             if driver:  # distribution's storage driver failed; its body holds no more than the driver's name
-                detail = f"the registry's storage ({driver.group(1)}) failed: {detail}"
+                raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry's storage "
+                                     f"({driver.group(1)}) failed: {detail}") from None
             problem = f"{what} at {self.base_url} failed with {status}: {detail}"
-            raise (ConnectionError if isinstance(status, int) and status in (502, 503, 504) else CrflowError)(problem) from None
+            raise (NotAnswering if isinstance(status, int) and status in (502, 503, 504) else CrflowError)(problem) from None
 
     def ping(self) -> None:
         """GET /v2/ with the login: the registry is up, trusts us, and we trust it."""
@@ -213,7 +211,7 @@ class Registry:
 
         Written here rather than through python-dxf: requests' iter_content tops out near
         300 MiB/s on this machine, http.client's readinto into one reused 1 MiB buffer near
-        540 MiB/s (TESTBED), which is what keeps a pull at curl's pace. Basic auth is sent up
+        540 MiB/s (measured here), which is what keeps a pull at curl's pace. Basic auth is sent up
         front (the registry's htpasswd realm), and one redirect (S3 storage) is followed.
         """
         url = f"{self.base_url}/v2/{repo}/blobs/{digest}"
@@ -265,7 +263,7 @@ class Registry:
         except (http.client.HTTPException, ConnectionError, TimeoutError):
             pass  # told below, with what did arrive
         if expected is not None and size != int(expected):  # readinto returns 0 at an early close
-            raise ConnectionError(f"registry at {self.base_url} broke off the download of {digest} after "
+            raise NotAnswering(f"registry at {self.base_url} broke off the download of {digest} after "
                                   f"{size} of {expected} bytes")
         if "sha256:" + hasher.hexdigest() != digest:
             raise CrflowError(f"blob {digest} from {self.base_url}/{repo} does not match its digest")

@@ -19,6 +19,7 @@ from typing import Literal
 
 from cryptography.fernet import Fernet, InvalidToken
 from prefect.serializers import Serializer
+from prefect.utilities.hashing import hash_objects
 
 from crflow.errors import CrflowError
 
@@ -64,6 +65,12 @@ class FernetSerializer(Serializer):
             return pickle.loads(self._cipher().decrypt(blob))
         except InvalidToken:
             raise CrflowError("a cached result does not decrypt with the result key") from None
+
+
+def identity_key(**identity) -> str:
+    """A task's cache key from exactly these values, hashed as Prefect's INPUTS policy hashes
+    its inputs (so a key written under that policy is found again)."""
+    return hash_objects(identity, raise_on_failure=True)
 
 
 class Vault:

@@ -10,45 +10,41 @@ from pathlib import Path
 
 from prefect import flow
 
+from crflow.chart import values_for
+from crflow.flows.steps import site_secrets, storage_and_secrets
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
+from crflow.targets import target_for
+from crflow.tasks.helm import render_chart
+from crflow.tasks.registry import push_pull_check, wait_until_ready
+from crflow.tasks.report import certificate_rows, publish_summary
 from crflow.vault import open_vault
-from flows.steps import deploy, publish_login, site_secrets, storage_and_secrets
-from flows.values import chart_values_for
-from tasks.helm import render_chart
-from tasks.localpod import check_local_host
-from tasks.registry import push_pull_check, wait_until_ready
-from tasks.report import certificate_rows, publish_summary
 
 
 @flow(name="install")
 def install(site_file: str) -> str:
     """Install (or converge) the registry described by `site_file`; return its address."""
     site = load_site(Path(site_file))
-    if site.target == "local":
-        check_local_host(site.state_dir / "pod", site.registry.listen)
-    vault = open_vault(site.state_dir)
-    secrets, creds = site_secrets(site, vault)
+    target = target_for(site)
+    target.check_host()
+    secrets = site_secrets(site, open_vault(site.state_dir))
 
-    # Storage and the registry's Secrets, then the chart: rendered and run here, or released.
-    contents, claims = storage_and_secrets(site, **secrets)
-    values = chart_values_for(site, secrets["server_cert"].fingerprint)
-    manifests = render_chart(site.release, site.namespace, values) if site.target == "local" else []
-    deploy(site, values, manifests, contents, claims)
+    # Storage and the registry's Secrets, then the chart: run here as a pod, or released by helm.
+    storage_and_secrets(site, target, secrets)
+    values = values_for(site, secrets.server_cert.fingerprint)
+    target.deploy(values, render_chart(site.release, site.namespace, values))
 
-    # The login goes to its users (client files here; login and pull Secrets on the cluster).
+    # The login goes to its users (client files; on the cluster, login and pull Secrets).
     # Then proof, with the client files a person would use: the registry answers our login
     # over TLS, trusting only our CA, and an image goes in and comes out.
-    url = f"https://{site.registry.server}"
-    publish_login(site, secrets["ca"].cert_pem, creds)
-    bundle = site.state_dir / "client"
-    wait_until_ready(url, bundle)
-    digest = push_pull_check(url, bundle, SMOKE_REPO, "install")
+    target.publish_login(secrets.ca.cert_pem, secrets.creds)
+    wait_until_ready(target.url, target.bundle)
+    digest = push_pull_check(target.url, target.bundle, SMOKE_REPO, "install")
 
     publish_summary(
         "crflow-install",
         f"Registry {site.release} installed",
-        [("Address", url), ("Target", site.target), ("Storage", site.storage.kind),
-         ("Checked image", f"{SMOKE_REPO}@{digest}"), *certificate_rows(secrets["ca"], secrets["server_cert"])],
+        [("Address", target.url), ("Target", site.target), ("Storage", site.storage.kind),
+         ("Checked image", f"{SMOKE_REPO}@{digest}"), *certificate_rows(secrets.ca, secrets.server_cert)],
     )
-    return url
+    return target.url

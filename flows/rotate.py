@@ -29,16 +29,17 @@ from prefect import flow, task
 from prefect.transactions import transaction
 from pydantic import SecretStr
 
+from crflow.flows.install import install
+from crflow.flows.steps import login, server_cert, site_ca
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
+from crflow.targets import target_for
+from crflow.tasks.client import save_client_bundle
+from crflow.tasks.pki import days_left
+from crflow.tasks.registry import check_served_certificate, login_accepted, push_pull_check, wait_for_login
+from crflow.tasks.report import certificate_rows, publish_summary
 from crflow.vault import open_vault
-from flows.install import install
-from flows.steps import login, publish_login, put_registry_secret, server_cert, site_ca
-from tasks.client import save_client_bundle
-from tasks.pki import days_left
-from tasks.registry import check_served_certificate, login_accepted, push_pull_check, wait_for_login
-from tasks.report import certificate_rows, publish_summary
 
 
 @task
@@ -62,6 +63,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
                        renew_cert_within_days: int | None = None) -> int:
     """Rotate the registry login to a new generation with no failed pull; return the generation."""
     site = load_site(Path(site_file))
+    target = target_for(site)
     grace = site.rotation.grace_seconds if grace_seconds is None else grace_seconds
     timeout = site.rotation.propagation_timeout_seconds
     vault = open_vault(site.state_dir)
@@ -74,7 +76,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     ca = site_ca(site, vault)
     old, old_line = login(site, vault, gens.credentials)
     new, new_line = login(site, vault, gens.rotating_to)
-    url, workdir = f"https://{site.registry.server}", site.state_dir / "rotation"
+    url, workdir = target.url, site.state_dir / "rotation"
     old_bundle = save_client_bundle(workdir / "old", site.registry.server, ca.cert_pem, old)
     new_bundle = save_client_bundle(workdir / "new", site.registry.server, ca.cert_pem, new)
     retired = old_login_retired(url, old_bundle, new_bundle)
@@ -82,14 +84,14 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     try:
         with transaction():
             if not retired:  # 2. the overlap: both logins work
-                put_registry_secret(site, "htpasswd", {"htpasswd": _joined(old_line, new_line)})
+                target.update_secret("htpasswd", {"htpasswd": _joined(old_line, new_line)})
                 wait_for_login(url, new_bundle, True, timeout)
             overlap_started = time.monotonic()
             push_pull_check(url, new_bundle, SMOKE_REPO, f"rotation-{gens.rotating_to}")  # 3.
-            namespaces = publish_login(site, ca.cert_pem, new)  # 4.
+            namespaces = target.publish_login(ca.cert_pem, new)  # 4.
             if not retired:
                 grace_period(grace)  # 5.
-            put_registry_secret(site, "htpasswd", {"htpasswd": new_line})  # 6.
+            target.update_secret("htpasswd", {"htpasswd": new_line})  # 6.
             wait_for_login(url, old_bundle, False, timeout)
             wait_for_login(url, new_bundle, True, timeout)
     except Exception:

@@ -11,15 +11,12 @@ from pathlib import Path
 from cryptography import x509
 from prefect import flow
 
-from crflow.errors import CrflowError
+from crflow.errors import StorageFailure
 from crflow.oci import SMOKE_REPO, served_certificate
-from crflow.settings import S3Storage, Site, load_site
-from flows.values import kube_access
-from tasks.helm import check_pod_storage, secret_names
-from tasks.kube import KubeAccess, pull_with_secret, read_registry_pod, read_s3_keys_secret
-from tasks.localpod import read_local_pod
-from tasks.pki import days_left
-from tasks.registry import (
+from crflow.settings import S3Storage, load_site
+from crflow.targets import target_for
+from crflow.tasks.pki import days_left
+from crflow.tasks.registry import (
     copy_source_image,
     delete_by_digest,
     listed_in_catalog,
@@ -27,8 +24,8 @@ from tasks.registry import (
     pull_everything,
     push_unique_image,
 )
-from tasks.report import Checks
-from tasks.storage import S3Keys, blob_in_bucket, blob_in_directory, bucket_present, read_s3_keys_file
+from crflow.tasks.report import Checks
+from crflow.tasks.storage import blob_in_bucket, bucket_present, check_pod_storage
 
 
 @flow(name="verify-push-pull")
@@ -37,15 +34,15 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
     """Check that the registry of `site_file` takes, serves and stores images; fail if not.
     With `source_image` (host/repo:tag), first copy that image from its registry and check it too."""
     site = load_site(Path(site_file))
-    url, bundle, storage = f"https://{site.registry.server}", site.state_dir / "client", site.storage
-    kube = kube_access(site)
+    target, storage = target_for(site), site.storage
+    url, bundle = target.url, target.bundle
     with Checks(f"Registry {site.release} verified", site.registry.server) as checks:
         try:
             pushed = checks.check("push a new image", push_unique_image, url, bundle, SMOKE_REPO)
-        except CrflowError as err:
-            if "the registry's storage" in str(err) and isinstance(storage, S3Storage):
+        except StorageFailure as err:
+            if isinstance(storage, S3Storage):
                 checks.check("diagnose the storage", bucket_present, storage.endpoint, storage.bucket,
-                             storage.region, s3_keys(site, kube), storage.ca_bundle, storage.skip_verify, str(err))
+                             storage.region, target.s3_keys(), storage.ca_bundle, storage.skip_verify, str(err))
             raise
         pull_seconds = checks.check("pull it back, every digest equal", pull_and_compare, url, bundle, pushed)
         mib = pushed.bytes / 2**20
@@ -57,23 +54,15 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
                                   url, bundle, f"{SMOKE_REPO}/source")
             checks.check("pull the copy back", pull_everything, url, bundle, copied.repo, copied.digest)
 
-        if site.target == "local":
-            pod = read_local_pod(site.state_dir / "pod")
-        else:
-            pod = read_registry_pod(kube, site.namespace, site.release)
         bucket = storage.bucket if isinstance(storage, S3Storage) else None
-        checks.check("the pod stores blobs where the site says", check_pod_storage, pod, storage.kind, bucket)
-        layer = pushed.blobs[-1]
+        checks.check("the pod stores blobs where the site says", check_pod_storage, target.running_pod(),
+                     storage.kind, bucket)
         if isinstance(storage, S3Storage):
             checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket, storage.region,
-                         storage.root_directory, s3_keys(site, kube), storage.ca_bundle, storage.skip_verify, layer)
-        elif site.target == "local":
-            checks.check("the layer is in the storage directory", blob_in_directory, site.data_dir, layer)
-
-        if site.target == "kubernetes":
-            image = f"{site.registry.server}/{pushed.repo}@{pushed.digest}"
-            checks.check("a pod pulls it with a pull secret", pull_with_secret, kube, image, bundle / "auth.json",
-                         site.release)
+                         storage.root_directory, target.s3_keys(), storage.ca_bundle, storage.skip_verify,
+                         pushed.blobs[-1])
+        for name, check, arguments in target.checks(pushed):  # the storage directory here; a pod's pull there
+            checks.check(name, check, *arguments)
 
         checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
         if source_image:
@@ -82,11 +71,3 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
         ca = x509.load_pem_x509_certificate((bundle / "ca.crt").read_bytes())
         checks.figures.update({"server cert days left": str(days_left(served)), "CA days left": str(days_left(ca))})
     return f"{url}: all checks passed"
-
-
-def s3_keys(site: Site, kube: KubeAccess) -> S3Keys:
-    """The keys the registry uses for S3: the local stand-in file, or the registry's Secret."""
-    if site.target == "local":
-        source = site.storage.credentials
-        return read_s3_keys_file(source.file, source.access_key_key, source.secret_key_key)
-    return read_s3_keys_secret(kube, site.namespace, secret_names(site.release)["s3"])

@@ -14,8 +14,8 @@ from pathlib import Path
 from prefect import task
 
 from crflow.files import write_atomic
+from crflow.tasks.credentials import Credentials
 from crflow.undo import undo, undoable
-from tasks.credentials import Credentials
 
 
 def write_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credentials) -> Path:

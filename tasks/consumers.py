@@ -20,8 +20,9 @@ from prefect import task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
+from crflow.tasks.kubeapi import POOL_SIZE, KubeAccess, api_client, get_or_none, managed_labels, retrying
+from crflow.tasks.secrets import write_secret_undoably
 from crflow.undo import undo, undoable
-from tasks.kube import POOL_SIZE, KubeAccess, _get_or_none, api_client, managed_labels, retrying, write_secret_undoably
 
 WORKERS = POOL_SIZE  # concurrent API calls, one keep-alive connection each
 
@@ -34,7 +35,7 @@ def consumer_namespaces(api: client.ApiClient, namespaces: list[str], selector: 
         listed = retrying(f"list namespaces matching {selector!r}", lambda: core.list_namespace(label_selector=selector))
         found = {ns.metadata.name for ns in listed.items}
     missing = [n for n in namespaces if n not in found and retrying(
-        f"read namespace {n}", lambda n=n: _get_or_none(lambda: core.read_namespace(n))) is None]
+        f"read namespace {n}", lambda n=n: get_or_none(lambda: core.read_namespace(n))) is None]
     if missing:
         raise CrflowError(f"pull_secrets.namespaces: no namespace {', '.join(missing)} in the cluster; "
                           "create it or remove it from the site file")
@@ -46,7 +47,7 @@ def _set_default_account_secret(api: client.ApiClient, namespace: str, secret: s
     core = client.CoreV1Api(api)
 
     def attempt() -> bool:
-        account = _get_or_none(lambda: core.read_namespaced_service_account("default", namespace))
+        account = get_or_none(lambda: core.read_namespaced_service_account("default", namespace))
         if account is None:  # the ServiceAccount controller has not made it yet: make it as it would
             if not listed:
                 return False

@@ -1,6 +1,6 @@
 """How do we make the registry's login? A user, a random password, and its htpasswd line.
 
-    creds = new_credentials(user=None)                 # user "crflow-3f9a0c1d", 128-bit password
+    creds = new_credentials(user=None)                 # user "crflow-3f9a0c1d", 192-bit password
     line = htpasswd_line(creds, cost=5)               # "crflow-3f9a0c1d:$2b$05$..."
 
 The htpasswd line is cached with the credentials it hashes: bcrypt salts every hash anew,
@@ -18,6 +18,8 @@ import bcrypt
 from prefect import task
 from prefect.cache_policies import INPUTS
 from pydantic import BaseModel, SecretStr
+
+from crflow.vault import identity_key
 
 PASSWORD_BYTES = 24  # 192 random bits, URL-safe text of 32 characters
 
@@ -54,7 +56,7 @@ def htpasswd_line(creds: Credentials, cost: int) -> SecretStr:
 
 
 @task(cache_policy=INPUTS)
-def make_credentials(user: str | None, generation: int = 0) -> Credentials:
+def make_credentials(user: str | None, generation: int) -> Credentials:
     """The registry login of one generation: a fresh random password, and a user generated
     when `user` is None, else `user` (generation 0) and `user-N` after rotations. Each
     generation has its own user: htpasswd holds one hash per user, and during a rotation
@@ -68,7 +70,9 @@ def make_htpasswd(creds: Credentials, cost: int) -> SecretStr:
     return htpasswd_line(creds, cost)
 
 
-@task(cache_policy=INPUTS)
-def make_http_secret(generation: int = 0) -> SecretStr:
+# One per site; ("generation": 0) keeps the key the first release wrote, when this task had
+# a generation parameter nobody set.
+@task(cache_key_fn=lambda context, inputs: identity_key(generation=0))
+def make_http_secret() -> SecretStr:
     """The registry's http.secret: replicas share it to sign upload state."""
     return SecretStr(secrets.token_urlsafe(32))

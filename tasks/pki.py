@@ -22,6 +22,8 @@ from prefect import task
 from prefect.cache_policies import INPUTS
 from pydantic import BaseModel, SecretStr
 
+from crflow.vault import identity_key
+
 
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 fingerprint of a certificate, as `openssl x509 -fingerprint -sha256` shows it."""
@@ -111,17 +113,18 @@ def new_server_cert(ca: KeyPair, ips: list[str], dns_names: list[str], days: int
     return _pair(cert, key)
 
 
-# A CA is identified by its name and generation alone: changing its validity or key
-# algorithm in the site file must not silently replace the CA that every client trusts.
-@task(cache_policy=INPUTS - "days" - "key_algorithm")
-def make_ca(common_name: str, days: int, key_algorithm: str, generation: int = 0) -> KeyPair:
-    """The registry's certificate authority. `generation` names a deliberate new CA."""
+# A CA is identified by its name alone: changing its validity or key algorithm in the site
+# file must not silently replace the CA that every client trusts. ("generation": 0 keeps the
+# key the first release wrote, when the CA had a generation parameter nobody set.)
+@task(cache_key_fn=lambda context, inputs: identity_key(common_name=inputs["common_name"], generation=0))
+def make_ca(common_name: str, days: int, key_algorithm: str) -> KeyPair:
+    """The registry's certificate authority."""
     return new_ca(common_name, days, key_algorithm)
 
 
 @task(cache_policy=INPUTS)
 def make_server_cert(
-    ca: KeyPair, ips: list[str], dns_names: list[str], days: int, key_algorithm: str, generation: int = 0
+    ca: KeyPair, ips: list[str], dns_names: list[str], days: int, key_algorithm: str, generation: int
 ) -> KeyPair:
     """The registry's TLS certificate, signed by `ca`, for exactly these IPs and names."""
     return new_server_cert(ca, ips, dns_names, days, key_algorithm)

@@ -14,10 +14,9 @@ import requests
 from prefect import task
 from pydantic import BaseModel
 
-from crflow.errors import CrflowError, transient_only
+from crflow.errors import CrflowError, LoginRefused, transient_only
 from crflow.oci import (
     Image,
-    LoginRefused,
     Registry,
     copy_image,
     digest_of,
@@ -27,18 +26,7 @@ from crflow.oci import (
     tiny_image,
     walk,
 )
-from tasks.pki import fingerprint
-
-
-def probe(base_url: str, bundle_dir: Path) -> str:
-    """One authenticated GET /v2/ with a client bundle (ca.crt, auth.json): a line saying how it went."""
-    try:
-        with Registry.from_bundle(base_url, bundle_dir, timeout=5) as registry:
-            registry.ping()
-    except (CrflowError, ConnectionError) as err:
-        message = str(err)
-        return f"{message} (not installed yet?)" if message.startswith("no login") else f"NOT OK: {message}"
-    return f"answers over TLS, login of user {registry.user} accepted"
+from crflow.tasks.pki import fingerprint
 
 
 @task(retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient_only)

@@ -9,7 +9,7 @@ import time
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.pki import KeyPair, days_left
+from crflow.tasks.pki import KeyPair, days_left
 
 
 def certificate_rows(ca: KeyPair, server_cert: KeyPair) -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""Where do the registry's blobs go? A directory on this machine, or a bucket in MinIO (S3).
+"""Where do the registry's blobs go? A directory on this machine, or a bucket in MinIO (S3);
+and where does a running registry pod really keep them?
 
     keys = read_s3_keys_file(Path("minio-keys.yaml"), "accesskey", "secretkey")
     ensure_bucket("https://minio.local:9000", "container-registry", "us-east-1", keys,
@@ -18,6 +19,7 @@ from minio.error import S3Error
 from prefect import get_run_logger, task
 from pydantic import BaseModel, SecretStr
 
+from crflow.chart import CONFIG_FILE, CONFIG_VOLUME, CONTAINER
 from crflow.errors import CrflowError, transient_only
 
 
@@ -153,3 +155,39 @@ def blob_in_directory(root: Path, digest: str) -> str:
     if not path.is_file():
         raise CrflowError(f"blob {digest} is not under {root}: the registry is not storing there")
     return str(path)
+
+
+def pod_storage(pod: dict) -> tuple[str, str]:
+    """Where a running registry pod keeps blobs, read from its template and config:
+    ("s3", bucket), ("pvc", claim), ("emptyDir", volume) or ("hostPath", path)."""
+    spec = pod["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    config_map = volumes[CONFIG_VOLUME]["configMap"]["name"]
+    storage = yaml.safe_load(pod["configMaps"][config_map][CONFIG_FILE]).get("storage", {})
+    if "s3" in storage:
+        return "s3", storage["s3"].get("bucket", "")
+    root = (storage.get("filesystem") or {}).get("rootdirectory", "/var/lib/registry")
+    (container,) = [c for c in spec["containers"] if c["name"] == CONTAINER]
+    mounts = [m for m in container.get("volumeMounts") or [] if root.startswith(m["mountPath"])]
+    if not mounts:
+        return "emptyDir", "(the container's own filesystem)"
+    volume = volumes[max(mounts, key=lambda m: len(m["mountPath"]))["name"]]
+    if "persistentVolumeClaim" in volume:
+        return "pvc", volume["persistentVolumeClaim"]["claimName"]
+    if "hostPath" in volume:
+        return "hostPath", volume["hostPath"]["path"]
+    return "emptyDir", volume["name"]
+
+
+@task
+def check_pod_storage(pod: dict, storage_kind: str, bucket: str | None) -> str:
+    """The running pod stores blobs where the site says: the bucket for s3, a claim otherwise."""
+    kind, where = pod_storage(pod)
+    if storage_kind == "s3" and (kind, where) != ("s3", bucket):
+        raise CrflowError(f"the registry pod stores blobs in {kind} {where}, not in S3 bucket {bucket} as "
+                          "storage.kind: s3 says; run crflow install (or upgrade) to fix the release")
+    if storage_kind != "s3" and kind not in ("pvc", "hostPath"):
+        lost = " (lost when the pod goes)" if kind == "emptyDir" else ""
+        raise CrflowError(f"the registry pod stores blobs in {kind} {where}{lost}, although storage.kind is "
+                          f"{storage_kind}; run crflow install (or upgrade) to fix the release")
+    return f"{kind} {where}"

@@ -4,7 +4,7 @@
 - `crflow` run as a subprocess, exactly as a person runs it;
 - the registry it starts is Debian's docker-registry (distribution 2.8.2), a real process;
 - skopeo, an independent client, pushes and pulls;
-- moto's server stands in for MinIO (S3 API; it ignores credentials, see TESTBED.md).
+- moto's server stands in for MinIO (S3 API; it ignores access keys and signatures, so wrong-credential cases are tested at the client boundary).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from crflow.localpod import LocalPod
 from crflow.oci import tiny_image
 from servers import BIN, free_port, start_prefect_server, start_server, stop_server, wait_http
-from tasks.localpod import LocalPod
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +61,7 @@ class Crflow:
     def __init__(self, prefect_api: str, home: Path):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
         self.env.update(PREFECT_API_URL=prefect_api, CRFLOW_HOME=str(home), DO_NOT_TRACK="1")
+        self.api = prefect_api
 
     def __call__(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         result = subprocess.run([str(BIN / "crflow"), *args], capture_output=True, text=True,
@@ -166,6 +167,23 @@ def last_artifact(prefect_api: str, key: str):
     artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json={
         "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).json()
     return artifacts[0]["data"]
+
+
+def task_runs(prefect_api: str, site_file: Path, flow: str | None = None) -> list[tuple[str, str]]:
+    """(task, state name) of each task run of the newest flow run against `site_file`, in the
+    order they started, as the Prefect API records them (never read from log text)."""
+    with httpx.Client(base_url=prefect_api, timeout=30) as http:
+        runs = http.post("/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 50}).json()
+        run = next(r for r in runs if r["parameters"].get("site_file") == str(Path(site_file).resolve())
+                   and (flow is None or r["name"] and http.get(f"/flows/{r['flow_id']}").json()["name"] == flow))
+        tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}},
+                                                     "sort": "EXPECTED_START_TIME_ASC", "limit": 200}).json()
+    return [(t["name"].rsplit("-", 1)[0], t["state"]["name"]) for t in tasks]
+
+
+def cached_tasks(prefect_api: str, site_file: Path) -> list[str]:
+    """The tasks of the newest run against `site_file` that Prefect answered from its cache."""
+    return sorted(name for name, state in task_runs(prefect_api, site_file) if state == "Cached")
 
 
 def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """The test kubelet: plays node, controllers and load balancer for the emulated cluster.
 
 EMULATED, and every test that uses it says so. It polls the emulated API and:
-- runs each Deployment's pod through crflow's local runner (tasks/localpod.py), with the
+- runs each Deployment's pod through crflow's local runner (crflow/localpod.py), with the
   ConfigMaps, Secrets and claims read back from the API, so a real registry process serves
   exactly what the cluster holds;
 - replaces the pod when the Deployment's spec changes as a rolling update with
@@ -35,8 +35,9 @@ import httpx
 from kubernetes import client, config
 from pydantic import SecretStr
 
+from crflow.chart import COMMAND
+from crflow.localpod import LocalPod
 from servers import free_port
-from tasks.localpod import LocalPod
 
 
 class Forwarder:
@@ -170,7 +171,7 @@ class Kubelet:
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
         template = self.api.sanitize_for_serialization(deployment.spec.template)
         spec = template["spec"]
-        if spec["containers"][0].get("command") != ["/bin/registry"]:
+        if spec["containers"][0].get("command") != [COMMAND]:  # the chart contract names the registry's entrypoint
             self._pull(deployment, spec)
             return False
         manifests = [{"kind": "Deployment", "metadata": {"name": name}, "spec": {"template": template}}]

@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crflow import chart
+from crflow.chart import CHART_DIR
 from crflow.settings import load_site
-from flows.values import chart_values_for
-from tasks.helm import CHART_DIR, helm_executable
+from crflow.tasks.helm import helm_executable
 
 ROOT = Path(__file__).resolve().parent.parent
 OLDEST, NEWEST = "1.25.0", "1.37.0"  # kubernetes-validate's range here
 
 
 def values_for(example: str) -> dict:
-    return chart_values_for(load_site(ROOT / "examples" / example), cert_fingerprint="AA:BB")
+    return chart.values_for(load_site(ROOT / "examples" / example), cert_fingerprint="AA:BB")
 
 
 def helm(*args: str, values: dict | None = None) -> str:
@@ -121,3 +122,40 @@ def test_cronjob_api_version_follows_the_cluster(extra, expected):
 def test_deployments_manifests_pass_strict_schema_validation(version, tmp_path):
     for manifest in (ROOT / "deployments").glob("*.yaml"):
         validate([doc for doc in yaml.safe_load_all(manifest.read_text()) if doc], version, tmp_path)
+
+
+@pytest.mark.parametrize("example", ["local.yaml", "microk8s-minio.yaml", "microk8s-hostpath.yaml"])
+def test_every_name_in_the_chart_contract_is_in_the_rendered_chart(example):
+    """crflow/chart.py names what both sides share; a rename on either side fails here."""
+    site = load_site(ROOT / "examples" / example)
+    values = chart.values_for(site, cert_fingerprint="AA:BB")
+    manifests = template(values)
+    pod = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == chart.CONTAINER]
+    assert container["command"] == [chart.COMMAND]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_map = next(m for m in manifests if m["kind"] == "ConfigMap"
+                      and m["metadata"]["name"] == volumes[chart.CONFIG_VOLUME]["configMap"]["name"])
+    assert chart.CONFIG_FILE in config_map["data"]
+
+    # Every Secret the pod references is one crflow makes, with the keys the contract lists.
+    referenced = {v["secret"]["secretName"]: [i["key"] for i in v["secret"].get("items") or []]
+                  for v in pod["volumes"] if "secret" in v}
+    for var in container.get("env") or []:
+        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            referenced.setdefault(ref["name"], []).append(ref["key"])
+    made = {chart.secret_name(site.release, role): keys for role, (_, _, keys) in chart.SECRETS.items()}
+    for name, keys in referenced.items():
+        assert name in made, f"the chart references Secret {name}, which crflow does not make"
+        assert set(keys) <= set(made[name]), f"Secret {name}: the chart reads {keys}, crflow writes {made[name]}"
+    expected = {"tls", "htpasswd", "http"} | ({"s3"} if site.storage.kind == "s3" else set())
+    assert {chart.secret_name(site.release, role) for role in expected} <= set(referenced)
+    if site.storage.kind != "s3":
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [getattr(site.storage, "existing_claim", None) or chart.data_claim(site.release)]
+
+    # The values crflow sets are the chart's own keys.
+    chart_values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert set(chart.CRFLOW_VALUES) <= set(chart_values), set(chart.CRFLOW_VALUES) - set(chart_values)
+    assert set(values) - set(site.chart.values) <= set(chart.CRFLOW_VALUES)

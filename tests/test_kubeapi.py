@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client, config, watch
 from pyhelm3 import Client as Helm
 
-from tasks.helm import CHART_DIR, helm_executable
+from crflow.chart import CHART_DIR
+from crflow.tasks.helm import helm_executable
 
 pytestmark = pytest.mark.kubernetes
 

@@ -10,8 +10,8 @@ import time
 import httpx
 
 from conftest import ROOT
+from crflow.health import registry_health
 from servers import BIN, start_server, stop_server
-from tasks.registry import probe
 
 
 def prefect(*args: str, env: dict) -> str:
@@ -49,4 +49,4 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
     finally:
         stop_server(worker)
     assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
-    assert "login of user" in probe(site.url, site.client)
+    assert registry_health(site.url, site.client).healthy

@@ -14,7 +14,7 @@ from cryptography import x509
 from kubernetes import client
 from test_rotate import PullLoop, push, status
 
-from tasks.pki import fingerprint as fingerprint_of
+from crflow.tasks.pki import fingerprint as fingerprint_of
 
 pytestmark = pytest.mark.kubernetes
 

@@ -10,8 +10,8 @@ import pytest
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError
+from crflow.tasks.storage import S3Keys, bucket_exists_or_create
 from servers import http_server
-from tasks.storage import S3Keys, bucket_exists_or_create
 
 ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
                  b"<Message>Access Denied.</Message><BucketName>container-registry</BucketName></Error>")
@@ -51,7 +51,7 @@ def test_unverifiable_s3_certificate_says_how_to_trust_it(tmp_path):
     """A TLS endpoint whose certificate nothing trusts: the error names ca_bundle and skip_verify."""
     import ssl
 
-    from tasks.pki import new_ca, new_server_cert
+    from crflow.tasks.pki import new_ca, new_server_cert
 
     ca = new_ca("fake MinIO CA", days=1, key_algorithm="ecdsa-p256")
     cert = new_server_cert(ca, ["127.0.0.1"], [], days=1, key_algorithm="ecdsa-p256")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
-from tasks.helm import CHART_DIR
+from conftest import task_runs
+from crflow.chart import CHART_DIR
 
 pytestmark = pytest.mark.kubernetes
 
@@ -21,7 +22,7 @@ def test_verify_passes_and_a_pod_pulls_with_the_pull_secret(crflow, cluster_site
     user, _ = cluster_site.login()
     assert [(image.split("@")[0], who) for image, who in kubelet.pulled] == \
         [(f"{cluster_site.server}/crflow-smoke", user)]
-    assert "Task run 'pull_with_secret-" in out.stderr
+    assert dict(task_runs(crflow.api, cluster_site.path))["pull_with_secret"] == "Completed"
     core = cluster_site.core
     secret = core.read_namespaced_secret("crflow-verify-pull", "crflow-verify")
     assert secret.type == "kubernetes.io/dockerconfigjson"

@@ -1,11 +1,14 @@
-"""The `crflow` command: runs the flows against a site file, and looks after the local registry.
+"""The `crflow` command: the top of the app. It runs the flows against a site file, and asks
+the site's target for its status.
 
     crflow install -c examples/local.yaml
     crflow status -c examples/local.yaml
     crflow export-client -c examples/local.yaml --out ./registry-client
     crflow down -c examples/local.yaml
 
-Errors come out as one line (`crflow: error: ...`) and exit code 1.
+Exit codes: 0 done (healthy), 1 an error (one line, `crflow: error: ...`), 2 a usage error,
+3 unhealthy, 4 not installed. Flows, tasks and Prefect are imported only by the commands
+that run a flow: `--help`, `status` and `export-client` answer without them.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from pathlib import Path
 import typer
 
 from crflow import runtime
-from crflow.errors import CrflowError
+from crflow.errors import CrflowError, NotInstalled
+from crflow.health import Status
 from crflow.settings import load_site
+from crflow.targets import target_for
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server that records crflow's runs.")
@@ -28,8 +33,8 @@ app.add_typer(server_app, name="server")
 SiteFile = typer.Option(..., "--config", "-c", help="The site file (YAML), e.g. examples/local.yaml.")
 
 
-# CrflowError, and ConnectionError: what crflow raises for "not answering" and retries; once
-# the retries are spent, its message is the whole story.
+# CrflowError, and ConnectionError: what crflow raises for "not answering" (NotAnswering) and
+# retries; once the retries are spent, its message is the whole story.
 ONE_LINE_ERRORS = (CrflowError, ConnectionError)
 
 
@@ -60,12 +65,12 @@ def _run_flow(flow, site_file: Path, *parameters):
 @app.command()
 def install(config: Path = SiteFile) -> None:
     """Install the registry described by the site file, or bring it back to that state."""
+    from crflow.flows.install import install as install_flow
     from crflow.oci import SMOKE_REPO
-    from flows.install import install as install_flow
 
     site = load_site(config)
     url = _run_flow(install_flow, config)
-    client = site.state_dir / "client"
+    client = target_for(site).bundle
     typer.echo(f"Registry ready at {url}")
     typer.echo(f"  client files: crflow export-client -c {config} --out DIR   (CA and login for skopeo/podman/docker)")
     typer.echo(f"  try: skopeo inspect --authfile {client}/auth.json --cert-dir {client} docker://{site.registry.server}/{SMOKE_REPO}:install")
@@ -79,7 +84,7 @@ def verify(
     source_authfile: Path = typer.Option(None, help="auth.json with a login for the source registry."),
 ) -> None:
     """Push a new image, pull it back, check the catalog and where the data landed, delete it."""
-    from flows.verify import verify as verify_flow
+    from crflow.flows.verify import verify as verify_flow
 
     load_site(config)
     extra = [str(p.resolve()) if isinstance(p, Path) else p for p in (source_image, source_ca, source_authfile)]
@@ -92,7 +97,7 @@ def upgrade(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change (the diff artifact), change nothing."),
 ) -> None:
     """Upgrade the registry to the site file and helm_chart/: diff, upgrade, verify, roll back if it breaks."""
-    from flows.upgrade import upgrade as upgrade_flow
+    from crflow.flows.upgrade import upgrade as upgrade_flow
 
     load_site(config)
     typer.echo(_run_flow(upgrade_flow, config, dry_run))
@@ -107,7 +112,7 @@ def rotate_credentials(
                                           help="Also renew the server certificate if it expires within DAYS."),
 ) -> None:
     """Rotate the registry login (new user and password) with no failed pull, and hand it to every consumer."""
-    from flows.rotate import rotate_credentials as rotate_flow
+    from crflow.flows.rotate import rotate_credentials as rotate_flow
 
     load_site(config)
     generation = _run_flow(rotate_flow, config, grace, renew_cert_within)
@@ -117,7 +122,7 @@ def rotate_credentials(
 @app.command("rotate-cert")
 def rotate_cert(config: Path = SiteFile) -> None:
     """Renew the server certificate from the same CA and roll the registry onto it."""
-    from flows.rotate import rotate_cert as rotate_flow
+    from crflow.flows.rotate import rotate_cert as rotate_flow
 
     load_site(config)
     typer.echo(f"Server certificate renewed: {_run_flow(rotate_flow, config)}")
@@ -126,42 +131,29 @@ def rotate_cert(config: Path = SiteFile) -> None:
 @app.command()
 def down(config: Path = SiteFile) -> None:
     """Stop the local registry (its data, certificates and credentials stay)."""
-    from tasks.localpod import LocalPod
-
-    site = load_site(config)
-    if site.target != "local":
-        raise CrflowError("crflow down stops the local target's registry; on Kubernetes use helm uninstall")
-    stopped = LocalPod(site.state_dir / "pod").stop()
+    stopped = target_for(load_site(config)).down()
     typer.echo("Registry stopped" if stopped else "Registry was not running")
 
 
 @app.command()
 def status(config: Path = SiteFile) -> None:
-    """Does the registry answer, over TLS, with the login crflow made? (exit 3 if not)"""
-    from tasks.localpod import LocalPod
-    from tasks.registry import probe
-
-    site = load_site(config)
-    healthy = True
-    if site.target == "local":
-        pid = LocalPod(site.state_dir / "pod").pid()
-        typer.echo(f"registry process: {'running, pid ' + str(pid) if pid else 'not running'}")
-        healthy = pid is not None
-    answer = probe(f"https://{site.registry.server}", site.state_dir / "client")
-    typer.echo(f"https://{site.registry.server}: {answer}")
+    """Is the registry running, and does it accept crflow's login over TLS? (exit 3 if not, 4 if never installed)"""
+    health = target_for(load_site(config)).status()
+    typer.echo(health.detail)
     runtime.configure()
     typer.echo(f"Prefect UI: {runtime.ui_url()} ({'up' if runtime.healthy() else 'not running'})")
-    if not healthy or answer.startswith(("NOT OK", "no client files")):
-        raise typer.Exit(3)
+    if health.status is not Status.HEALTHY:
+        typer.secho(f"crflow: {health.status.name.lower().replace('_', ' ')}", err=True, fg="red")
+        raise typer.Exit(int(health.status))
 
 
 @app.command("export-client")
 def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out", help="Directory to write.")) -> None:
     """Write DIR/ca.crt and DIR/auth.json (0600): what skopeo, podman or docker need."""
     site = load_site(config)
-    bundle = site.state_dir / "client"
+    bundle = target_for(site).bundle
     if not (bundle / "auth.json").exists():
-        raise CrflowError(f"no client files in {bundle}: run crflow install -c {config} first")
+        raise NotInstalled(f"no client files in {bundle}: run crflow install -c {config} first")
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in ("ca.crt", "auth.json"):
         shutil.copy2(bundle / name, out / name)
@@ -187,6 +179,9 @@ def main() -> None:
     runtime.configure()  # before anything imports prefect: its settings are read once, at import
     try:
         app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit
+    except NotInstalled as err:
+        typer.secho(f"crflow: error: {err}", err=True, fg="red")
+        sys.exit(int(Status.NOT_INSTALLED))
     except ONE_LINE_ERRORS as err:
         typer.secho(f"crflow: error: {err}", err=True, fg="red")
         sys.exit(1)

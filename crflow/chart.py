@@ -1,0 +1,124 @@
+"""The contract between crflow and `helm_chart/`: every name both sides use, named once here.
+
+The chart references Secrets crflow makes (never their content), and crflow reads the pod the
+chart renders (its container, its config volume). A rename on either side must change this
+module, and `tests/test_chart.py` renders the chart and checks every name below against it.
+
+    values = values_for(site, cert_fingerprint)            # the values crflow sets
+    secret_name("registry", "tls")                        # "registry-tls"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
+
+if TYPE_CHECKING:  # settings derives its list of refused chart.values from CRFLOW_VALUES below
+    from crflow.settings import Site
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "helm_chart"
+
+# The registry's pod, as the chart renders it.
+CONTAINER = "registry"  # the registry container's name
+COMMAND = "/bin/registry"  # the registry image's entrypoint
+CONFIG_VOLUME = "config"  # the volume holding the ConfigMap's config.yml
+CONFIG_FILE = "config.yml"
+
+# The Secrets crflow makes, by role: name suffix, type, and the keys the chart reads.
+SECRETS = {
+    "login": ("login", "kubernetes.io/basic-auth", ("username", "password")),  # for people and rotation
+    "tls": ("tls", "kubernetes.io/tls", ("tls.crt", "tls.key", "ca.crt")),
+    "htpasswd": ("htpasswd", "Opaque", ("htpasswd",)),
+    "http": ("http-secret", "Opaque", ("haSharedSecret",)),
+    "s3": ("s3", "Opaque", ("s3AccessKey", "s3SecretKey")),
+    "s3_ca": ("s3-ca", "Opaque", ("ca.crt",)),
+}
+
+SecretData = dict[str, dict[str, SecretStr]]  # Secret name -> key -> content
+
+
+def secret_name(release: str, role: str) -> str:
+    return f"{release}-{SECRETS[role][0]}"
+
+
+def secret_type(role: str) -> str:
+    return SECRETS[role][1]
+
+
+def data_claim(release: str) -> str:
+    """The claim filesystem storage is on, unless the site names an existing one."""
+    return f"{release}-data"
+
+
+# Chart values crflow sets from the site file, and the site key to change instead.
+CRFLOW_VALUES = {
+    "service": "registry (service_type, port, ips)",
+    "storage": "storage",
+    "s3": "storage",
+    "persistence": "storage",
+    "secrets": "nothing (crflow makes the Secrets)",
+    "tlsSecretName": "tls",
+    "secretsChecksum": "nothing (the server certificate's fingerprint)",
+}
+
+
+def registry_secrets(release: str, *, ca_pem: str, cert_pem: str, key_pem: SecretStr, htpasswd: SecretStr,
+                     http_secret: SecretStr, s3_keys: tuple[SecretStr, SecretStr] | None = None,
+                     s3_ca_pem: str | None = None) -> SecretData:
+    """The content of every Secret the chart references: name -> key -> value."""
+    def secret(role: str, *values: SecretStr) -> tuple[str, dict[str, SecretStr]]:
+        return secret_name(release, role), dict(zip(SECRETS[role][2], values, strict=True))
+
+    secrets = dict([
+        secret("tls", SecretStr(cert_pem), key_pem, SecretStr(ca_pem)),
+        secret("htpasswd", htpasswd),
+        secret("http", http_secret),
+    ])
+    if s3_keys:
+        secrets.update([secret("s3", *s3_keys)])
+    if s3_ca_pem:
+        secrets.update([secret("s3_ca", SecretStr(s3_ca_pem))])
+    return secrets
+
+
+def values_for(site: Site, cert_fingerprint: str) -> dict:
+    """The chart values of `site`: its own `chart.values` with crflow's on top.
+    `cert_fingerprint` lands in `secretsChecksum`, so a new server certificate rolls the pod."""
+    storage, address = site.storage, site.registry
+    values: dict = {
+        "service": {"type": address.service_type, "port": address.port},
+        "tlsSecretName": secret_name(site.release, "tls"),
+        "secrets": {"htpasswdSecretName": secret_name(site.release, "htpasswd"),
+                    "haSharedSecretName": secret_name(site.release, "http")},
+        "secretsChecksum": cert_fingerprint,
+        "storage": "s3" if storage.kind == "s3" else "filesystem",
+    }
+    if address.ips and address.service_type == "LoadBalancer":
+        values["service"]["loadBalancerIP"] = address.ips[0]
+    if address.service_type == "NodePort":  # clients reach node:port, so the node port is the registry's port
+        values["service"]["nodePort"] = address.port
+    if storage.kind == "s3":
+        values["secrets"]["s3"] = {"secretRef": secret_name(site.release, "s3")}
+        values["s3"] = {
+            "regionEndpoint": storage.endpoint,
+            "bucket": storage.bucket,
+            "region": storage.region,
+            "rootdirectory": storage.root_directory,
+            "secure": storage.endpoint.startswith("https://"),
+            "caBundleSecretName": secret_name(site.release, "s3_ca") if storage.ca_bundle else "",
+            "skipVerify": storage.skip_verify,
+        }
+    else:
+        claim = storage.existing_claim if storage.kind == "pvc" else None
+        values["persistence"] = {"enabled": True, "existingClaim": claim or data_claim(site.release)}
+    return merged(site.chart.values, values)
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, mappings merged key by key (as helm merges values files)."""
+    result = dict(base)
+    for key, value in over.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result

@@ -1,0 +1,305 @@
+"""How does the local target run the registry? As the pod our chart describes, played by a
+local process of the distribution registry binary (Debian's `docker-registry`). This is the
+local target's counterpart of the Kubernetes API and kubelet: a client, with no Prefect in it.
+
+The runner plays kubelet for the Deployment's pod spec:
+- each volume becomes a host directory under `<pod_dir>/volumes/` (ConfigMap and Secret
+  items written atomically, Secret files 0600), or the host directory a claim is bound to;
+- the container's filesystem view is emulated by translation: every string in args, env
+  values and the YAML config passed in args that starts with a mountPath is rewritten to
+  that volume's host directory;
+- the environment is the container's own (`env`, `valueFrom.secretKeyRef`), not the caller's;
+- the Service address is where the process listens (REGISTRY_HTTP_ADDR), as a port-forward.
+
+As on Kubernetes, a change to the pod spec (including its checksum annotations) or to
+resolved env restarts the process; a change to mounted Secret content only refreshes the
+files, which the registry re-reads (htpasswd) without a restart.
+
+    pod = LocalPod(state_dir / "pod")
+    pod.apply(manifests, secrets, claims={"registry-data": data_dir}, listen=("127.0.0.1", 5000))
+    pod.stop()
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import SecretStr
+
+from crflow.chart import COMMAND, CONTAINER, SecretData
+from crflow.errors import CrflowError
+from crflow.files import write_atomic
+
+BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
+
+
+def registry_binary() -> str:
+    binary = os.environ.get("CRFLOW_REGISTRY_BINARY") or shutil.which("docker-registry")
+    if not binary or not os.access(binary, os.X_OK):
+        raise CrflowError(f"the registry binary docker-registry was not found: {BINARY_HINT}")
+    return binary
+
+
+def _find(manifests: list[dict], kind: str, name: str | None = None) -> dict:
+    for obj in manifests:
+        if obj.get("kind") == kind and (name is None or obj["metadata"]["name"] == name):
+            return obj
+    raise CrflowError(f"the rendered chart has no {kind}{' ' + name if name else ''}")
+
+
+def ensure_port_free(host: str, port: int, wait: float = 0) -> None:
+    """The port is free (waiting up to `wait` seconds for a stopped process to let go of it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + wait
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise CrflowError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        if time.monotonic() >= deadline:
+            raise CrflowError(
+                f"port {port} on {host} is in use by another process; stop it or choose another registry.port")
+        time.sleep(0.1)
+
+
+
+@dataclass
+class Mounts:
+    """Container mountPath -> host directory, and the translation of container paths."""
+
+    table: dict[str, Path]
+
+    def translate(self, value: str) -> str:
+        if ":" in value and not value.startswith(":"):  # a PATH-like list, as in SSL_CERT_DIR
+            return ":".join(self.translate(part) for part in value.split(":"))
+        for mount_path in sorted(self.table, key=len, reverse=True):
+            if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                return str(self.table[mount_path]) + value[len(mount_path.rstrip("/")) :]
+        return value
+
+    def translate_tree(self, node):
+        if isinstance(node, dict):
+            return {k: self.translate_tree(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.translate_tree(v) for v in node]
+        return self.translate(node) if isinstance(node, str) else node
+
+
+class LocalPod:
+    """One registry pod run as a local process, with its state under `pod_dir`."""
+
+    def __init__(self, pod_dir: Path):
+        self.dir = pod_dir
+        self.pidfile = pod_dir / "registry.pid"
+        self.specfile = pod_dir / "spec.sha256"
+        self.manifestfile = pod_dir / "manifests.json"  # the rendered chart the process runs, as a release's manifest
+        self.logfile = pod_dir / "registry.log"
+
+    # --- process state -------------------------------------------------------------------
+    def pid(self) -> int | None:
+        """The running registry's pid, or None (a stale pidfile counts as not running)."""
+        try:
+            pid = int(self.pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if b"serve" in cmdline and state != "Z" else None
+
+    def stop(self, timeout: float = 15) -> bool:
+        """Stop the registry (SIGTERM to its process group, then SIGKILL); return whether one was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return False
+        os.killpg(pid, signal.SIGTERM)  # it leads its own session (start_new_session)
+        deadline = time.monotonic() + timeout
+        while self.pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.pid() is not None:
+            os.killpg(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+        return True
+
+    def manifests(self) -> list[dict]:
+        """The rendered chart last applied ([] if none), as `helm get manifest` shows a release."""
+        try:
+            return json.loads(self.manifestfile.read_text())
+        except FileNotFoundError:
+            return []
+
+    def running_pod(self) -> dict:
+        """{"template": the pod template, "configMaps": name -> data} of the running registry."""
+        if self.pid() is None:
+            raise CrflowError(f"the local registry is not running (no process for {self.dir}); run crflow install")
+        manifests = self.manifests()
+        configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in manifests if cm.get("kind") == "ConfigMap"}
+        return {"template": _find(manifests, "Deployment")["spec"]["template"], "configMaps": configs}
+
+    def log_tail(self, since: int = 0, lines: int = 3) -> str:
+        """What the registry logged from byte `since` on: its error lines if any, else the last lines."""
+        try:
+            with open(self.logfile, "rb") as log:
+                log.seek(since)
+                logged = log.read().decode(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return ""
+        errors = [line for line in logged if "error" in line.lower()]
+        return " | ".join((errors or logged)[-lines:])
+
+    # --- volumes ---------------------------------------------------------------------------
+    def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path]) -> Path:
+        name = volume["name"]
+        host = self.dir / "volumes" / name
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            if claim not in claims:
+                raise CrflowError(f"volume {name}: claim {claim} is bound to no local directory")
+            claims[claim].mkdir(parents=True, exist_ok=True)
+            return claims[claim]
+        if "emptyDir" in volume:
+            host.mkdir(parents=True, exist_ok=True)
+            return host
+        if "configMap" in volume:
+            source = _find(manifests, "ConfigMap", volume["configMap"]["name"])["data"]
+            files = {k: v.encode() for k, v in source.items()}
+            mode = 0o644
+        elif "secret" in volume:
+            secret_name = volume["secret"]["secretName"]
+            if secret_name not in secrets:
+                raise CrflowError(f"volume {name}: Secret {secret_name} does not exist")
+            files = {k: v.get_secret_value().encode() for k, v in secrets[secret_name].items()}
+            mode = 0o600
+        else:
+            raise CrflowError(f"volume {name}: only configMap, secret, emptyDir and PVC volumes run locally")
+        self._write_items(host, volume, files, mode)
+        return host
+
+    @staticmethod
+    def _write_items(host: Path, volume: dict, files: dict[str, bytes], mode: int) -> dict[str, bytes]:
+        """Write a ConfigMap/Secret volume's files, each atomically; return what they held before."""
+        items = volume.get("configMap", volume.get("secret")).get("items") or [{"key": k, "path": k} for k in files]
+        host.mkdir(parents=True, exist_ok=True, mode=0o700)
+        before = {}
+        for item in items:
+            if item["key"] not in files:
+                raise CrflowError(f"volume {volume['name']}: key {item['key']} is missing from its source")
+            path = host / item["path"]
+            if path.exists():
+                before[item["key"]] = path.read_bytes()
+            write_atomic(path, files[item["key"]], mode)
+        return before
+
+    def refresh_secret(self, name: str, data: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """Replace the files of the running pod's Secret volumes for Secret `name`, as the kubelet
+        refreshes them: each file atomically, no restart. Returns the previous content."""
+        files = {k: v.get_secret_value().encode() for k, v in data.items()}
+        volumes = [v for v in self.running_pod()["template"]["spec"].get("volumes") or []
+                   if (v.get("secret") or {}).get("secretName") == name]
+        if not volumes:
+            raise CrflowError(f"the local registry mounts no Secret {name}")
+        before = {}
+        for volume in volumes:
+            before.update(self._write_items(self.dir / "volumes" / volume["name"], volume, files, 0o600))
+        return {k: SecretStr(v.decode()) for k, v in before.items()}
+
+    # --- the container ---------------------------------------------------------------------
+    @staticmethod
+    def _env(container: dict, secrets: SecretData, mounts: Mounts) -> dict[str, str]:
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = mounts.translate(str(var["value"]))
+                continue
+            ref = var["valueFrom"].get("secretKeyRef")
+            if ref is None:
+                raise CrflowError(f"env {var['name']}: only value and secretKeyRef run locally")
+            try:
+                env[var["name"]] = secrets[ref["name"]][ref["key"]].get_secret_value()
+            except KeyError:
+                raise CrflowError(f"env {var['name']}: Secret {ref['name']} has no key {ref['key']}") from None
+        return env
+
+    def _command(self, container: dict, mounts: Mounts) -> list[str]:
+        command = [*(container.get("command") or [COMMAND]), *(container.get("args") or [])]
+        if command[0] != COMMAND:
+            raise CrflowError(f"the container runs {command[0]}, not the registry ({COMMAND})")
+        argv = [registry_binary()]
+        for arg in command[1:]:
+            host_arg = mounts.translate(arg)
+            if host_arg != arg and host_arg.endswith((".yml", ".yaml")):
+                # The config, as the container would read it: its paths translated too.
+                config = mounts.translate_tree(yaml.safe_load(Path(host_arg).read_text()))
+                host_file = self.dir / Path(arg).name
+                write_atomic(host_file, yaml.safe_dump(config).encode(), 0o600)
+                host_arg = str(host_file)
+            argv.append(host_arg)
+        return argv
+
+    def _wait_listening(self, process: subprocess.Popen, host: str, port: int, log_start: int,
+                        timeout: float = 20) -> None:
+        """The new process accepts connections; or it exited, and its log says why."""
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail(log_start)}")
+
+    def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
+        """Make the running process match the rendered pod; return "started", "unchanged", or
+        "restarted; ..." with how long connections were refused."""
+        deployment = _find(manifests, "Deployment")
+        template = deployment["spec"]["template"]
+        (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host_dirs = {
+            v["name"]: self._volume(v, manifests, secrets, claims) for v in template["spec"].get("volumes") or []
+        }
+        mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
+        env = self._env(container, secrets, mounts)
+        env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f"[{listen[0]}]:{listen[1]}"
+        argv = self._command(container, mounts)
+        spec = json.dumps([template, argv, env], sort_keys=True).encode()
+        digest = hashlib.sha256(spec).hexdigest()
+
+        write_atomic(self.manifestfile, json.dumps(manifests).encode(), 0o644)
+        running = self.pid()
+        if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
+            return "unchanged"
+        stopped = time.monotonic()
+        if running is not None:
+            self.stop()
+        ensure_port_free(*listen, wait=10 if running is not None else 0)
+        with open(self.logfile, "ab") as log:
+            log_start = log.tell()
+            process = subprocess.Popen(
+                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives the crflow process that started it
+            )
+        write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
+        write_atomic(self.specfile, digest.encode(), 0o644)
+        self._wait_listening(process, "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1],
+                             log_start)
+        if running is None:
+            return "started"
+        # One process per port: between the old one's stop and the new one's listen, connections are refused.
+        return f"restarted; refused connections for {time.monotonic() - stopped:.2f} s"

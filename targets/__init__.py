@@ -1,0 +1,115 @@
+"""Where the registry runs: one interface, two targets, chosen once from the site file.
+
+    target = target_for(site)      # LocalTarget or KubernetesTarget
+    target.prepare()               # the namespace; the directory or volume blobs go to
+    target.put_secrets(contents)   # the Secrets the chart references
+    target.deploy(values, manifests)
+
+Everything that differs between running the chart's pod as a local process and installing
+it with helm is a method here, so the flows read the same for both. Only this factory
+compares `site.target`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from crflow.chart import SecretData
+from crflow.health import Health
+from crflow.settings import Site
+
+if TYPE_CHECKING:  # the task modules import Prefect, which `crflow status` must not pay for
+    from crflow.tasks.credentials import Credentials
+    from crflow.tasks.registry import Pushed
+    from crflow.tasks.storage import S3Keys
+
+Check = tuple[str, Callable[..., Any], tuple]  # (what it checks, the task, its arguments)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What is deployed: helm's revision (None on the local target, which keeps no history)
+    and the manifests it consists of ([] when nothing is deployed)."""
+
+    revision: int | None
+    manifests: list[dict] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"revision {self.revision}" if self.revision is not None else "the running pod"
+
+
+class Target(ABC):
+    def __init__(self, site: Site):
+        self.site = site
+        self.url = f"https://{site.registry.server}"
+        self.bundle = site.state_dir / "client"  # the client files: ca.crt and auth.json
+
+    @abstractmethod
+    def check_host(self) -> None:
+        """Before anything is made: what this target needs from the machine is there."""
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """The namespace, and where blobs go when storage is not S3 (a directory or a volume)."""
+
+    @abstractmethod
+    def s3_keys(self) -> S3Keys:
+        """The S3 keys the registry uses: MinIO's Secret on the cluster, its stand-in file here."""
+
+    @abstractmethod
+    def put_secrets(self, contents: SecretData) -> None:
+        """The Secrets the chart references, as the next deploy will mount them."""
+
+    @abstractmethod
+    def update_secret(self, role: str, data: dict[str, SecretStr]) -> None:
+        """New content for one Secret the running registry mounts, without a restart (put back
+        on a transaction's rollback)."""
+
+    @abstractmethod
+    def deploy(self, values: dict, manifests: list[dict], changed: bool = False) -> Release:
+        """The chart running with `values` (rendered as `manifests`), waited for. Nothing
+        restarts unless something changed, or the caller saw the manifests differ (`changed`)."""
+
+    @abstractmethod
+    def deployed(self) -> Release:
+        """What runs now."""
+
+    @abstractmethod
+    def roll_back(self, to: Release) -> Release:
+        """Back to an earlier release, waited for; returns what runs now."""
+
+    @abstractmethod
+    def running_pod(self) -> dict:
+        """{"template": the registry's pod template, "configMaps": name -> data}, as it runs."""
+
+    @abstractmethod
+    def checks(self, pushed: Pushed) -> list[Check]:
+        """The verify checks only this target can make, for an image just pushed."""
+
+    @abstractmethod
+    def publish_login(self, ca_pem: str, creds: Credentials) -> list[str]:
+        """Give the login to everyone who uses it; returns the namespaces whose pull Secret was
+        written or checked."""
+
+    @abstractmethod
+    def status(self) -> Health:
+        """Is the registry running and does it accept crflow's login over TLS?"""
+
+    @abstractmethod
+    def down(self) -> bool:
+        """Stop the registry, keeping its data, certificates and logins; whether it was running."""
+
+
+def target_for(site: Site) -> Target:
+    if site.target == "kubernetes":
+        from crflow.targets.kubernetes import KubernetesTarget
+
+        return KubernetesTarget(site)
+    from crflow.targets.local import LocalTarget
+
+    return LocalTarget(site)

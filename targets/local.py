@@ -1,0 +1,97 @@
+"""The local target: the chart's registry pod run on this machine as a `docker-registry`
+process (crflow/localpod.py plays the kubelet). The Secrets live in this object until the pod
+mounts them, as the API server holds them until the kubelet does.
+
+Task modules are imported in the methods that run them: `crflow status` and `crflow down`
+use only the plain clients and must not pay for Prefect's import (about a second).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from crflow.chart import SecretData, data_claim, secret_name
+from crflow.health import Health, Status, registry_health
+from crflow.localpod import LocalPod
+from crflow.settings import Site
+from crflow.targets import Check, Release, Target
+
+
+class LocalTarget(Target):
+    def __init__(self, site: Site):
+        super().__init__(site)
+        self.pod_dir = site.state_dir / "pod"
+        self.contents: SecretData | None = None
+        self.claims: dict[str, Path] = {}
+
+    def check_host(self) -> None:
+        from crflow.tasks.localpod import check_local_host
+
+        check_local_host(self.pod_dir, self.site.registry.listen)
+
+    def prepare(self) -> None:
+        from crflow.tasks.storage import ensure_directory
+
+        if self.site.storage.kind == "filesystem":
+            self.claims[data_claim(self.site.release)] = ensure_directory(self.site.data_dir)
+
+    def s3_keys(self):
+        from crflow.tasks.storage import read_s3_keys_file
+
+        source = self.site.storage.credentials
+        return read_s3_keys_file(source.file, source.access_key_key, source.secret_key_key)
+
+    def put_secrets(self, contents: SecretData) -> None:
+        self.contents = contents
+
+    def update_secret(self, role: str, data: dict[str, SecretStr]) -> None:
+        from crflow.tasks.localpod import put_local_secret
+
+        put_local_secret(self.pod_dir, secret_name(self.site.release, role), data)
+
+    def deploy(self, values: dict, manifests: list[dict], changed: bool = False) -> Release:
+        from crflow.tasks.localpod import run_local_pod
+
+        if self.contents is None:
+            raise RuntimeError("put_secrets before deploy: the pod mounts them")
+        run_local_pod(self.pod_dir, manifests, self.contents, self.claims, self.site.registry.listen)
+        return Release(None, manifests)
+
+    def deployed(self) -> Release:
+        return Release(None, LocalPod(self.pod_dir).manifests())
+
+    def roll_back(self, to: Release) -> Release:
+        return self.deploy({}, to.manifests)
+
+    def running_pod(self) -> dict:
+        from crflow.tasks.localpod import read_local_pod
+
+        return read_local_pod(self.pod_dir)
+
+    def checks(self, pushed) -> list[Check]:
+        from crflow.tasks.storage import blob_in_directory
+
+        if self.site.storage.kind != "filesystem":
+            return []
+        return [("the layer is in the storage directory", blob_in_directory, (self.site.data_dir, pushed.blobs[-1]))]
+
+    def publish_login(self, ca_pem: str, creds) -> list[str]:
+        from crflow.tasks.client import save_client_bundle
+
+        save_client_bundle(self.bundle, self.site.registry.server, ca_pem, creds)
+        return []
+
+    def status(self) -> Health:
+        pod = LocalPod(self.pod_dir)
+        if not pod.manifests() and not (self.bundle / "auth.json").exists():
+            return Health(Status.NOT_INSTALLED, f"no registry installed in {self.site.state_dir}; run crflow install")
+        pid = pod.pid()
+        if pid is None:
+            return Health(Status.UNHEALTHY, "the local registry process is not running; crflow install starts it")
+        health = registry_health(self.url, self.bundle)
+        return Health(health.status, f"registry process {pid}: {health.detail}")
+
+    def down(self) -> bool:
+        return LocalPod(self.pod_dir).stop()

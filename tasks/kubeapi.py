@@ -1,0 +1,126 @@
+"""How do we talk to the cluster? The official Python client, opened per call from plain
+access settings, with the retries every write shares, crflow's labels, and the namespace.
+
+    kube = KubeAccess(kubeconfig="~/.kube/config", context=None)
+    with api_client(kube) as api:
+        ensure_namespace(api, "container-registry", managed_labels("registry"))
+
+Every write is idempotent (read, compare, write only what differs) and retried on what a
+retry can fix: connection errors, 429, 5xx, and 409 (someone else wrote first: read again).
+No Secret value ever reaches a message: errors name the object, the verb and the status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from prefect import task
+from pydantic import BaseModel
+
+from crflow.errors import CrflowError, transient_only
+
+KUBECONFIG_HINT = "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config"
+RETRIED_STATUSES = {409, 429, 500, 502, 503, 504}
+POOL_SIZE = 16  # keep-alive connections per client: as many as crflow.tasks.consumers writes in parallel
+
+
+class KubeAccess(BaseModel):
+    """Which cluster: a kubeconfig file (None: $KUBECONFIG, ~/.kube/config, or in-cluster) and context."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+
+
+def managed_labels(release: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "crflow-registry", "app.kubernetes.io/instance": release,
+            "app.kubernetes.io/managed-by": "crflow"}
+
+
+@contextlib.contextmanager
+def api_client(kube: KubeAccess) -> Iterator[client.ApiClient]:
+    """An ApiClient for `kube`, closed afterwards; a missing kubeconfig is a CrflowError with the fix."""
+    configuration = client.Configuration()
+    if kube.kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ:
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        path = Path(kube.kubeconfig or os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
+        if not path.is_file():
+            raise CrflowError(f"no kubeconfig at {path}: write one with `{KUBECONFIG_HINT}` or set cluster.kubeconfig")
+        try:
+            config.load_kube_config(config_file=str(path), context=kube.context, client_configuration=configuration)
+        except config.ConfigException as err:
+            raise CrflowError(f"kubeconfig {path}: {err}") from None
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, POOL_SIZE)
+    api = client.ApiClient(configuration)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def _reason(err: ApiException) -> str:
+    try:
+        return json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return err.reason or ""
+
+
+def retrying(what: str, call: Callable, attempts: int = 6, first_delay: float = 0.2):
+    """Run `call` (a whole read-compare-write) until it succeeds or fails for good."""
+    delay = first_delay
+    for attempt in range(attempts):
+        last = attempt == attempts - 1
+        try:
+            return call()
+        except ApiException as err:
+            if err.status in RETRIED_STATUSES and not last:
+                time.sleep(delay)
+                delay *= 2
+                continue
+            raise CrflowError(f"Kubernetes API: {what} failed with {err.status}: {_reason(err)}") from None
+        except (urllib3.exceptions.HTTPError, ConnectionError) as err:
+            if not last:
+                time.sleep(delay)
+                delay *= 2
+                continue
+            raise CrflowError(f"Kubernetes API unreachable during {what} ({type(err).__name__}); "
+                              f"check the kubeconfig (`{KUBECONFIG_HINT}`)") from None
+
+
+def get_or_none(read: Callable):
+    """`read()`, or None where the object does not exist (404)."""
+    try:
+        return read()
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def ensure_namespace(api: client.ApiClient, name: str, labels: dict[str, str]) -> str:
+    core = client.CoreV1Api(api)
+
+    def attempt() -> str:
+        if get_or_none(lambda: core.read_namespace(name)) is not None:
+            return "unchanged"
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+        return "created"
+
+    return retrying(f"create namespace {name}", attempt)
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def create_namespace(kube: KubeAccess, namespace: str, release: str) -> str:
+    """The registry's namespace, labelled as crflow's."""
+    with api_client(kube) as api:
+        return ensure_namespace(api, namespace, managed_labels(release))
+
+

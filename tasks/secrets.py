@@ -1,0 +1,104 @@
+"""How do we keep the registry's Secrets? One function writes any of them, only where it
+differs, and can put back what it replaced; MinIO's keys are read from MinIO's own Secret.
+
+    with api_client(kube) as api:
+        apply_secret(api, "container-registry", "registry-tls", "kubernetes.io/tls", data, labels)
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+from kubernetes import client
+from prefect import task
+from pydantic import SecretStr
+
+from crflow.errors import CrflowError, transient_only
+from crflow.tasks.kubeapi import KubeAccess, api_client, get_or_none, managed_labels, retrying
+from crflow.tasks.storage import S3Keys
+from crflow.undo import undo, undoable
+
+
+def apply_secret(api: client.ApiClient, namespace: str, name: str, secret_type: str,
+                 data: dict[str, SecretStr], labels: dict[str, str]) -> str:
+    """Make Secret namespace/name hold exactly `data`: "created", "updated" or "unchanged"."""
+    core = client.CoreV1Api(api)
+    encoded = {k: base64.b64encode(v.get_secret_value().encode()).decode() for k, v in data.items()}
+
+    def attempt() -> str:
+        current = get_or_none(lambda: core.read_namespaced_secret(name, namespace))
+        if current is None:
+            core.create_namespaced_secret(namespace, client.V1Secret(
+                metadata=client.V1ObjectMeta(name=name, labels=labels), type=secret_type, data=encoded))
+            return "created"
+        current_labels = current.metadata.labels or {}
+        if current.data == encoded and current.type == secret_type and labels.items() <= current_labels.items():
+            return "unchanged"
+        if current.type != secret_type:  # the type of a Secret cannot change: replace it whole
+            core.delete_namespaced_secret(name, namespace)
+            core.create_namespaced_secret(namespace, client.V1Secret(
+                metadata=client.V1ObjectMeta(name=name, labels=labels), type=secret_type, data=encoded))
+            return "updated"
+        current.data, current.metadata.labels = encoded, {**current_labels, **labels}
+        core.replace_namespaced_secret(name, namespace, current)  # 409 if someone wrote since: retried
+        return "updated"
+
+    return retrying(f"write Secret {namespace}/{name}", attempt)
+
+
+def snapshot_secret(api: client.ApiClient, namespace: str, name: str) -> client.V1Secret | None:
+    """A Secret as it is now (None: absent), to put it back with `restore_secret`."""
+    core = client.CoreV1Api(api)
+    return retrying(f"read Secret {namespace}/{name}",
+                    lambda: get_or_none(lambda: core.read_namespaced_secret(name, namespace)))
+
+
+def restore_secret(kube: KubeAccess, namespace: str, name: str, before: client.V1Secret | None) -> None:
+    """Put back a Secret `snapshot_secret` saw (or delete it, if it was absent)."""
+    with api_client(kube) as api:
+        if before is None:
+            core = client.CoreV1Api(api)
+            retrying(f"delete Secret {namespace}/{name}",
+                     lambda: get_or_none(lambda: core.delete_namespaced_secret(name, namespace)))
+            return
+        data = {k: SecretStr(base64.b64decode(v).decode()) for k, v in (before.data or {}).items()}
+        apply_secret(api, namespace, name, before.type, data, before.metadata.labels or {})
+
+
+def write_secret_undoably(kube: KubeAccess, api: client.ApiClient, namespace: str, name: str, secret_type: str,
+                          data: dict[str, SecretStr], labels: dict[str, str], on_undo: Callable) -> str:
+    before = snapshot_secret(api, namespace, name)
+    outcome = apply_secret(api, namespace, name, secret_type, data, labels)
+    if outcome != "unchanged":
+        on_undo(lambda: restore_secret(kube, namespace, name, before))
+    return outcome
+
+
+def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str]) -> dict[str, SecretStr]:
+    core = client.CoreV1Api(api)
+    secret = retrying(f"read Secret {namespace}/{name}", lambda: core.read_namespaced_secret(name, namespace))
+    missing = [k for k in keys if k not in (secret.data or {})]
+    if missing:
+        raise CrflowError(f"Secret {namespace}/{name} has no key {', '.join(missing)}")
+    return {k: SecretStr(base64.b64decode(secret.data[k]).decode()) for k in keys}
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def put_secret(kube: KubeAccess, namespace: str, name: str, secret_type: str, data: dict[str, SecretStr],
+               release: str) -> str:
+    """One of the registry's Secrets, written only where it differs (put back on rollback)."""
+    with api_client(kube) as api, undoable() as on_undo:
+        return write_secret_undoably(kube, api, namespace, name, secret_type, data, managed_labels(release), on_undo)
+
+
+put_secret.on_rollback(undo)
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str, access_key_key: str,
+                        secret_key_key: str) -> S3Keys:
+    """The S3 keys from MinIO's own Secret (the registry's Secret gets a copy with the others)."""
+    with api_client(kube) as api:
+        keys = read_secret(api, namespace, name, [access_key_key, secret_key_key])
+    return S3Keys(access_key=keys[access_key_key], secret_key=keys[secret_key_key])
