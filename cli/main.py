@@ -188,3 +188,7 @@ def main() -> None:
     except Exception as err:  # not ours: say what and where to look, still one line
         typer.secho(f"crflow: error: {type(err).__name__}: {err}", err=True, fg="red")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

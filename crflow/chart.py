@@ -26,14 +26,15 @@ COMMAND = "/bin/registry"  # the registry image's entrypoint
 CONFIG_VOLUME = "config"  # the volume holding the ConfigMap's config.yml
 CONFIG_FILE = "config.yml"
 
-# The Secrets crflow makes, by role: name suffix, type, and the keys the chart reads.
+# The Secrets crflow makes, by role (in the runbook's order): name suffix, type, and the keys
+# the chart reads.
 SECRETS = {
-    "login": ("login", "kubernetes.io/basic-auth", ("username", "password")),  # for people and rotation
+    "s3": ("s3", "Opaque", ("s3AccessKey", "s3SecretKey")),
+    "s3_ca": ("s3-ca", "Opaque", ("ca.crt",)),
     "tls": ("tls", "kubernetes.io/tls", ("tls.crt", "tls.key", "ca.crt")),
     "htpasswd": ("htpasswd", "Opaque", ("htpasswd",)),
     "http": ("http-secret", "Opaque", ("haSharedSecret",)),
-    "s3": ("s3", "Opaque", ("s3AccessKey", "s3SecretKey")),
-    "s3_ca": ("s3-ca", "Opaque", ("ca.crt",)),
+    "login": ("login", "kubernetes.io/basic-auth", ("username", "password")),  # for people and rotation
 }
 
 SecretData = dict[str, dict[str, SecretStr]]  # Secret name -> key -> content
