@@ -196,7 +196,8 @@ def test_a_failed_local_rotation_puts_back_htpasswd_and_the_client_files(crflow,
 
     result = crflow("rotate-credentials", "-c", str(installed.path), "--grace", "0", check=False)
     assert result.returncode == 1 and "failed with 405" in result.stderr.strip().splitlines()[-1]
-    # The overlap had been written (and the new login accepted): what is back was put back.
-    assert ("put_local_secret", "Completed") in task_runs(crflow.api, installed.path)
+    # The overlap had been written (and the new login accepted): what is back was put back, and
+    # Prefect records the writing task as rolled back.
+    assert ("put_local_secret", "RolledBack") in task_runs(crflow.api, installed.path)
     assert {path: path.read_bytes() for path in before} == before
     assert status(installed, *old) == 200
