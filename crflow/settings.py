@@ -176,6 +176,12 @@ class PullSecrets(Strict):
     default_service_account: bool = False  # also list the Secret in each namespace's `default` ServiceAccount
 
 
+class Runs(Strict):
+    # How long a run waits for another run of the same site to finish before it fails: a
+    # rotation with a long grace period holds the site that long.
+    wait_seconds: Annotated[int, Field(ge=0, le=86400)] = 900
+
+
 class Rotation(Strict):
     # How long the old login keeps working after every consumer has the new one: long
     # enough for clients that read their pull secret or auth file only now and then.
@@ -215,6 +221,7 @@ class Site(Strict):
     cluster: Cluster = Cluster()
     pull_secrets: PullSecrets = PullSecrets()
     rotation: Rotation = Rotation()
+    runs: Runs = Runs()
     chart: Chart = Chart()
 
     @model_validator(mode="after")
@@ -276,16 +283,31 @@ def _explain(error: dict) -> str:
     return f"{where}: {message}" if where else message
 
 
+MAX_SITE_FILE = 256 * 1024  # a site file is a page or two; anything near this is not one
+
+
+def _plain_yaml(path: Path, text: str) -> None:
+    """Refuse anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes
+    (a "billion laughs"), and a site file has no need of them."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise CrflowError(f"{path}: YAML anchors and aliases (&name, *name) are not allowed in a site file; "
+                              "write the values out")
+
+
 def load_site(path: Path) -> Site:
     """Read and validate the site file; raise CrflowError naming every bad key."""
     try:
+        if path.stat().st_size > MAX_SITE_FILE:
+            raise CrflowError(f"{path} is larger than {MAX_SITE_FILE // 1024} KiB; is it really a site file?")
         text = path.read_text()
     except OSError as err:
         raise CrflowError(f"cannot read site file {path}: {err.strerror}") from None
     try:
+        _plain_yaml(path, text)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise CrflowError(f"{path} is not valid YAML: {err}") from None
+        raise CrflowError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise CrflowError(f"{path}: expected a mapping of settings at the top level")
     _resolve_paths(raw, path.resolve().parent)

@@ -105,6 +105,14 @@ def new_server_cert(ca: KeyPair, ips: list[str], dns_names: list[str], days: int
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(  # what strict clients and linters expect of a TLS server key: sign, and for RSA encipher
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPrivateKey), content_commitment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
         )
