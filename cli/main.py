@@ -14,8 +14,11 @@ that run a flow: `--help`, `status` and `export-client` answer without them.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -175,7 +178,18 @@ def server_stop() -> None:
     typer.echo("Prefect server stopped" if runtime.stop_server() else "Prefect server was not running")
 
 
+def _end_on_sigterm(signum, frame) -> None:
+    """SIGTERM ends crflow: SystemExit lets Prefect mark the run Crashed on its way out, and a
+    timer ends the process anyway if that way out is blocked (every step is safe to rerun)."""
+    backstop = threading.Timer(4, os._exit, (128 + signum,))
+    backstop.daemon = True
+    backstop.start()
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    os.umask(0o077)  # what crflow writes (Prefect's result files too) is its user's only
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     runtime.configure()  # before anything imports prefect: its settings are read once, at import
     try:
         app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit

@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 
+def private_dir(path: Path) -> Path:
+    """A directory only its owner can enter (0700), made if missing, tightened if it existed."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def write_atomic(path: Path, content: bytes, mode: int) -> bool:
     """Replace `path` by rename (readers never see half a file); return whether it changed."""
     if path.exists() and path.read_bytes() == content:

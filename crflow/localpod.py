@@ -294,6 +294,7 @@ class LocalPod:
             process = subprocess.Popen(
                 argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives the crflow process that started it
+                umask=0o077,  # blobs and uploads readable by the registry's user only
             )
         write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
         write_atomic(self.specfile, digest.encode(), 0o644)

@@ -22,6 +22,7 @@ from prefect.serializers import Serializer
 from prefect.utilities.hashing import hash_objects
 
 from crflow.errors import CrflowError
+from crflow.files import private_dir
 
 KEY_ENV = "CRFLOW_RESULT_KEY"
 KEYCHECK = ".keycheck"
@@ -90,7 +91,7 @@ class Vault:
 def open_vault(state_dir: Path) -> Vault:
     """Check (or on first use, create) the result key for this state directory."""
     results_dir, key_file = state_dir / "results", state_dir / "result.key"
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
     results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keycheck = results_dir / KEYCHECK
     key = _read_key(key_file)

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from crflow.chart import values_for
+from crflow.flows.site_lock import one_run_per_site
 from crflow.flows.steps import site_secrets, storage_and_secrets
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
@@ -22,6 +23,7 @@ from crflow.vault import open_vault
 
 
 @flow(name="install")
+@one_run_per_site
 def install(site_file: str) -> str:
     """Install (or converge) the registry described by `site_file`; return its address."""
     site = load_site(Path(site_file))

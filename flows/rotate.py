@@ -30,6 +30,7 @@ from prefect.transactions import transaction
 from pydantic import SecretStr
 
 from crflow.flows.install import install
+from crflow.flows.site_lock import one_run_per_site
 from crflow.flows.steps import login, server_cert, site_ca
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
@@ -59,6 +60,7 @@ def _joined(*lines: SecretStr) -> SecretStr:
 
 
 @flow(name="rotate-credentials")
+@one_run_per_site
 def rotate_credentials(site_file: str, grace_seconds: int | None = None,
                        renew_cert_within_days: int | None = None) -> int:
     """Rotate the registry login to a new generation with no failed pull; return the generation."""
@@ -68,8 +70,8 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     timeout = site.rotation.propagation_timeout_seconds
     vault = open_vault(site.state_dir)
     gens = Generations.load(site.state_dir)
-    if gens.rotating_to is None:
-        gens = gens.model_copy(update={"rotating_to": gens.credentials + 1}).save(site.state_dir)
+    gens = gens.model_copy(update={"rotating_to": gens.rotating_to or gens.credentials + 1,
+                                   "rotation_undone": False}).save(site.state_dir)
     started = dt.datetime.now(dt.timezone.utc)
 
     # 1. The new login (cached: a rerun gets the same one), and both logins as client files.
@@ -97,6 +99,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     except Exception:
         # Rolled back: the old htpasswd is in the Secret again; see the registry take it.
         wait_for_login(url, old_bundle, True, timeout)
+        gens.model_copy(update={"rotation_undone": True}).save(site.state_dir)
         raise
     overlap = f"{time.monotonic() - overlap_started:.1f} s" if not retired else "ended by an earlier run"
 
@@ -118,6 +121,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
 
 
 @flow(name="rotate-cert")
+@one_run_per_site
 def rotate_cert(site_file: str) -> str:
     """Renew the server certificate from the same CA, roll the registry onto it, check it is served."""
     site = load_site(Path(site_file))

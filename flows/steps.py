@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 
 from crflow.chart import registry_secrets
+from crflow.errors import CrflowError
 from crflow.generations import Generations
+from crflow.identity import guard
 from crflow.settings import S3Storage, Site
 from crflow.targets import Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
@@ -28,18 +30,28 @@ class SiteSecrets:
     http_secret: SecretStr
 
 
+# Each of these checks what the cache gave against the site's identity record before it is
+# used: a damaged cache or another key must stop the run, never make a second CA or login.
 def site_ca(site: Site, vault: Vault) -> KeyPair:
-    return vault(make_ca)(f"crflow {site.release} CA", days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm)
+    ca = vault(make_ca)(f"crflow {site.release} CA", days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm)
+    guard(site.state_dir, "ca", "", ca.fingerprint)
+    return ca
 
 
 def server_cert(site: Site, vault: Vault, ca: KeyPair, generation: int) -> KeyPair:
-    return vault(make_server_cert)(ca, site.registry.ips, site.registry.dns_names, days=site.tls.server_days,
-                                   key_algorithm=site.tls.key_algorithm, generation=generation)
+    address, tls = site.registry, site.tls
+    cert = vault(make_server_cert)(ca, address.ips, address.dns_names, days=tls.server_days,
+                                   key_algorithm=tls.key_algorithm, generation=generation)
+    made_for = f"generation {generation} for {','.join(address.ips + address.dns_names)}, {tls.server_days} days, " \
+               f"{tls.key_algorithm}"
+    guard(site.state_dir, "server_certs", made_for, cert.fingerprint)
+    return cert
 
 
 def login(site: Site, vault: Vault, generation: int) -> tuple[Credentials, SecretStr]:
     """The credentials of one generation and their htpasswd line."""
     creds = vault(make_credentials)(site.auth.user, generation)
+    guard(site.state_dir, "logins", f"generation {generation} of user {site.auth.user or '(generated)'}", creds.id)
     return creds, vault(make_htpasswd)(creds, cost=site.auth.bcrypt_cost)
 
 
@@ -48,6 +60,9 @@ def site_secrets(site: Site, vault: Vault) -> SiteSecrets:
     the addresses clients use, a login (user, random password, bcrypt in htpasswd) and the
     http.secret. Rotations move the generations on; every later run keeps what they made."""
     gens = Generations.load(site.state_dir)
+    if gens.rotating_to is not None and not gens.rotation_undone:  # its new login may be in consumers' hands
+        raise CrflowError(f"a login rotation to generation {gens.rotating_to} is under way; finish it first with "
+                          "crflow rotate-credentials (this run would hand out the older login again)")
     ca = site_ca(site, vault)
     creds, htpasswd = login(site, vault, gens.credentials)
     return SiteSecrets(ca=ca, server_cert=server_cert(site, vault, ca, gens.server_cert), creds=creds,

@@ -12,6 +12,7 @@ from cryptography import x509
 from prefect import flow
 
 from crflow.errors import StorageFailure
+from crflow.flows.site_lock import one_run_per_site
 from crflow.oci import SMOKE_REPO, served_certificate
 from crflow.settings import S3Storage, load_site
 from crflow.targets import target_for
@@ -29,6 +30,7 @@ from crflow.tasks.storage import blob_in_bucket, bucket_present, check_pod_stora
 
 
 @flow(name="verify-push-pull")
+@one_run_per_site
 def verify(site_file: str, source_image: str | None = None, source_ca: str | None = None,
            source_authfile: str | None = None) -> str:
     """Check that the registry of `site_file` takes, serves and stores images; fail if not.

@@ -21,6 +21,7 @@ from pydantic import BaseModel, SecretStr
 
 from crflow.chart import CONFIG_FILE, CONFIG_VOLUME, CONTAINER
 from crflow.errors import CrflowError, transient_only
+from crflow.files import private_dir
 
 
 class S3Keys(BaseModel):
@@ -93,9 +94,8 @@ def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Key
 
 @task
 def ensure_directory(path: Path) -> Path:
-    """The directory the registry keeps blobs in (filesystem storage)."""
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The directory the registry keeps blobs in (filesystem storage), private to its owner."""
+    return private_dir(path)
 
 
 @task

@@ -62,6 +62,7 @@ class Crflow:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
         self.env.update(PREFECT_API_URL=prefect_api, CRFLOW_HOME=str(home), DO_NOT_TRACK="1")
         self.api = prefect_api
+        self.binary = str(BIN / "crflow")
 
     def __call__(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         result = subprocess.run([str(BIN / "crflow"), *args], capture_output=True, text=True,

@@ -143,7 +143,7 @@ def test_rotation_renews_a_certificate_that_expires_soon(crflow, installed):
     crflow("rotate-credentials", "-c", str(installed.path), "--grace", "0", "--renew-cert-within", "400")
     assert tls_crt.read_text() != cert
     assert json.loads((installed.state / "generations.json").read_text()) == {
-        "credentials": 2, "rotating_to": None, "server_cert": 1, "renewing_cert": False}
+        "credentials": 2, "rotating_to": None, "rotation_undone": False, "server_cert": 1, "renewing_cert": False}
 
 
 # Where a rotation is killed: after the n-th run of a task, in each of its steps 1-6.

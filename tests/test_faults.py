@@ -1,0 +1,139 @@
+"""Attacks a careful operator makes on the local target, each as it was reproduced, and what
+must hold afterwards: the exit code, the one-line message, and that nothing was lost (the CA
+fingerprint clients trust, the login they hold, the images stored). curl and openssl judge
+what the registry serves; crflow's own client is not asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+from crflow.vault import identity_key
+
+
+def curl_status(site, user: str, password: str) -> int:
+    """GET /v2/ with this login, trusting only the CA file crflow wrote (curl is the judge)."""
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(site.client / "ca.crt"),
+                          "-u", f"{user}:{password}", f"{site.url}/v2/"], capture_output=True, text=True, timeout=30)
+    return int(out.stdout or 0)
+
+
+def last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def snapshot(site) -> dict:
+    return {"ca.crt": (site.client / "ca.crt").read_bytes(), "login": site.login()}
+
+
+def damage(path):
+    path.write_bytes(path.read_bytes()[:40])
+
+
+CA_KEY = identity_key(common_name="crflow registry CA", generation=0)  # what make_ca caches under
+LOGIN_KEY = identity_key(user=None, generation=0)  # make_credentials' INPUTS key for a generated user
+
+
+@pytest.mark.parametrize("fault", ["truncated CA record", "truncated login record", "wrong key, keycheck removed"])
+def test_a_damaged_cache_stops_the_run_and_nothing_is_replaced(crflow, installed, fault):
+    before = snapshot(installed)
+    results = installed.state / "results"
+    env = {}
+    if fault == "truncated CA record":
+        damage(results / CA_KEY)
+    elif fault == "truncated login record":
+        damage(results / LOGIN_KEY)
+    else:
+        (results / ".keycheck").unlink()
+        env = {"CRFLOW_RESULT_KEY": Fernet.generate_key().decode()}
+    result = crflow("install", "-c", str(installed.path), check=False, env=env)
+    assert result.returncode == 1
+    assert "is not the one this site uses" in last_line(result) and "crflow restore" in last_line(result)
+    assert snapshot(installed) == before
+    assert curl_status(installed, *before["login"]) == 200
+
+
+def test_losing_generations_json_neither_revives_nor_revokes_a_login(crflow, installed):
+    old = installed.login()
+    crflow("rotate-credentials", "-c", str(installed.path), "--grace", "0")
+    new = installed.login()
+    (installed.state / "generations.json").unlink()
+    crflow("install", "-c", str(installed.path))
+    assert installed.login() == new
+    assert curl_status(installed, *new) == 200 and curl_status(installed, *old) == 401
+
+
+def test_install_refuses_to_undo_a_rotation_under_way(crflow, installed):
+    gens = installed.state / "generations.json"
+    state = json.loads(gens.read_text()) if gens.exists() else {}
+    gens.write_text(json.dumps({**state, "rotating_to": 1}))  # as a rotation killed after step 4 leaves it
+    before = snapshot(installed)
+    result = crflow("install", "-c", str(installed.path), check=False)
+    assert result.returncode == 1 and "rotation to generation 1 is under way" in last_line(result)
+    assert snapshot(installed) == before
+
+
+def test_an_alias_bomb_is_refused_at_once_in_little_memory(crflow, make_site):
+    site = make_site()
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f'{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},'
+              f'*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]' for i in range(8)]
+    bomb = yaml.safe_load(site.path.read_text())
+    site.path.write_text(yaml.safe_dump(bomb) + "chart:\n  values:\n    podLabels:\n" +
+                         "".join(f"      {line}\n" for line in lines))
+    assert site.path.stat().st_size < 1000
+    started = time.monotonic()
+    process = subprocess.Popen([crflow.binary, "install", "-c", str(site.path)], env=crflow.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.monotonic() - started
+    stderr = process.stderr.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 1, stderr
+    assert "anchors and aliases" in stderr.strip().splitlines()[-1]
+    assert usage.ru_maxrss < 200 * 1024, f"{usage.ru_maxrss} KiB"  # ru_maxrss is in KiB
+    assert elapsed < 30  # a bound, not a benchmark: the bomb itself ran for minutes
+
+
+def test_a_state_dir_that_existed_open_is_private_after_install(crflow, make_site):
+    site = make_site()
+    site.state.mkdir(mode=0o755)
+    os.chmod(site.state, 0o755)
+    crflow("install", "-c", str(site.path))
+    files = [p for p in site.state.rglob("*") if p.is_file()]
+    assert any("blobs" in str(p) for p in files)  # image data is there
+    reader = ("import sys\nfor path in sys.argv[1:]:\n    try:\n        open(path, 'rb').read(1)\n"
+              "        print('READ', path)\n    except OSError:\n        pass\n")
+    out = subprocess.run(["python3", "-c", reader, *map(str, files)], user=65534, group=65534,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "", out.stdout[:500]
+
+
+def test_the_served_certificate_carries_key_usage(installed):
+    served = subprocess.run(["openssl", "s_client", "-connect", installed.server, "-servername", "localhost"],
+                            input="", capture_output=True, text=True, timeout=30).stdout
+    text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=served, capture_output=True, text=True,
+                          timeout=30).stdout
+    usage = text.split("X509v3 Key Usage:")[1].splitlines()
+    assert "critical" in usage[0] and usage[1].strip() == "Digital Signature"
+
+
+def test_sigterm_in_the_middle_of_a_task_ends_crflow_within_5_s(crflow, make_site):
+    site = make_site()
+    process = crflow.popen("install", "-c", str(site.path))
+    for line in process.stdout:  # a task has started: the run is in the middle of its work
+        if "render_chart" in line or "run_local_pod" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("crflow was still running 5 s after SIGTERM")
+    assert process.returncode != 0
