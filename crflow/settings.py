@@ -179,7 +179,7 @@ class PullSecrets(Strict):
 class Runs(Strict):
     # How long a run waits for another run of the same site to finish before it fails: a
     # rotation with a long grace period holds the site that long.
-    wait_seconds: Annotated[int, Field(ge=0, le=86400)] = 900
+    wait_seconds: Annotated[int, Field(ge=1, le=86400)] = 900
 
 
 class Rotation(Strict):

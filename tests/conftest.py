@@ -179,7 +179,7 @@ def task_runs(prefect_api: str, site_file: Path, flow: str | None = None) -> lis
                    and (flow is None or r["name"] and http.get(f"/flows/{r['flow_id']}").json()["name"] == flow))
         tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}},
                                                      "sort": "EXPECTED_START_TIME_ASC", "limit": 200}).json()
-    return [(t["name"].rsplit("-", 1)[0], t["state"]["name"]) for t in tasks]
+    return [(t["name"].rsplit("-", 1)[0], (t["state"] or {}).get("name", "Pending")) for t in tasks]
 
 
 def cached_tasks(prefect_api: str, site_file: Path) -> list[str]:
