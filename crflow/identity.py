@@ -37,7 +37,7 @@ class Identity(BaseModel):
         except FileNotFoundError:
             return cls()
         except ValidationError:
-            raise CrflowError(f"{path} is damaged; restore it from a backup (crflow restore), it only holds "
+            raise CrflowError(f"{path} is damaged; restore it from a backup; it only holds "
                               "fingerprints and generation numbers") from None
 
     def save(self, state_dir: Path) -> None:
@@ -62,5 +62,5 @@ def guard(state_dir: Path, kind: str, key: str, found: str) -> None:
         raise CrflowError(
             f"the {what} in the cache {state_dir / 'results'} is not the one this site uses (recorded in "
             f"{state_dir / FILE}: {recorded}); the cache was damaged or read with another key, and crflow will "
-            f"not make a new one: restore {state_dir} from a backup (crflow restore) or set the right "
+            f"not make a new one: restore {state_dir} from a backup or set the right "
             "CRFLOW_RESULT_KEY")

@@ -11,9 +11,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 from crflow.errors import CrflowError
 
@@ -48,9 +47,11 @@ def ui_url() -> str:
 
 
 def healthy(timeout: float = 2) -> bool:
+    # urllib, not httpx: `crflow status` asks this, and httpx's import alone is ~70 ms
     try:
-        return httpx.get(f"{os.environ['PREFECT_API_URL']}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
+        with urllib.request.urlopen(f"{os.environ['PREFECT_API_URL']}/health", timeout=timeout) as answer:
+            return answer.status == 200
+    except (OSError, ValueError):
         return False
 
 

@@ -98,8 +98,8 @@ def open_vault(state_dir: Path) -> Vault:
     if key is None:
         if keycheck.exists():
             raise CrflowError(
-                f"missing result key for {results_dir}: set {KEY_ENV} or restore {key_file} "
-                f"(or remove {state_dir} to start over with new certificates and credentials)"
+                f"missing result key for {results_dir}: set {KEY_ENV} or restore {key_file} from a backup "
+                f"(removing {state_dir} would also remove the stored images and every login clients hold)"
             )
         key = Fernet.generate_key()
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

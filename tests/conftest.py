@@ -187,6 +187,13 @@ def cached_tasks(prefect_api: str, site_file: Path) -> list[str]:
     return sorted(name for name, state in task_runs(prefect_api, site_file) if state == "Cached")
 
 
+def curl_status(site, user: str, password: str) -> int:
+    """GET /v2/ with this login, trusting only the CA file crflow wrote (curl is the judge)."""
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(site.client / "ca.crt"),
+                          "-u", f"{user}:{password}", f"{site.url}/v2/"], capture_output=True, text=True, timeout=30)
+    return int(out.stdout or 0)
+
+
 def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """skopeo, the independent client. --insecure-policy skips image *signature* policy only;
     TLS verification stays on (no --tls-verify=false anywhere in these tests)."""

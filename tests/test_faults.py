@@ -15,14 +15,8 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
+from conftest import curl_status
 from crflow.vault import identity_key
-
-
-def curl_status(site, user: str, password: str) -> int:
-    """GET /v2/ with this login, trusting only the CA file crflow wrote (curl is the judge)."""
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(site.client / "ca.crt"),
-                          "-u", f"{user}:{password}", f"{site.url}/v2/"], capture_output=True, text=True, timeout=30)
-    return int(out.stdout or 0)
 
 
 def last_line(result) -> str:
@@ -55,7 +49,7 @@ def test_a_damaged_cache_stops_the_run_and_nothing_is_replaced(crflow, installed
         env = {"CRFLOW_RESULT_KEY": Fernet.generate_key().decode()}
     result = crflow("install", "-c", str(installed.path), check=False, env=env)
     assert result.returncode == 1
-    assert "is not the one this site uses" in last_line(result) and "crflow restore" in last_line(result)
+    assert "is not the one this site uses" in last_line(result) and "restore" in last_line(result)
     assert snapshot(installed) == before
     assert curl_status(installed, *before["login"]) == 200
 

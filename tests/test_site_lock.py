@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import task_runs
-from test_faults import curl_status
+from conftest import curl_status, task_runs
 
 
 def wait_for_task(api: str, site, task: str, state: str = "Running", timeout: float = 120) -> None:
