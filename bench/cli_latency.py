@@ -13,26 +13,20 @@ Prints medians and ratios; no targets are asserted (machines here are shared and
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from servers import BIN, free_port, start_prefect_server, stop_server  # noqa: E402
+from install_local import prefect_for_bench, timed  # noqa: E402  (this folder is on sys.path when run as a script)
 
-
-def timed(argv: list[str], env: dict) -> float:
-    started = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, capture_output=True, cwd=ROOT, stdin=subprocess.DEVNULL)
-    return time.perf_counter() - started
+from servers import BIN, free_port, stop_server  # noqa: E402
 
 
 def main() -> None:
@@ -41,9 +35,7 @@ def main() -> None:
     runs = parser.parse_args().runs
 
     work = Path(tempfile.mkdtemp(prefix="crflow-bench-"))
-    server, api = start_prefect_server(work / "prefect")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
-    env.update(PREFECT_API_URL=api, CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1")
+    server, _, env = prefect_for_bench(work)
     site = work / "site.yaml"
     site.write_text(yaml.safe_dump({"state_dir": str(work / "state"), "registry": {"port": free_port()}}))
     crflow = str(BIN / "crflow")

@@ -46,15 +46,21 @@ def last_flow_run_task_seconds(api: str) -> float:
     return sum(t["total_run_time"] for t in tasks)
 
 
+def prefect_for_bench(work: Path) -> tuple:
+    """A Prefect server of the benchmark's own under `work`; (process, API URL, env for crflow)."""
+    server, api = start_prefect_server(work / "prefect")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
+    env.update(PREFECT_API_URL=api, CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1")
+    return server, api, env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     runs = parser.parse_args().runs
 
     work = Path(tempfile.mkdtemp(prefix="crflow-bench-"))
-    server, api = start_prefect_server(work / "prefect")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
-    env.update(PREFECT_API_URL=api, CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1")
+    server, api, env = prefect_for_bench(work)
     sites = []
     try:
         first, rerun, task_time, imports = [], [], [], []
