@@ -49,6 +49,8 @@ def test_wrong_password_fails_naming_user_and_registry(crflow, installed, prefec
     assert password not in line
     row = last_verify_row(prefect_api)
     assert (row["result"], row["failed check"]) == ("FAILED", "push a new image")
+    # a failed run's row still says how long the certificates last
+    assert 360 <= int(row["server cert days left"]) <= 365 and int(row["CA days left"]) > 3600
 
 
 def test_wrong_ca_fails_naming_the_ca_file_and_the_certificates_names(crflow, installed):
@@ -58,10 +60,12 @@ def test_wrong_ca_fails_naming_the_ca_file_and_the_certificates_names(crflow, in
     assert f"CA in {installed.client / 'ca.crt'}" in line and "(it names: 127.0.0.1, localhost)" in line
 
 
-def test_stopped_registry_fails_after_bounded_retries(crflow, installed):
+def test_stopped_registry_fails_after_bounded_retries(crflow, installed, prefect_api):
     crflow("down", "-c", str(installed.path))
     line = failure(crflow, installed)
     assert f"registry at {installed.url} is not answering" in line
+    row = last_verify_row(prefect_api)
+    assert row["server cert days left"] == "not served" and int(row["CA days left"]) > 3600
 
 
 def test_deleted_bucket_surfaces_the_registrys_error(crflow, s3_site, moto_s3):
