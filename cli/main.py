@@ -165,6 +165,38 @@ def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out"
     typer.echo(f"  docker: copy ca.crt to /etc/docker/certs.d/{site.registry.server}/ca.crt")
 
 
+PASSPHRASE_ENV = "CRFLOW_BACKUP_PASSPHRASE"
+
+
+def _passphrase(confirm: bool) -> str:
+    """From the environment, else asked for (never an argument: it would sit in shell history)."""
+    if passphrase := os.environ.get(PASSPHRASE_ENV):
+        return passphrase
+    if not sys.stdin.isatty():
+        raise CrflowError(f"no passphrase: set {PASSPHRASE_ENV} or run this in a terminal to be asked")
+    return typer.prompt("Backup passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+@app.command()
+def backup(config: Path = SiteFile, out: Path = typer.Option(..., "--out", help="The backup file to write (0600).")) -> None:
+    """Write one encrypted file with what the site cannot be rebuilt without: CA, logins, generations, record."""
+    from crflow.backup import write_backup
+
+    site = load_site(config)
+    held = write_backup(site.state_dir, out, _passphrase(confirm=True))
+    typer.echo(f"Wrote {out}: {', '.join(held)} (stored images stay where they are; keep the passphrase apart)")
+
+
+@app.command()
+def restore(config: Path = SiteFile, backup_file: Path = typer.Argument(..., metavar="FILE")) -> None:
+    """Bring a site's CA, logins and generations back from a backup, into an empty state_dir."""
+    from crflow.backup import restore_backup
+
+    site = load_site(config)
+    restored = restore_backup(site.state_dir, backup_file, _passphrase(confirm=False))
+    typer.echo(f"Restored {', '.join(restored)} into {site.state_dir}; now run crflow install -c {config}")
+
+
 @server_app.command("start")
 def server_start() -> None:
     """Start the local Prefect server (the flows start it themselves when needed)."""

@@ -29,7 +29,8 @@ KEYCHECK = ".keycheck"
 KEYCHECK_TEXT = b"crflow result key check"
 
 
-def _read_key(key_file: Path) -> bytes | None:
+def read_key(key_file: Path) -> bytes | None:
+    """The result key: CRFLOW_RESULT_KEY, else the key file; None if neither is there."""
     if key := os.environ.get(KEY_ENV):
         return key.encode()
     try:
@@ -53,7 +54,7 @@ class FernetSerializer(Serializer):
     key_file: str
 
     def _cipher(self) -> Fernet:
-        key = _read_key(Path(self.key_file))
+        key = read_key(Path(self.key_file))
         if key is None:
             raise CrflowError(f"no result key: set {KEY_ENV} or restore {self.key_file}")
         return _fernet(key)
@@ -94,7 +95,7 @@ def open_vault(state_dir: Path) -> Vault:
     private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
     results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keycheck = results_dir / KEYCHECK
-    key = _read_key(key_file)
+    key = read_key(key_file)
     if key is None:
         if keycheck.exists():
             raise CrflowError(

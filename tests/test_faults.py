@@ -15,7 +15,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from conftest import curl_status
+from conftest import cached_tasks, curl_status
 from crflow.vault import identity_key
 
 
@@ -131,3 +131,39 @@ def test_sigterm_in_the_middle_of_a_task_ends_crflow_within_5_s(crflow, make_sit
         process.kill()
         pytest.fail("crflow was still running 5 s after SIGTERM")
     assert process.returncode != 0
+
+
+def test_backup_then_restore_on_an_empty_state_dir_brings_the_same_site_back(crflow, make_site, tmp_path):
+    """Stored images live outside what a restore brings back (here storage.path), as a bucket would."""
+    from conftest import oci_layout, skopeo
+
+    site = make_site(storage={"kind": "filesystem", "path": str(tmp_path / "blobs")})
+    crflow("install", "-c", str(site.path))
+    client = tmp_path / "old-client"
+    crflow("export-client", "-c", str(site.path), "--out", str(client))
+    oci_layout(tmp_path / "layout", "v1")
+    ref = f"docker://{site.server}/team/kept:v1"
+    skopeo("copy", "--dest-authfile", str(client / "auth.json"), "--dest-cert-dir", str(client),
+           f"oci:{tmp_path / 'layout'}:v1", ref)
+    before = snapshot(site)
+
+    passphrase = {"CRFLOW_BACKUP_PASSPHRASE": "correct horse battery staple"}
+    backup = tmp_path / "site.crflow-backup"
+    crflow("backup", "-c", str(site.path), "--out", str(backup), env=passphrase)
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert b"BEGIN" not in backup.read_bytes() and before["login"][1].encode() not in backup.read_bytes()
+    crflow("down", "-c", str(site.path))
+    subprocess.run(["rm", "-rf", str(site.state)], check=True)
+
+    wrong = crflow("restore", "-c", str(site.path), str(backup), check=False,
+                   env={"CRFLOW_BACKUP_PASSPHRASE": "wrong"})
+    assert wrong.returncode == 1 and "does not decrypt with this passphrase" in last_line(wrong)
+    crflow("restore", "-c", str(site.path), str(backup), env=passphrase)
+    crflow("install", "-c", str(site.path))
+    assert snapshot(site) == before
+    assert cached_tasks(crflow.api, site.path) == sorted(
+        ["make_ca", "make_server_cert", "make_credentials", "make_htpasswd", "make_http_secret"])
+    skopeo("copy", "--src-authfile", str(client / "auth.json"), "--src-cert-dir", str(client), ref,
+           f"oci:{tmp_path / 'pulled'}:v1")  # the old client files still work, and the image is there
+    again = crflow("restore", "-c", str(site.path), str(backup), check=False, env=passphrase)
+    assert again.returncode == 1 and "already holds a site" in last_line(again)

@@ -1,0 +1,89 @@
+"""What a site cannot be rebuilt without, in one encrypted file: the result key and the
+encrypted cache (the CA, the server certificates, the logins), the generations, the identity
+record and the client files. Stored images are not in it: they live in the bucket or the
+storage directory, and stay there.
+
+    write_backup(state_dir, Path("site.crflow-backup"), passphrase)
+    restore_backup(state_dir, Path("site.crflow-backup"), passphrase)   # into an empty state_dir
+
+The file is a tar archive inside Fernet (AES-128-CBC + HMAC-SHA256), keyed by scrypt from a
+passphrase and a random salt. The passphrase never appears in an argument or a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import secrets
+import tarfile
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from crflow.errors import CrflowError
+from crflow.files import private_dir, write_atomic
+from crflow.vault import read_key
+
+MAGIC = b"crflow-backup-1\n"
+SALT_BYTES = 16
+# What a restore brings back, relative to state_dir; the encrypted cache is the whole results/ folder.
+KEPT = ["result.key", "results", "generations.json", "identity.json", "client/ca.crt", "client/auth.json"]
+
+
+def _cipher(passphrase: str, salt: bytes) -> Fernet:
+    if not passphrase:
+        raise CrflowError("an empty passphrase protects nothing; set CRFLOW_BACKUP_PASSPHRASE or type one")
+    key = Scrypt(salt=salt, length=32, n=2**15, r=8, p=1).derive(passphrase.encode())
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def write_backup(state_dir: Path, out: Path, passphrase: str) -> list[str]:
+    """Write the backup; returns what it holds (paths relative to state_dir)."""
+    if not (state_dir / "identity.json").exists() and not (state_dir / "results").exists():
+        raise CrflowError(f"nothing to back up in {state_dir}: run crflow install first")
+    key = read_key(state_dir / "result.key")
+    if key is None:
+        raise CrflowError(f"no result key for {state_dir}: set CRFLOW_RESULT_KEY, or the backup could not be read")
+    buffer, held = io.BytesIO(), []
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in KEPT:
+            path = state_dir / name
+            if name == "result.key" and not path.exists():  # the key came from CRFLOW_RESULT_KEY
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(key) + 1, 0o600
+                tar.addfile(info, io.BytesIO(key + b"\n"))
+            elif path.exists():
+                tar.add(path, arcname=name)
+            else:
+                continue
+            held.append(name)
+    salt = secrets.token_bytes(SALT_BYTES)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, MAGIC + salt + _cipher(passphrase, salt).encrypt(buffer.getvalue()), 0o600)
+    return held
+
+
+def restore_backup(state_dir: Path, backup: Path, passphrase: str) -> list[str]:
+    """Bring a backup back into a state_dir that holds no site; returns what it restored."""
+    if (state_dir / "identity.json").exists() or any((state_dir / "results").glob("*")):
+        raise CrflowError(f"{state_dir} already holds a site; move it away before restoring into it")
+    try:
+        blob = backup.read_bytes()
+    except OSError as err:
+        raise CrflowError(f"cannot read backup {backup}: {err.strerror}") from None
+    if not blob.startswith(MAGIC):
+        raise CrflowError(f"{backup} is not a crflow backup")
+    salt, token = blob[len(MAGIC):len(MAGIC) + SALT_BYTES], blob[len(MAGIC) + SALT_BYTES:]
+    try:
+        archive = _cipher(passphrase, salt).decrypt(token)
+    except InvalidToken:
+        raise CrflowError(f"{backup} does not decrypt with this passphrase") from None
+    private_dir(state_dir)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        names = tar.getnames()
+        tar.extractall(state_dir, filter="data")  # no absolute paths, no .., no devices
+    for path in [state_dir, *state_dir.rglob("*")]:  # private, as crflow keeps them
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+    return [name for name in KEPT if name in names]
