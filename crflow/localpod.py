@@ -276,7 +276,8 @@ class LocalPod:
         }
         mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
         env = self._env(container, secrets, mounts)
-        env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f"[{listen[0]}]:{listen[1]}"
+        # The registry reads env values as YAML: an IPv6 "[::1]:5000" would be a list, so quote it.
+        env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f'"[{listen[0]}]:{listen[1]}"'
         argv = self._command(container, mounts)
         spec = json.dumps([template, argv, env], sort_keys=True).encode()
         digest = hashlib.sha256(spec).hexdigest()

@@ -238,6 +238,13 @@ class Site(Strict):
             raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
         return self
 
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, path: Path) -> Path:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file; state_dir is the directory crflow keeps its state in")
+        return path
+
     @property
     def data_dir(self) -> Path:
         """Where the local target keeps blobs when storage is filesystem."""
@@ -268,6 +275,12 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 
 
 STORAGE_KINDS = ("filesystem", "pvc", "s3")
+PATTERN_WORDS = {
+    HOSTNAME: "a DNS name (labels of letters, digits and inner dashes, joined by dots)",
+    DNS_LABEL: "a Kubernetes name (lower-case letters, digits and inner dashes)",
+    r"^https?://": "a URL starting with http:// or https://",
+    r"^[A-Za-z0-9._-]{1,64}$": "a user name (1-64 of letters, digits, . _ -)",
+}
 
 
 def _explain(error: dict) -> str:
@@ -276,7 +289,9 @@ def _explain(error: dict) -> str:
         del loc[1]  # pydantic names the union member; the file has no such level
     where = ".".join(loc)
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "string_pattern_mismatch":  # the pattern itself helps nobody: say what fits
+        message = f"{error['input']!r} is not {PATTERN_WORDS.get(error['ctx']['pattern'], 'allowed here')}"
+    elif error["type"] == "extra_forbidden":
         message = "unknown key; check its spelling against examples/local.yaml"
     elif error["type"] == "missing":
         message = "required key is missing"

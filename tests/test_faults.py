@@ -5,6 +5,7 @@ what the registry serves; crflow's own client is not asked."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -167,3 +168,25 @@ def test_backup_then_restore_on_an_empty_state_dir_brings_the_same_site_back(crf
            f"oci:{tmp_path / 'pulled'}:v1")  # the old client files still work, and the image is there
     again = crflow("restore", "-c", str(site.path), str(backup), check=False, env=passphrase)
     assert again.returncode == 1 and "already holds a site" in last_line(again)
+
+
+def test_an_ipv6_registry_address_works_on_the_local_target(crflow, make_site):
+    """curl judges: skopeo's reference grammar (1.9 here) refuses a bracketed IPv6 host."""
+    from servers import free_port
+
+    port = free_port()
+    site = make_site(registry={"ips": ["::1"], "dns_names": ["localhost"], "port": port})
+    crflow("install", "-c", str(site.path))  # its own check pushed and pulled an image
+    auth = json.loads((site.client / "auth.json").read_text())["auths"][f"[::1]:{port}"]["auth"]
+    user, _, password = base64.b64decode(auth).decode().partition(":")
+
+    def curl(path: str) -> str:
+        out = subprocess.run(["curl", "-gsf", "--cacert", str(site.client / "ca.crt"), "-u", f"{user}:{password}",
+                              "-H", "Accept: application/vnd.oci.image.manifest.v1+json", f"https://[::1]:{port}{path}"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "crflow-smoke" in json.loads(curl("/v2/_catalog"))["repositories"]
+    manifest = json.loads(curl("/v2/crflow-smoke/manifests/install"))
+    curl(f"/v2/crflow-smoke/blobs/{manifest['layers'][0]['digest']}")

@@ -90,3 +90,25 @@ def test_ipv6_address_is_bracketed_for_clients(tmp_path):
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump({"state_dir": "s", "registry": {"ips": ["::1"], "port": 5001}}))
     assert load_site(path).registry.server == "[::1]:5001"
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"registry": {"dns_names": ["bad_name!"]}},
+     "registry.dns_names.0: 'bad_name!' is not a DNS name (labels of letters, digits and inner dashes, joined by dots)"),
+    ({"namespace": "Bad_NS"}, "namespace: 'Bad_NS' is not a Kubernetes name"),
+    ({"state_dir": "FILE"}, "is a file; state_dir is the directory crflow keeps its state in"),
+])
+def test_errors_say_what_fits_not_the_pattern(tmp_path, settings, expected):
+    (tmp_path / "a-file").write_text("")
+    settings = {"state_dir": str(tmp_path / "state"), **settings}
+    if settings["state_dir"] == "FILE":
+        settings["state_dir"] = str(tmp_path / "a-file")
+    message = site_error(tmp_path, settings)
+    assert expected in message and "^" not in message and "\n" not in message
+
+
+def test_yaml_anchors_and_aliases_are_refused(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("state_dir: &s state\nrelease: registry\nnamespace: *s\n")
+    with pytest.raises(CrflowError, match="anchors and aliases"):
+        load_site(path)
