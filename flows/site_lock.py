@@ -6,8 +6,10 @@ the old login again; two rotations at once leave a retired login valid. So a sec
 the same site waits, up to `runs.wait_seconds`, and then fails with a line naming the run that
 holds the site. The slot is a lease the holder renews while it lives: a holder killed with
 SIGKILL stops renewing, and the server frees the slot when the lease runs out (60 s, the
-shortest lease Prefect's server accepts). Subflows (install inside rotate-cert, verify inside
-upgrade) run inside their parent's slot.
+shortest lease Prefect's server accepts). A holder on this machine also leaves its lease in
+`state_dir/site.lock`; the next run that finds that process gone releases the lease at once
+instead of waiting it out. Subflows (install inside rotate-cert, verify inside upgrade) run
+inside their parent's slot.
 
     @flow(name="install")
     @one_run_per_site
@@ -16,22 +18,31 @@ upgrade) run inside their parent's slot.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
-from prefect.client.schemas.objects import StateType
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.context import get_run_context
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from crflow.errors import CrflowError
+from crflow.files import write_atomic
 from crflow.settings import Site, load_site
 
-LEASE_SECONDS = 60  # the server refuses shorter leases; a killed holder blocks at most this long
+LEASE_SECONDS = 60  # the server refuses shorter leases; a killed holder elsewhere blocks at most this long
+LOCK_FILE = "site.lock"  # this machine's holder: its lease, pid and boot
 _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("crflow_sites_held", default=frozenset())
 
 
@@ -44,16 +55,81 @@ def site_tag(site: Site) -> str:
     return f"crflow-site:{site_name(site)}"
 
 
-def _prepare(name: str, tag: str) -> None:
-    """The site's limit exists, and this run carries the site's tag (from the CLI or a worker alike)."""
-    run = get_run_context().flow_run
-    with get_client(sync_client=True) as client:
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _release_dead_holder(client, lock: Path) -> None:
+    """If the holder recorded in `lock` was a process of this boot that is gone, free its lease."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    if holder.get("boot") != _boot_id() or Path(f"/proc/{holder.get('pid')}").exists():
+        return  # alive, or on another boot: its lease decides
+    with contextlib.suppress(ObjectNotFound, httpx.HTTPStatusError):
+        client.release_concurrency_slots_with_lease(UUID(holder["lease"]))
+    lock.unlink(missing_ok=True)
+
+
+def _acquire(client, name: str, holder: ConcurrencyLeaseHolder, wait_seconds: float) -> UUID:
+    deadline = time.monotonic() + wait_seconds
+    while True:
         try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder)
+            return UUID(response.json()["lease_id"])
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code != 423:  # 423: every slot is taken
+                raise
+            retry = float(err.response.headers.get("Retry-After") or 1)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(name)
+        time.sleep(min(max(retry, 0.2), left))
+
+
+@contextlib.contextmanager
+def _slot(name: str, site: Site) -> Iterator[None]:
+    """Hold the site's slot: acquired (or TimeoutError), renewed while held, released after."""
+    run = get_run_context().flow_run
+    lock = site.state_dir / LOCK_FILE
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
-        if tag not in run.tags:
-            client.update_flow_run(run.id, tags=[*run.tags, tag])
+        _release_dead_holder(client, lock)
+        lease = _acquire(client, name, ConcurrencyLeaseHolder(type="flow_run", id=run.id), site.runs.wait_seconds)
+    site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": _boot_id(),
+                                   "flow_run": str(run.id)}).encode(), 0o600)
+    done = threading.Event()
+
+    def renew() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.wait(LEASE_SECONDS / 3):
+                with contextlib.suppress(httpx.HTTPError):  # a missed renewal is retried at the next tick
+                    client.renew_concurrency_lease(lease, lease_duration=LEASE_SECONDS)
+
+    renewer = threading.Thread(target=renew, name="crflow-site-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewer.join(timeout=5)
+        lock.unlink(missing_ok=True)
+        with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound, httpx.HTTPStatusError):
+            client.release_concurrency_slots_with_lease(lease)
+
+
+def _name_run(site: Site) -> None:
+    """This run is named after its action and site and carries the site's tag, whether the CLI
+    or a worker started it."""
+    context = get_run_context()
+    run, tag = context.flow_run, site_tag(site)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, name=f"{context.flow.name} {site_name(site)}",
+                               tags=[*run.tags, tag] if tag not in run.tags else run.tags)
 
 
 def _holders(site: Site) -> str:
@@ -75,9 +151,8 @@ def one_run_per_site(flow_function):
         name = f"crflow-site:{site_name(site)}"  # the server refuses / % & < > in names
         if name in _held.get():  # a subflow of the run that holds it
             return flow_function(site_file, *args, **kwargs)
-        _prepare(name, site_tag(site))
-        slot = concurrency(name, occupy=1, timeout_seconds=site.runs.wait_seconds, lease_duration=LEASE_SECONDS,
-                           strict=True)
+        _name_run(site)
+        slot = _slot(name, site)
         try:
             slot.__enter__()
         except TimeoutError:

@@ -58,11 +58,23 @@ def test_an_install_during_a_rotations_grace_period_waits_for_it(crflow, install
     assert_one_login_everywhere(crflow, installed, [old])
 
 
-def test_a_killed_holder_blocks_the_site_only_until_its_lease_runs_out(crflow, installed):
+def test_a_killed_holder_on_this_machine_is_noticed_at_once(crflow, installed):
     rotation = crflow.popen("rotate-credentials", "-c", str(installed.path), "--grace", "600")
     wait_for_task(crflow.api, installed, "grace_period")
     rotation.kill()  # SIGKILL: no release, no lease renewal any more
     rotation.wait()
+    installed.settings["runs"] = {"wait_seconds": 3}  # far less than the 60 s lease
+    installed.write()
+    crflow("verify", "-c", str(installed.path))
+
+
+def test_a_killed_holder_elsewhere_blocks_the_site_only_until_its_lease_runs_out(crflow, installed):
+    rotation = crflow.popen("rotate-credentials", "-c", str(installed.path), "--grace", "600")
+    wait_for_task(crflow.api, installed, "grace_period")
+    rotation.kill()  # SIGKILL: no release, no lease renewal any more
+    rotation.wait()
+    lock = installed.state / "site.lock"  # as if it had run on another machine (a worker): only the lease tells
+    lock.write_text(json.dumps({**json.loads(lock.read_text()), "boot": "another machine"}))
 
     installed.settings["runs"] = {"wait_seconds": 3}
     installed.write()
