@@ -13,6 +13,10 @@ packages=()
 command -v docker-registry >/dev/null || packages+=(docker-registry)
 command -v skopeo >/dev/null || packages+=(skopeo)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
+if [ -n "$extras" ]; then  # the fault tests' independent judges
+  command -v curl >/dev/null || packages+=(curl)
+  command -v openssl >/dev/null || packages+=(openssl)
+fi
 if [ ${#packages[@]} -gt 0 ]; then
   echo "==> apt-get install ${packages[*]}"
   sudo_if_needed apt-get update -qq
