@@ -59,10 +59,14 @@ def _run_flow(flow, site_file: Path, *parameters):
     """Run a flow in this process, reporting to crflow's Prefect server."""
     runtime.ensure_server()
     import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers, then we filter them)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     _quiet_tracebacks()
     typer.secho(f"Prefect UI: {runtime.ui_url()}", err=True, dim=True)
-    return flow(str(site_file.resolve()), *parameters)
+    # The site lease's renewer sends this run's heartbeats (every 20 s); Prefect's own thread
+    # would hold up the end of every command by up to a second.
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return flow(str(site_file.resolve()), *parameters)
 
 
 @app.command()

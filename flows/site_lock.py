@@ -35,6 +35,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.context import get_run_context
+from prefect.events import emit_event
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from crflow.errors import CrflowError
@@ -89,6 +90,15 @@ def _acquire(client, name: str, holder: ConcurrencyLeaseHolder, wait_seconds: fl
         time.sleep(min(max(retry, 0.2), left))
 
 
+def heartbeat(run) -> None:
+    """The flow run's heartbeat, the event Prefect's zombie automations watch for. The lease
+    renewer sends it, so the CLI can switch off Prefect's own heartbeat thread, whose
+    one-second sleeps hold every run's end up to a second."""
+    resource = {"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name or ""}
+    related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow"}]
+    emit_event("prefect.flow-run.heartbeat", resource=resource, related=related)
+
+
 @contextlib.contextmanager
 def _slot(name: str, site: Site) -> Iterator[None]:
     """Hold the site's slot: acquired (or TimeoutError), renewed while held, released after."""
@@ -109,8 +119,11 @@ def _slot(name: str, site: Site) -> Iterator[None]:
             while not done.wait(LEASE_SECONDS / 3):
                 with contextlib.suppress(httpx.HTTPError):  # a missed renewal is retried at the next tick
                     client.renew_concurrency_lease(lease, lease_duration=LEASE_SECONDS)
+                heartbeat(run)
 
-    renewer = threading.Thread(target=renew, name="crflow-site-lease", daemon=True)
+    heartbeat(run)
+    renewer = threading.Thread(target=contextvars.copy_context().run, args=(renew,), name="crflow-site-lease",
+                               daemon=True)
     renewer.start()
     try:
         yield

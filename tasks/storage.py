@@ -14,8 +14,6 @@ from pathlib import Path
 
 import urllib3
 import yaml
-from minio import Minio
-from minio.error import S3Error
 from prefect import get_run_logger, task
 from pydantic import BaseModel, SecretStr
 
@@ -51,7 +49,9 @@ def _http_client(ca_bundle: Path | None, skip_verify: bool) -> urllib3.PoolManag
     )
 
 
-def _minio(endpoint: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool) -> Minio:
+def _minio(endpoint: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool):
+    from minio import Minio  # imported when used: it costs every command ~0.15 s to load
+
     return Minio(
         endpoint.split("://", 1)[1].rstrip("/"),
         access_key=keys.access_key.get_secret_value(),
@@ -65,6 +65,8 @@ def _minio(endpoint: str, region: str, keys: S3Keys, ca_bundle: Path | None, ski
 @contextlib.contextmanager
 def s3_errors(endpoint: str, bucket: str):
     """S3 failures as a person can act on them; an endpoint that does not answer is a ConnectionError."""
+    from minio.error import S3Error
+
     try:
         yield
     except S3Error as err:
@@ -125,6 +127,8 @@ def blob_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str,
                    ca_bundle: Path | None, skip_verify: bool, digest: str) -> str:
     """The blob is an object in the bucket (so it landed in S3, not on a pod's disk)."""
     client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    from minio.error import S3Error
+
     key = blob_key(digest, root_directory)
     with s3_errors(endpoint, bucket):
         try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
+
 from conftest import curl_status, task_runs
 
 
@@ -58,11 +60,29 @@ def test_an_install_during_a_rotations_grace_period_waits_for_it(crflow, install
     assert_one_login_everywhere(crflow, installed, [old])
 
 
+def heartbeats(api: str, flow_run_id: str) -> int:
+    """How many `prefect.flow-run.heartbeat` events the server holds for this run (what
+    Prefect's zombie automations watch), polled until at least one is there or 60 s pass."""
+    query = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                        "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+                        "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50}
+    deadline = time.monotonic() + 60
+    while True:
+        found = httpx.post(f"{api}/events/filter", json=query, timeout=30).json()["events"]
+        if found or time.monotonic() > deadline:
+            return len(found)
+        time.sleep(0.5)
+
+
 def test_a_killed_holder_on_this_machine_is_noticed_at_once(crflow, installed):
     rotation = crflow.popen("rotate-credentials", "-c", str(installed.path), "--grace", "600")
     wait_for_task(crflow.api, installed, "grace_period")
+    killed_run = json.loads((installed.state / "site.lock").read_text())["flow_run"]
     rotation.kill()  # SIGKILL: no release, no lease renewal any more
     rotation.wait()
+    # The CLI turns Prefect's heartbeat thread off; the lease renewer sends the heartbeat, so a
+    # zombie automation still sees this killed run's heartbeats stop.
+    assert heartbeats(crflow.api, killed_run) >= 1
     installed.settings["runs"] = {"wait_seconds": 3}  # far less than the 60 s lease
     installed.write()
     crflow("verify", "-c", str(installed.path))
