@@ -59,13 +59,17 @@ def _run_flow(flow, site_file: Path, *parameters):
     """Run a flow in this process, reporting to crflow's Prefect server."""
     runtime.ensure_server()
     import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers, then we filter them)
+    from prefect import tags
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from crflow.flows.site_lock import site_tag
 
     _quiet_tracebacks()
     typer.secho(f"Prefect UI: {runtime.ui_url()}", err=True, dim=True)
     # The site lease's renewer sends this run's heartbeats (every 20 s); Prefect's own thread
-    # would hold up the end of every command by up to a second.
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # would hold up the end of every command by up to a second. The site's tag is on the run
+    # from its creation, so every event of it (Failed included) reaches the site's alerts.
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), tags("crflow", site_tag(load_site(site_file))):
         return flow(str(site_file.resolve()), *parameters)
 
 
@@ -133,6 +137,30 @@ def rotate_cert(config: Path = SiteFile) -> None:
 
     load_site(config)
     typer.echo(f"Server certificate renewed: {_run_flow(rotate_flow, config)}")
+
+
+@app.command()
+def deploy(
+    config: Path = SiteFile,
+    pool: str = typer.Option("crflow", "--pool", help="The work pool (a process pool is made if missing)."),
+    remove: bool = typer.Option(False, "--remove", help="Delete this site's deployments and automations."),
+) -> None:
+    """Register this site's deployments (install, verify, rotations, upgrade) and alerts on the Prefect server."""
+    from crflow.flows.deployments import deploy_site, remove_site
+
+    site = load_site(config)
+    runtime.ensure_server()
+    if remove:
+        deployments, automations = remove_site(site)
+        typer.echo(f"Removed {deployments} deployments and {automations} automations of {site.registry.server}")
+        return
+    done = deploy_site(site, config, pool)
+    typer.echo(f"Deployed to work pool {done.pool}, bound to {config.resolve()}:")
+    for line in done.deployments:
+        typer.echo(f"  {line}")
+    typer.echo(f"Alerts: {done.automations} automations" if done.automations else
+               "Alerts: none (set alerts.webhook or alerts.block in the site file)")
+    typer.echo(f"Start a worker: prefect worker start --pool {done.pool}   (UI: {runtime.ui_url()})")
 
 
 @app.command()

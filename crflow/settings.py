@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from crflow.chart import CRFLOW_VALUES
 from crflow.errors import CrflowError
@@ -182,6 +191,62 @@ class Runs(Strict):
     wait_seconds: Annotated[int, Field(ge=1, le=86400)] = 900
 
 
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12), ("weekday", 0, 7))
+CRON_NAMES = {name: i for i, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))} | {
+    name: i + 1 for i, name in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                                          "nov", "dec"))}
+
+
+def _cron(expression: str) -> str:
+    """Five cron fields with values in range (checked here so a typo fails at load, without
+    importing Prefect; Prefect's own parser checks it again when `crflow deploy` sends it)."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"{expression!r} is not a cron expression (five fields: minute hour day month weekday)")
+    for text, (name, low, high) in zip(fields, CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            span, _, step = part.partition("/")
+            values = [] if span == "*" else span.split("-", 1)
+            numbers = [int(v) if v.isdigit() else CRON_NAMES.get(v.lower(), -1) for v in values]
+            if (step and not step.isdigit()) or not all(low <= n <= high for n in numbers):
+                raise ValueError(f"{expression!r}: the {name} field {text!r} is not within {low}-{high}")
+    return expression
+
+
+Cron = Annotated[str, AfterValidator(_cron)]
+
+
+class Schedules(Strict):
+    """When `crflow deploy`'s scheduled deployments run; null leaves one on demand only."""
+
+    verify: Cron | None = "17 3 * * *"  # every night at 03:17
+    rotate_credentials: Cron | None = "0 4 1 * *"  # 04:00 on the first of every month
+    timezone: str = "UTC"
+
+
+class Alerts(Strict):
+    """Where a failed run, a rolled-back rotation or a certificate near its end is reported:
+    a webhook URL (crflow keeps it in a Prefect webhook block) or an existing Prefect
+    notification block, as BLOCK-TYPE/NAME (e.g. slack-webhook/ops)."""
+
+    webhook: SecretStr | None = None  # often holds a token (Slack, Teams): kept out of logs and reprs
+    block: Annotated[str, Field(pattern=r"^[a-z0-9-]+/[^/]+$")] | None = None
+    cert_days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not re.match(r"^https?://[^\s/]+", url.get_secret_value()):
+            raise ValueError("is not an http(s) URL; give the webhook's full address")
+        return url
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> Alerts:
+        if self.webhook and self.block:
+            raise ValueError("set webhook or block, not both")
+        return self
+
+
 class Rotation(Strict):
     # How long the old login keeps working after every consumer has the new one: long
     # enough for clients that read their pull secret or auth file only now and then.
@@ -222,6 +287,8 @@ class Site(Strict):
     pull_secrets: PullSecrets = PullSecrets()
     rotation: Rotation = Rotation()
     runs: Runs = Runs()
+    schedules: Schedules = Schedules()
+    alerts: Alerts = Alerts()
     chart: Chart = Chart()
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from prefect import flow, task
 from prefect.transactions import transaction
 from pydantic import SecretStr
 
+from crflow.flows.alerts import emit_rotation_rolled_back
 from crflow.flows.install import install
 from crflow.flows.site_lock import one_run_per_site
 from crflow.flows.steps import login, server_cert, site_ca
@@ -96,10 +97,11 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
             target.update_secret("htpasswd", {"htpasswd": new_line})  # 6.
             wait_for_login(url, old_bundle, False, timeout)
             wait_for_login(url, new_bundle, True, timeout)
-    except Exception:
+    except Exception as err:
         # Rolled back: the old htpasswd is in the Secret again; see the registry take it.
         wait_for_login(url, old_bundle, True, timeout)
         gens.model_copy(update={"rotation_undone": True}).save(site.state_dir)
+        emit_rotation_rolled_back(site, gens.credentials, f"{type(err).__name__}: {err}")
         raise
     overlap = f"{time.monotonic() - overlap_started:.1f} s" if not retired else "ended by an earlier run"
 

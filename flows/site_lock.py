@@ -56,6 +56,12 @@ def site_tag(site: Site) -> str:
     return f"crflow-site:{site_name(site)}"
 
 
+def site_slug(site: Site) -> str:
+    """The site's name where only lower-case letters, digits and dashes are allowed (artifact
+    keys, block names)."""
+    return "".join(c if c.isalnum() else "-" for c in site_name(site).lower()).strip("-")
+
+
 def _boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -140,9 +146,10 @@ def _name_run(site: Site) -> None:
     or a worker started it."""
     context = get_run_context()
     run, tag = context.flow_run, site_tag(site)
+    name, tags = f"{context.flow.name} {site_name(site)}", [*run.tags, tag] if tag not in run.tags else run.tags
     with get_client(sync_client=True) as client:
-        client.update_flow_run(run.id, name=f"{context.flow.name} {site_name(site)}",
-                               tags=[*run.tags, tag] if tag not in run.tags else run.tags)
+        client.update_flow_run(run.id, name=name, tags=tags)
+    run.name, run.tags = name, tags  # the engine's copy, which its state events (Failed...) are made from
 
 
 def _holders(site: Site) -> str:

@@ -12,7 +12,8 @@ from cryptography import x509
 from prefect import flow
 
 from crflow.errors import StorageFailure
-from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.alerts import emit_certificate_days
+from crflow.flows.site_lock import one_run_per_site, site_slug
 from crflow.oci import SMOKE_REPO, served_certificate
 from crflow.settings import S3Storage, load_site
 from crflow.targets import target_for
@@ -38,8 +39,11 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
     site = load_site(Path(site_file))
     target, storage = target_for(site), site.storage
     url, bundle = target.url, target.bundle
-    with Checks(f"Registry {site.release} verified", site.registry.server) as checks:
-        checks.figures.update(certificate_figures(site.registry.host.strip("[]"), site.registry.port, bundle / "ca.crt"))
+    with Checks(f"Registry {site.release} verified", site.registry.server, verify_table_key(site)) as checks:
+        server_days, ca_days = certificate_days(site.registry.host.strip("[]"), site.registry.port, bundle / "ca.crt")
+        checks.figures.update({"server cert days left": "not served" if server_days is None else str(server_days),
+                               "CA days left": "no CA file" if ca_days is None else str(ca_days)})
+        emit_certificate_days(site, server_days, ca_days)
         try:
             pushed = checks.check("push a new image", push_unique_image, url, bundle, SMOKE_REPO)
         except StorageFailure as err:
@@ -73,16 +77,20 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
     return f"{url}: all checks passed"
 
 
-def certificate_figures(host: str, port: int, ca_file: Path) -> dict[str, str]:
-    """Days left on the served certificate and the CA, as far as they can be read: a failed
-    run's row still says how long the certificates last."""
-    figures = {}
+def verify_table_key(site) -> str:
+    """The key of the site's verify table: one per site, so sites on one server stay apart."""
+    return f"crflow-verify-{site_slug(site)}"
+
+
+def certificate_days(host: str, port: int, ca_file: Path) -> tuple[int | None, int | None]:
+    """Days left on the served certificate and the CA, as far as they can be read (None where
+    not): a failed run's row still says how long the certificates last."""
     try:
-        figures["server cert days left"] = str(days_left(served_certificate(host, port)))
+        server = days_left(served_certificate(host, port))
     except (OSError, ValueError):
-        figures["server cert days left"] = "not served"
+        server = None
     try:
-        figures["CA days left"] = str(days_left(x509.load_pem_x509_certificate(ca_file.read_bytes())))
+        ca = days_left(x509.load_pem_x509_certificate(ca_file.read_bytes()))
     except (OSError, ValueError):
-        figures["CA days left"] = "no CA file"
-    return figures
+        ca = None
+    return server, ca

@@ -4,10 +4,14 @@ addresses, fingerprints and dates, and never a secret."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+from prefect.context import FlowRunContext
 
 from crflow.tasks.pki import KeyPair, days_left
 
@@ -34,12 +38,17 @@ def publish_summary(key: str, title: str, rows: list[tuple[str, str]]) -> None:
     create_markdown_artifact(key=key, markdown=markdown_table(title, rows), description=title)
 
 
+HISTORY = 30  # rows kept in a site's verify table
+
+
 class Checks:
     """Runs checks in order, timing each, and publishes what happened when the block ends,
-    passed or failed: a markdown artifact, and a row of the `crflow-verify` table."""
+    passed or failed: a markdown artifact, and a row on top of the site's verify table
+    (`history_key`, the last 30 runs). The error leaving the block is prefixed with the name of
+    the check that failed first, so the run's state (and any alert made from it) says which."""
 
-    def __init__(self, title: str, server: str):
-        self.title, self.server = title, server
+    def __init__(self, title: str, server: str, history_key: str):
+        self.title, self.server, self.history_key = title, server, history_key
         self.rows: list[dict] = []
         self.figures: dict[str, str] = {}
 
@@ -47,7 +56,7 @@ class Checks:
         started = time.perf_counter()
         try:
             result = fn(*args)
-        except BaseException as err:
+        except Exception as err:
             self.rows.append({"check": name, "result": "FAILED", "seconds": time.perf_counter() - started,
                               "detail": str(err)[:300]})
             raise
@@ -62,18 +71,35 @@ class Checks:
         if error is not None and all(r["result"] == "ok" for r in self.rows):  # failed between checks
             self.rows.append({"check": "(between checks)", "result": "FAILED", "seconds": 0.0,
                               "detail": f"{type(error).__name__}: {error}"[:300]})
-        publish_checks(self.title, self.server, self.rows, self.figures)
+        failed = next((r["check"] for r in self.rows if r["result"] != "ok"), None)
+        if isinstance(error, Exception) and failed:
+            error.args = (f"{failed}: {error}",)  # same type (callers tell failures apart by class), clearer line
+        publish_checks(self.title, self.server, self.rows, self.figures, self.history_key)
+
+
+def _history(key: str) -> list[dict]:
+    """The rows of the newest table artifact under `key` (none yet: [])."""
+    with get_client(sync_client=True) as client:
+        latest = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])), limit=1)
+    if not latest:
+        return []
+    data = latest[0].data
+    rows = json.loads(data) if isinstance(data, str) else data
+    return rows if isinstance(rows, list) else []
 
 
 @task
-def publish_checks(title: str, server: str, rows: list[dict], figures: dict[str, str]) -> None:
+def publish_checks(title: str, server: str, rows: list[dict], figures: dict[str, str], history_key: str) -> None:
     passed = all(r["result"] == "ok" for r in rows)
     lines = [f"# {title}: {'passed' if passed else 'FAILED'}", "", f"Registry `{server}`", "",
              "| check | result | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['result']} | {r['seconds']:.2f} | {r['detail']} |" for r in rows]
     lines += ["", *(f"- {k}: {v}" for k, v in figures.items())]
-    create_markdown_artifact(key="crflow-verify-report", markdown="\n".join(lines) + "\n", description=title)
+    create_markdown_artifact(key=f"{history_key}-report", markdown="\n".join(lines) + "\n", description=title)
     failed = next((r["check"] for r in rows if r["result"] != "ok"), "")
-    create_table_artifact(key="crflow-verify", description="crflow verify-push-pull, one row a run", table=[{
-        "time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"), "result": "passed" if passed else "FAILED",
-        "failed check": failed, **figures}])
+    row = {"time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
+           "run": FlowRunContext.get().flow_run.name if FlowRunContext.get() else "",
+           "result": "passed" if passed else "FAILED", "failed check": failed, **figures}
+    create_table_artifact(key=history_key, table=[row, *_history(history_key)][:HISTORY],
+                          description=f"crflow verify of {server}: the last {HISTORY} runs, newest first")

@@ -9,12 +9,19 @@ import json
 from minio import Minio
 
 from conftest import last_artifact, task_runs
+from crflow.flows.verify import verify_table_key
+from crflow.settings import load_site
 from crflow.tasks.pki import new_ca
 
 
-def last_verify_row(prefect_api: str) -> dict:
-    data = last_artifact(prefect_api, "crflow-verify")
-    return (json.loads(data) if isinstance(data, str) else data)[0]
+def verify_table(prefect_api: str, site) -> list[dict]:
+    """The site's verify table (newest run first), as the Prefect API holds it."""
+    data = last_artifact(prefect_api, verify_table_key(load_site(site.path)))
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def last_verify_row(prefect_api: str, site) -> dict:
+    return verify_table(prefect_api, site)[0]
 
 
 def failure(crflow, site) -> str:
@@ -27,7 +34,7 @@ def failure(crflow, site) -> str:
 def test_verify_passes_and_reports(crflow, installed, prefect_api):
     out = crflow("verify", "-c", str(installed.path)).stdout
     assert out.strip().endswith("all checks passed")
-    row = last_verify_row(prefect_api)
+    row = last_verify_row(prefect_api, installed)
     assert row["result"] == "passed" and row["failed check"] == ""
     assert float(row["push MiB/s"]) > 0 and float(row["pull MiB/s"]) > 0
     assert 360 <= int(row["server cert days left"]) <= 365 and int(row["CA days left"]) > 3600
@@ -47,7 +54,7 @@ def test_wrong_password_fails_naming_user_and_registry(crflow, installed, prefec
     line = failure(crflow, installed)
     assert f"registry at {installed.url} rejected user {user}: wrong user or password (401)" in line
     assert password not in line
-    row = last_verify_row(prefect_api)
+    row = last_verify_row(prefect_api, installed)
     assert (row["result"], row["failed check"]) == ("FAILED", "push a new image")
     # a failed run's row still says how long the certificates last
     assert 360 <= int(row["server cert days left"]) <= 365 and int(row["CA days left"]) > 3600
@@ -61,11 +68,18 @@ def test_wrong_ca_fails_naming_the_ca_file_and_the_certificates_names(crflow, in
 
 
 def test_stopped_registry_fails_after_bounded_retries(crflow, installed, prefect_api):
+    crflow("verify", "-c", str(installed.path))
     crflow("down", "-c", str(installed.path))
     line = failure(crflow, installed)
-    assert f"registry at {installed.url} is not answering" in line
-    row = last_verify_row(prefect_api)
-    assert row["server cert days left"] == "not served" and int(row["CA days left"]) > 3600
+    assert f"push a new image: registry at {installed.url} is not answering" in line  # names the check
+    crflow("install", "-c", str(installed.path))
+    crflow("verify", "-c", str(installed.path))
+    # The site's table keeps every run, newest first; the failed row still has the CA's days.
+    table = verify_table(prefect_api, installed)
+    assert [row["result"] for row in table] == ["passed", "FAILED", "passed"]
+    assert table[1]["failed check"] == "push a new image"
+    assert table[1]["server cert days left"] == "not served" and int(table[1]["CA days left"]) > 3600
+    assert len({row["run"] for row in table}) == 3
 
 
 def test_deleted_bucket_surfaces_the_registrys_error(crflow, s3_site, moto_s3):
