@@ -69,8 +69,21 @@ def _run_flow(flow, site_file: Path, *parameters):
     # The site lease's renewer sends this run's heartbeats (every 20 s); Prefect's own thread
     # would hold up the end of every command by up to a second. The site's tag is on the run
     # from its creation, so every event of it (Failed included) reaches the site's alerts.
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), tags("crflow", site_tag(load_site(site_file))):
-        return flow(str(site_file.resolve()), *parameters)
+    try:
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), tags("crflow", site_tag(load_site(site_file))):
+            return flow(str(site_file.resolve()), *parameters)
+    finally:
+        _send_what_prefect_holds()
+
+
+def _send_what_prefect_holds() -> None:
+    """Send the run's last events and log lines now, so Prefect's own notes on doing so come
+    before crflow's last line (the error, when there is one), not after it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=60)
 
 
 @app.command()
