@@ -122,6 +122,22 @@ def served_names(host: str, port: int) -> str:
         return "unknown"
 
 
+def _verification_failed(err: BaseException) -> bool:
+    """Whether an SSL error is the certificate failing verification (wrong CA, wrong name),
+    found as its type in the chain requests and urllib3 wrap around it."""
+    seen, todo = set(), [err]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        todo += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
+                             *getattr(current, "args", ())) if isinstance(e, BaseException)]
+    return False
+
+
 class Registry:
     """A registry client for one registry, one login and one CA file (python-dxf underneath)."""
 
@@ -166,7 +182,10 @@ class Registry:
             return action(*args, **kwargs)
         except DXFUnauthorizedError:
             raise LoginRefused(f"registry at {self.base_url} rejected user {self.user}: wrong user or password (401)") from None
-        except requests.exceptions.SSLError:
+        except requests.exceptions.SSLError as err:
+            if not _verification_failed(err):  # a handshake cut short (a restart): nothing answers yet
+                raise NotAnswering(f"registry at {self.base_url} is not answering: the TLS handshake was cut "
+                                   "short") from None
             raise TlsFailure(
                 f"TLS verification of {self.base_url} failed: its certificate is not signed by the CA in "
                 f"{self.ca_file}, or does not name this address (it names: {served_names(self.host, self.port)})"
@@ -240,7 +259,7 @@ class Registry:
             connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
             response = connection.getresponse()
         except ssl.SSLCertVerificationError as err:
-            raise requests.exceptions.SSLError(str(err)) from None
+            raise requests.exceptions.SSLError(err) from None
         except OSError as err:
             raise requests.exceptions.ConnectionError(str(err)) from None
         if response.status == 401:

@@ -44,13 +44,13 @@ from crflow.tasks.report import certificate_rows, publish_summary
 from crflow.vault import open_vault
 
 
-@task
+@task(task_run_name="grace period ({seconds} s)")
 def grace_period(seconds: int) -> None:
     """Both logins work while consumers that read their login now and then pick up the new one."""
     time.sleep(seconds)
 
 
-@task(retries=2, retry_delay_seconds=2)
+@task(task_run_name="is the old login retired?", retries=2, retry_delay_seconds=2)
 def old_login_retired(base_url: str, old_bundle: Path, new_bundle: Path) -> bool:
     """A rerun's question: did an interrupted run already remove the old entry?"""
     return not login_accepted(base_url, old_bundle) and login_accepted(base_url, new_bundle)

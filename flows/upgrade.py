@@ -32,7 +32,7 @@ from crflow.tasks.report import publish_summary
 from crflow.vault import open_vault
 
 
-@task
+@task(task_run_name="diff of {release}")
 def publish_diff(release: str, deployed: str, before: list[dict], rendered: list[dict]) -> int:
     """The diff as a markdown artifact; returns how many objects change."""
     changes = diff_manifests(before, rendered)

@@ -25,7 +25,7 @@ def write_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credenti
     return out_dir
 
 
-@task
+@task(task_run_name="client files in {out_dir}")
 def save_client_bundle(out_dir: Path, server: str, ca_pem: str, creds: Credentials) -> Path:
     """ca.crt and auth.json (0600) for clients of `server` (the previous auth.json comes back on rollback)."""
     auth = out_dir / "auth.json"

@@ -66,7 +66,8 @@ def _set_default_account_secret(api: client.ApiClient, namespace: str, secret: s
     return retrying(f"update ServiceAccount {namespace}/default", attempt)
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="pull Secret {name} in every consumer namespace",
+      retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def put_pull_secrets(kube: KubeAccess, namespaces: list[str], selector: str | None, name: str,
                      docker_config: SecretStr, default_service_account: bool, release: str) -> dict[str, str]:
     """The pull Secret `name` holding `docker_config` in every consumer namespace;

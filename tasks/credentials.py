@@ -55,7 +55,7 @@ def htpasswd_line(creds: Credentials, cost: int) -> SecretStr:
     return SecretStr(f"{creds.user}:{hashed.decode()}\n")
 
 
-@task(cache_policy=INPUTS)
+@task(task_run_name="login (generation {generation})", cache_policy=INPUTS)
 def make_credentials(user: str | None, generation: int) -> Credentials:
     """The registry login of one generation: a fresh random password, and a user generated
     when `user` is None, else `user` (generation 0) and `user-N` after rotations. Each
@@ -64,7 +64,7 @@ def make_credentials(user: str | None, generation: int) -> Credentials:
     return new_credentials(f"{user}-{generation}" if user and generation else user)
 
 
-@task(cache_policy=INPUTS)
+@task(task_run_name="htpasswd entry (bcrypt cost {cost})", cache_policy=INPUTS)
 def make_htpasswd(creds: Credentials, cost: int) -> SecretStr:
     """The htpasswd file content for `creds` (bcrypt, `$2b$`, which the registry accepts)."""
     return htpasswd_line(creds, cost)
@@ -72,7 +72,7 @@ def make_htpasswd(creds: Credentials, cost: int) -> SecretStr:
 
 # One per site; ("generation": 0) keeps the key the first release wrote, when this task had
 # a generation parameter nobody set.
-@task(cache_key_fn=lambda context, inputs: identity_key(generation=0))
+@task(task_run_name="http.secret", cache_key_fn=lambda context, inputs: identity_key(generation=0))
 def make_http_secret() -> SecretStr:
     """The registry's http.secret: replicas share it to sign upload state."""
     return SecretStr(secrets.token_urlsafe(32))

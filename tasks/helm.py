@@ -52,7 +52,7 @@ async def _render(release: str, namespace: str, values: dict) -> list[dict]:
     return [r for r in resources if r]
 
 
-@task(retries=1)
+@task(task_run_name="helm template {release}", retries=1)
 def render_chart(release: str, namespace: str, values: dict) -> list[dict]:
     """`helm template` of our chart: the manifests a release with these values consists of."""
     try:
@@ -78,7 +78,8 @@ async def _ensure_release(kube: KubeAccess, release: str, namespace: str, values
     return revision.revision
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(task_run_name="helm upgrade --install {release}",
+      retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, timeout_seconds: int,
                  always: bool = False) -> int:
     """Install or upgrade the release and wait until it is ready. Only where chart version or
@@ -100,7 +101,7 @@ async def _deployed(kube: KubeAccess, release: str, namespace: str) -> tuple[int
     return revision.revision, [r for r in await revision.resources() if r]
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="deployed release {release}", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def deployed_release(kube: KubeAccess, release: str, namespace: str) -> tuple[int | None, list[dict]]:
     """The release's current revision and its manifests (`helm get manifest`); (None, []) if none."""
     try:
@@ -115,7 +116,8 @@ async def _rollback(kube: KubeAccess, release: str, namespace: str, revision: in
     return rolled.revision
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(task_run_name="helm rollback {release} to {revision}",
+      retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def rollback_release(kube: KubeAccess, release: str, namespace: str, revision: int, timeout_seconds: int) -> int:
     """`helm rollback` to `revision` and wait until it is ready; returns the new revision's number."""
     try:

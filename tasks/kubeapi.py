@@ -117,7 +117,7 @@ def ensure_namespace(api: client.ApiClient, name: str, labels: dict[str, str]) -
     return retrying(f"create namespace {name}", attempt)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="namespace {namespace}", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def create_namespace(kube: KubeAccess, namespace: str, release: str) -> str:
     """The registry's namespace, labelled as crflow's."""
     with api_client(kube) as api:

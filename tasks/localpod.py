@@ -14,7 +14,7 @@ from crflow.tasks.helm import helm_executable
 from crflow.undo import undo, undoable
 
 
-@task
+@task(task_run_name="port {listen[1]} on {listen[0]}")
 def check_local_host(pod_dir: Path, listen: tuple[str, int]) -> None:
     """Before anything is made: the registry binary and helm are here, and the port is ours or free."""
     registry_binary()
@@ -23,7 +23,7 @@ def check_local_host(pod_dir: Path, listen: tuple[str, int]) -> None:
         ensure_port_free(*listen)
 
 
-@task(retries=1, retry_condition_fn=transient_only)
+@task(task_run_name="registry process", retries=1, retry_condition_fn=transient_only)
 def run_local_pod(
     pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]
 ) -> str:
@@ -33,7 +33,7 @@ def run_local_pod(
     return outcome
 
 
-@task
+@task(task_run_name="Secret {name} (local)")
 def put_local_secret(pod_dir: Path, name: str, data: dict[str, SecretStr]) -> None:
     """New content for a Secret the local registry mounts (put back on rollback)."""
     pod = LocalPod(pod_dir)
@@ -45,7 +45,7 @@ def put_local_secret(pod_dir: Path, name: str, data: dict[str, SecretStr]) -> No
 put_local_secret.on_rollback(undo)
 
 
-@task
+@task(task_run_name="read the registry pod (local)")
 def read_local_pod(pod_dir: Path) -> dict:
     """The template and ConfigMaps of the registry pod running on this machine."""
     return LocalPod(pod_dir).running_pod()

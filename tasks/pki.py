@@ -124,13 +124,14 @@ def new_server_cert(ca: KeyPair, ips: list[str], dns_names: list[str], days: int
 # A CA is identified by its name alone: changing its validity or key algorithm in the site
 # file must not silently replace the CA that every client trusts. ("generation": 0 keeps the
 # key the first release wrote, when the CA had a generation parameter nobody set.)
-@task(cache_key_fn=lambda context, inputs: identity_key(common_name=inputs["common_name"], generation=0))
+@task(task_run_name="CA {common_name}",
+      cache_key_fn=lambda context, inputs: identity_key(common_name=inputs["common_name"], generation=0))
 def make_ca(common_name: str, days: int, key_algorithm: str) -> KeyPair:
     """The registry's certificate authority."""
     return new_ca(common_name, days, key_algorithm)
 
 
-@task(cache_policy=INPUTS)
+@task(task_run_name="server certificate (generation {generation})", cache_policy=INPUTS)
 def make_server_cert(
     ca: KeyPair, ips: list[str], dns_names: list[str], days: int, key_algorithm: str, generation: int
 ) -> KeyPair:

@@ -29,7 +29,8 @@ from crflow.oci import (
 from crflow.tasks.pki import fingerprint
 
 
-@task(retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient_only)
+@task(task_run_name="registry answers at {base_url}",
+      retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=transient_only)
 def wait_until_ready(base_url: str, bundle_dir: Path, timeout: float = 30) -> float:
     """Poll GET /v2/ with the client files until it answers 200; return the seconds it took."""
     started = time.monotonic()
@@ -54,7 +55,8 @@ def login_accepted(base_url: str, bundle_dir: Path) -> bool:
     return True
 
 
-@task(retries=1, retry_condition_fn=transient_only)
+@task(task_run_name="wait for the {bundle_dir.name} login: accepted {accepted}",
+      retries=1, retry_condition_fn=transient_only)
 def wait_for_login(base_url: str, bundle_dir: Path, accepted: bool, timeout: float) -> float:
     """Poll until the registry accepts (or, `accepted=False`, refuses) the bundle's login, as it
     does once a changed htpasswd reaches its pod; return the seconds it took."""
@@ -72,7 +74,7 @@ def wait_for_login(base_url: str, bundle_dir: Path, accepted: bool, timeout: flo
         time.sleep(0.3)
 
 
-@task
+@task(task_run_name="served certificate at {host}:{port}")
 def check_served_certificate(host: str, port: int, expected: str) -> str:
     """The registry serves the certificate with this fingerprint (after a renewal, the new one)."""
     served = fingerprint(served_certificate(host.strip("[]"), port))
@@ -81,7 +83,7 @@ def check_served_certificate(host: str, port: int, expected: str) -> str:
     return served
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
+@task(task_run_name="push and pull {repo}:{tag}", retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
 def push_pull_check(base_url: str, bundle_dir: Path, repo: str, tag: str) -> str:
     """Push a tiny generated image, pull it back, and compare it blob by blob; return its digest."""
     image = tiny_image({"crflow-check": f"{repo}:{tag}\n".encode()})
@@ -110,7 +112,8 @@ def unique_image(layer_bytes: int) -> Image:
                        "crflow-verify/id": uuid.uuid4().hex.encode()})
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="push a new image to {repo}",
+      retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def push_unique_image(base_url: str, bundle_dir: Path, repo: str, layer_bytes: int = 8 << 20) -> Pushed:
     """Push a freshly made image (tag: the time of the run) and time the upload."""
     image, tag = unique_image(layer_bytes), time.strftime("verify-%Y%m%d-%H%M%S")
@@ -123,7 +126,8 @@ def push_unique_image(base_url: str, bundle_dir: Path, repo: str, layer_bytes: i
                   bytes=len(image.manifest) + sum(len(b) for b in [image.config, *image.layers]))
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="pull {pushed.repo}@{pushed.digest}",
+      retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def pull_and_compare(base_url: str, bundle_dir: Path, pushed: Pushed) -> float:
     """Pull the image back by digest; the manifest and every blob must match what was pushed
     (each digest is checked as it arrives). Returns seconds."""
@@ -134,7 +138,8 @@ def pull_and_compare(base_url: str, bundle_dir: Path, pushed: Pushed) -> float:
         return time.perf_counter() - started
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="catalog lists {repo}:{tag}",
+      retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def listed_in_catalog(base_url: str, bundle_dir: Path, repo: str, tag: str) -> None:
     """/v2/_catalog shows the repository and its tags/list shows the tag."""
     with Registry.from_bundle(base_url, bundle_dir) as registry:
@@ -146,7 +151,7 @@ def listed_in_catalog(base_url: str, bundle_dir: Path, repo: str, tag: str) -> N
         raise CrflowError(f"/v2/{repo}/tags/list of {base_url} does not list {tag}")
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="delete {repo}@{digest}", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def delete_by_digest(base_url: str, bundle_dir: Path, repo: str, digest: str) -> None:
     """Delete the manifest by digest (the registry refuses deletes by tag), and see it gone."""
     with Registry.from_bundle(base_url, bundle_dir) as registry:
@@ -161,7 +166,7 @@ def delete_by_digest(base_url: str, bundle_dir: Path, repo: str, digest: str) ->
     raise CrflowError(f"{repo}@{digest} is still served after its deletion")
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="copy {source}", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def copy_source_image(source: str, source_ca: Path | None, source_authfile: Path | None, base_url: str,
                       bundle_dir: Path, repo: str) -> Pushed:
     """Copy a real image (an index with its platform manifests, or one manifest, and every
@@ -177,7 +182,7 @@ def copy_source_image(source: str, source_ca: Path | None, source_authfile: Path
     return Pushed(repo=repo, tag=tag, digest=digest, blobs=[], bytes=0, seconds=seconds)
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="pull {repo}@{digest}", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def pull_everything(base_url: str, bundle_dir: Path, repo: str, digest: str) -> str:
     """Pull an image or index back with all it references, every digest checked."""
     with Registry.from_bundle(base_url, bundle_dir) as registry:

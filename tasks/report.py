@@ -32,7 +32,7 @@ def markdown_table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task
+@task(task_run_name="summary {key}")
 def publish_summary(key: str, title: str, rows: list[tuple[str, str]]) -> None:
     """A markdown artifact under `key`, so the UI shows the latest one of each kind."""
     create_markdown_artifact(key=key, markdown=markdown_table(title, rows), description=title)
@@ -89,7 +89,7 @@ def _history(key: str) -> list[dict]:
     return rows if isinstance(rows, list) else []
 
 
-@task
+@task(task_run_name="verify report")
 def publish_checks(title: str, server: str, rows: list[dict], figures: dict[str, str], history_key: str) -> None:
     passed = all(r["result"] == "ok" for r in rows)
     lines = [f"# {title}: {'passed' if passed else 'FAILED'}", "", f"Registry `{server}`", "",
@@ -98,8 +98,9 @@ def publish_checks(title: str, server: str, rows: list[dict], figures: dict[str,
     lines += ["", *(f"- {k}: {v}" for k, v in figures.items())]
     create_markdown_artifact(key=f"{history_key}-report", markdown="\n".join(lines) + "\n", description=title)
     failed = next((r["check"] for r in rows if r["result"] != "ok"), "")
+    run = FlowRunContext.get().flow_run if FlowRunContext.get() else None
     row = {"time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
-           "run": FlowRunContext.get().flow_run.name if FlowRunContext.get() else "",
+           "run": f"{run.name} ({str(run.id)[:8]})" if run else "",
            "result": "passed" if passed else "FAILED", "failed check": failed, **figures}
     create_table_artifact(key=history_key, table=[row, *_history(history_key)][:HISTORY],
                           description=f"crflow verify of {server}: the last {HISTORY} runs, newest first")

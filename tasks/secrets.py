@@ -84,7 +84,7 @@ def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str
     return {k: SecretStr(base64.b64decode(secret.data[k]).decode()) for k in keys}
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="Secret {namespace}/{name}", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def put_secret(kube: KubeAccess, namespace: str, name: str, secret_type: str, data: dict[str, SecretStr],
                release: str) -> str:
     """One of the registry's Secrets, written only where it differs (put back on rollback)."""
@@ -95,7 +95,8 @@ def put_secret(kube: KubeAccess, namespace: str, name: str, secret_type: str, da
 put_secret.on_rollback(undo)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="S3 keys from Secret {namespace}/{name}",
+      retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str, access_key_key: str,
                         secret_key_key: str) -> S3Keys:
     """The S3 keys from MinIO's own Secret (the registry's Secret gets a copy with the others)."""

@@ -94,19 +94,19 @@ def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Key
         return True
 
 
-@task
+@task(task_run_name="storage directory {path}")
 def ensure_directory(path: Path) -> Path:
     """The directory the registry keeps blobs in (filesystem storage), private to its owner."""
     return private_dir(path)
 
 
-@task
+@task(task_run_name="S3 keys from {path}")
 def read_s3_keys_file(path: Path, access_key_key: str, secret_key_key: str) -> S3Keys:
     """The S3 keys, read from the local stand-in of MinIO's secret."""
     return read_s3_keys(path, access_key_key, secret_key_key)
 
 
-@task(retries=3, retry_delay_seconds=[2, 4, 8], retry_condition_fn=transient_only)
+@task(task_run_name="bucket {bucket}", retries=3, retry_delay_seconds=[2, 4, 8], retry_condition_fn=transient_only)
 def ensure_bucket(
     endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool
 ) -> bool:
@@ -122,7 +122,8 @@ def blob_key(digest: str, root_directory: str = "") -> str:
     return f"{root_directory.strip('/') + '/' if root_directory.strip('/') else ''}docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="layer in bucket {bucket}",
+      retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def blob_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
                    ca_bundle: Path | None, skip_verify: bool, digest: str) -> str:
     """The blob is an object in the bucket (so it landed in S3, not on a pod's disk)."""
@@ -141,7 +142,8 @@ def blob_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str,
     return f"s3://{bucket}/{key}"
 
 
-@task(retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+@task(task_run_name="bucket {bucket} present?",
+      retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def bucket_present(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle: Path | None,
                    skip_verify: bool, registry_said: str) -> None:
     """After the registry's storage failed: say so plainly if the cause is a missing bucket."""
@@ -152,7 +154,7 @@ def bucket_present(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bun
                               f"the registry said: {registry_said}")
 
 
-@task
+@task(task_run_name="layer under {root}")
 def blob_in_directory(root: Path, digest: str) -> str:
     """The blob is a file under the registry's storage directory on this machine."""
     path = root / blob_key(digest)
@@ -183,7 +185,7 @@ def pod_storage(pod: dict) -> tuple[str, str]:
     return "emptyDir", volume["name"]
 
 
-@task
+@task(task_run_name="pod storage is {storage_kind}")
 def check_pod_storage(pod: dict, storage_kind: str, bucket: str | None) -> str:
     """The running pod stores blobs where the site says: the bucket for s3, a claim otherwise."""
     kind, where = pod_storage(pod)

@@ -42,7 +42,7 @@ def ensure_hostpath_volume(api: client.ApiClient, namespace: str, claim: str, pa
     return retrying(f"create PV {pv_name} and PVC {namespace}/{claim}", attempt)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="volume {claim} on {node}", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def create_hostpath_volume(kube: KubeAccess, namespace: str, claim: str, path: str, node: str, size: str,
                            release: str) -> str:
     """The hostPath PV on `node` and its claim, for filesystem storage on the cluster."""

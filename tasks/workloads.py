@@ -15,7 +15,8 @@ from crflow.tasks.kubeapi import KubeAccess, api_client, ensure_namespace, get_o
 from crflow.tasks.secrets import apply_secret
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="read the registry pod {namespace}/{deployment}",
+      retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def read_registry_pod(kube: KubeAccess, namespace: str, deployment: str) -> dict:
     """The registry Deployment's pod template and the ConfigMaps it mounts, as the cluster has them."""
     with api_client(kube) as api:
@@ -73,7 +74,7 @@ def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, l
                  lambda: get_or_none(lambda: apps.delete_namespaced_deployment(PULL_TEST, PULL_TEST_NAMESPACE)))
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="a pod pulls {image}", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, release: str, timeout: float = 120) -> str:
     """Kubernetes: a pod pulls `image` with a pull secret made from the client login, and runs."""
     with api_client(kube) as api:

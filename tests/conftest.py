@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import uuid
@@ -171,15 +173,28 @@ def last_artifact(prefect_api: str, key: str):
 
 
 def task_runs(prefect_api: str, site_file: Path, flow: str | None = None) -> list[tuple[str, str]]:
-    """(task, state name) of each task run of the newest flow run against `site_file`, in the
-    order they started, as the Prefect API records them (never read from log text)."""
+    """(task function, state name) of each task run of the newest flow run against `site_file`,
+    in the order they started, as the Prefect API records them (never read from log text)."""
     with httpx.Client(base_url=prefect_api, timeout=30) as http:
         runs = http.post("/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 50}).json()
         run = next(r for r in runs if r["parameters"].get("site_file") == str(Path(site_file).resolve())
                    and (flow is None or r["name"] and http.get(f"/flows/{r['flow_id']}").json()["name"] == flow))
         tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}},
                                                      "sort": "EXPECTED_START_TIME_ASC", "limit": 200}).json()
-    return [(t["name"].rsplit("-", 1)[0], (t["state"] or {}).get("name", "Pending")) for t in tasks]
+    return [(t["task_key"].rsplit("-", 1)[0], (t["state"] or {}).get("name", "Pending")) for t in tasks]
+
+
+def run_name_prefix(task_name: str) -> str:
+    """How Prefect's log names a run of crflow's task `task_name`: its task_run_name up to the
+    first templated field (or Prefect's default, the task's name and a dash)."""
+    from prefect import Task
+
+    for package in map(importlib.import_module, ("crflow.tasks", "crflow.flows")):  # `crflow` is a fixture here
+        for info in pkgutil.iter_modules(package.__path__):
+            candidate = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), task_name, None)
+            if isinstance(candidate, Task):
+                return (candidate.task_run_name or f"{task_name}-").split("{")[0]
+    raise LookupError(f"no crflow task named {task_name}")
 
 
 def cached_tasks(prefect_api: str, site_file: Path) -> list[str]:

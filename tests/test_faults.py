@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from conftest import cached_tasks, curl_status
+from conftest import cached_tasks, curl_status, run_name_prefix
 from crflow.vault import identity_key
 
 
@@ -122,8 +122,9 @@ def test_the_served_certificate_carries_key_usage(installed):
 def test_sigterm_in_the_middle_of_a_task_ends_crflow_within_5_s(crflow, make_site):
     site = make_site()
     process = crflow.popen("install", "-c", str(site.path))
+    starts = tuple(f"Task run '{run_name_prefix(task)}" for task in ("render_chart", "run_local_pod"))
     for line in process.stdout:  # a task has started: the run is in the middle of its work
-        if "render_chart" in line or "run_local_pod" in line:
+        if any(start in line for start in starts):
             break
     process.send_signal(signal.SIGTERM)
     try:

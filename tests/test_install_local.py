@@ -13,7 +13,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from conftest import cached_tasks, oci_layout, skopeo
+from conftest import cached_tasks, oci_layout, run_name_prefix, skopeo
 from crflow.health import registry_health
 
 
@@ -124,7 +124,7 @@ def test_killing_the_flow_after_any_task_then_rerunning_converges(crflow, make_s
     # Prefect's log line is only the trigger (the API hears of task states later, by events):
     # if its wording changed the run would end unkilled, and the return code says so.
     for line in process.stdout:
-        if f"Task run '{killed_after}-" in line and "Finished in state" in line:
+        if f"Task run '{run_name_prefix(killed_after)}" in line and "Finished in state" in line:
             process.kill()
             break
     assert process.wait() == -signal.SIGKILL, f"the run ended before {killed_after} finished"

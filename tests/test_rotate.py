@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from conftest import task_runs
+from conftest import run_name_prefix, task_runs
 from crflow.localpod import LocalPod
 from crflow.oci import Registry, tiny_image
 
@@ -165,7 +165,7 @@ def test_killing_a_rotation_in_any_step_then_rerunning_finishes_it_with_one_new_
         # unkilled, and the return code says so.
         seen = 0
         for line in process.stdout:
-            seen += f"Task run '{task}-" in line and "Finished in state" in line
+            seen += f"Task run '{run_name_prefix(task)}" in line and "Finished in state" in line
             if seen == nth:
                 process.kill()
                 break
