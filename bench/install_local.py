@@ -4,7 +4,7 @@ Runs, on this machine, against a Prefect server of its own:
 - a first install (fresh state: CA, certificate, login, registry start, push/pull check);
 - a rerun with everything cached (what a scheduled or repeated run costs);
 and splits the rerun into: starting Python and importing crflow and Prefect (the peer:
-`python -c "import flows.install"` in the same venv), the time Prefect reports for the
+`python -c "import crflow.flows.install"` in the same venv), the time Prefect reports for the
 tasks themselves, and the rest (Prefect's engine and API calls: the overhead).
 
     .venv/bin/python bench/install_local.py [--runs 3]
@@ -15,6 +15,7 @@ Prints medians; no targets are asserted (machines here are shared and noisy).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -54,10 +56,38 @@ def prefect_for_bench(work: Path) -> tuple:
     return server, api, env
 
 
+def local_site(work: Path, name: str = "site") -> Path:
+    """A local-target site file under `work`, on a free port, with its state beside it."""
+    site = work / f"{name}.yaml"
+    site.write_text(yaml.safe_dump({"state_dir": str(work / f"{name}-state"), "registry": {"port": free_port()}}))
+    return site
+
+
+def runs_option(doc: str, default: int) -> int:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=default)
+    return parser.parse_args().runs
+
+
+@contextlib.contextmanager
+def installed_site() -> Iterator[tuple[str, dict, Path]]:
+    """A Prefect server and a local registry installed by `crflow install`, both the benchmark's
+    own and removed afterwards: (API URL, env for crflow, site file)."""
+    work = Path(tempfile.mkdtemp(prefix="crflow-bench-"))
+    server, api, env = prefect_for_bench(work)
+    site = local_site(work)
+    crflow = str(BIN / "crflow")
+    try:
+        subprocess.run([crflow, "install", "-c", str(site)], env=env, check=True, capture_output=True)
+        yield api, env, site
+    finally:
+        subprocess.run([crflow, "down", "-c", str(site)], env=env, capture_output=True)
+        stop_server(server)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    runs = parser.parse_args().runs
+    runs = runs_option(__doc__, 3)
 
     work = Path(tempfile.mkdtemp(prefix="crflow-bench-"))
     server, api, env = prefect_for_bench(work)
@@ -65,15 +95,13 @@ def main() -> None:
     try:
         first, rerun, task_time, imports = [], [], [], []
         for i in range(runs):
-            site = work / f"site{i}.yaml"
-            state = work / f"state{i}"
-            site.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"port": free_port()}}))
-            sites.append(state)
+            site = local_site(work, f"site{i}")
+            sites.append(work / f"site{i}-state")
             crflow = [str(BIN / "crflow"), "install", "-c", str(site)]
             first.append(timed(crflow, env))
             rerun.append(timed(crflow, env))
             task_time.append(last_flow_run_task_seconds(api))
-            imports.append(timed([sys.executable, "-c", "import flows.install"], env))
+            imports.append(timed([sys.executable, "-c", "import crflow.flows.install"], env))
 
         med = statistics.median
         overhead = med(rerun) - med(imports) - med(task_time)

@@ -269,8 +269,8 @@ def kubelet(kube_api, tmp_path):
     node = Kubelet(kube_api.kubeconfig, tmp_path / "node")
     yield node
     node.stop()
-    for error in dict.fromkeys(node.errors):  # shown with a failing test's output
-        print(f"kubelet: {error}")
+    for error in [*dict.fromkeys(node.errors), *(why for _, why in node.failed.values())]:
+        print(f"kubelet: {error}")  # shown with a failing test's output
 
 
 MINIO_KEYS = {"accesskey": "crflow-test-access", "secretkey": "crflow-test-secret-0123456789"}

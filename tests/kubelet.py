@@ -45,8 +45,7 @@ class Forwarder:
 
     def __init__(self, listen: tuple[str, int], backend: int):
         self.listen, self.backend = listen, backend
-        self.server = socket.create_server(listen, reuse_port=False)
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server = socket.create_server(listen)  # SO_REUSEADDR: a moved Service may come back here
         self.running = True
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -80,6 +79,10 @@ class Forwarder:
 
     def close(self) -> None:
         self.running = False
+        try:  # wakes the thread blocked in accept(); a plain close() would keep the port bound until then
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
 
 
@@ -122,14 +125,15 @@ class Kubelet:
         for deployment in ready:  # only once its Services reach the new pod, as endpoints follow readiness
             self._report_ready(deployment)
 
-    def _secret(self, namespace: str, name: str) -> dict[str, SecretStr]:
-        """A Secret's content as the node shows it: a change appears `delay` seconds after it was seen."""
+    def _secret(self, namespace: str, name: str, fresh: bool = False) -> dict[str, SecretStr]:
+        """A Secret's content as the node shows it: in a running pod's volume a change appears
+        `delay` seconds after it was seen; a new pod (`fresh`) mounts what the API holds now."""
         secret = self.core.read_namespaced_secret(name, namespace)
         digest = hashlib.sha256(json.dumps(secret.data, sort_keys=True).encode()).hexdigest()
-        key = f"{namespace}/{name}"
+        key, now = f"{namespace}/{name}", time.monotonic()
         shown = self.shown.get(key)
-        if shown is None or (digest != shown[0] and
-                             time.monotonic() - self.first_seen.setdefault((key, digest), time.monotonic()) >= self.delay):
+        if fresh or shown is None or (digest != shown[0] and
+                                      now - self.first_seen.setdefault((key, digest), now) >= self.delay):
             data = {k: SecretStr(base64.b64decode(v).decode()) for k, v in (secret.data or {}).items()}
             self.shown[key] = shown = (digest, data)
         return shown[1]
@@ -202,6 +206,7 @@ class Kubelet:
             return False  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
         # A new pod: the first one, or a rolling update with maxUnavailable 0 (the old pod serves
         # until the new one is ready; then the Service switches over and the old one stops).
+        secrets = {secret: self._secret(namespace, secret, fresh=True) for secret in secrets}
         self.serial += 1
         new = {"pod": LocalPod(self.work / f"{namespace}-{name}-{self.serial}"), "port": free_port(),
                "generation": generation}
