@@ -200,8 +200,15 @@ class Registry:
             status = response.status_code if response is not None else "?"
             driver = re.search(r'"DriverName":"(\w+)"', detail)
             if driver:  # distribution's storage driver failed; its body holds no more than the driver's name
+                if re.search(r'"Err":28\b', response.text):  # ENOSPC, as the filesystem driver reports it
+                    raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry's storage "
+                                         "is full (no space left on device); free space where it stores blobs")
                 raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry's storage "
                                      f"({driver.group(1)}) failed: {detail}") from None
+            if status == 400 and not detail:  # what distribution answers when its htpasswd cannot be read
+                raise CrflowError(f"{what} at {self.base_url} failed with 400 and no reason: the registry could not "
+                                  "check the login (its htpasswd file is missing or unreadable); run crflow install "
+                                  "to write it again") from None
             problem = f"{what} at {self.base_url} failed with {status}: {detail}"
             raise (NotAnswering if isinstance(status, int) and status in (502, 503, 504) else CrflowError)(problem) from None
 

@@ -8,6 +8,7 @@ use only the plain clients and must not pay for Prefect's import (about a second
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -17,6 +18,8 @@ from crflow.health import Health, Status, registry_health
 from crflow.localpod import LocalPod
 from crflow.settings import Site
 from crflow.targets import Check, Release, Target
+
+FULL_BELOW = 1 << 20  # free bytes under which the storage counts as full: less than one small layer
 
 
 class LocalTarget(Target):
@@ -91,6 +94,11 @@ class LocalTarget(Target):
         if pid is None:
             return Health(Status.UNHEALTHY, "the local registry process is not running; crflow install starts it")
         health = registry_health(self.url, self.bundle)
+        if health.status is Status.HEALTHY and self.site.storage.kind == "filesystem":
+            free = shutil.disk_usage(self.site.data_dir).free
+            if free < FULL_BELOW:  # it answers, but no push can land
+                return Health(Status.UNHEALTHY, f"registry process {pid}: the registry's storage is full (no space "
+                                                f"left on device: {free >> 10} KiB free in {self.site.data_dir})")
         return Health(health.status, f"registry process {pid}: {health.detail}")
 
     def down(self) -> bool:

@@ -191,3 +191,61 @@ def test_an_ipv6_registry_address_works_on_the_local_target(crflow, make_site):
     assert "crflow-smoke" in json.loads(curl("/v2/_catalog"))["repositories"]
     manifest = json.loads(curl("/v2/crflow-smoke/manifests/install"))
     curl(f"/v2/crflow-smoke/blobs/{manifest['layers'][0]['digest']}")
+
+
+def test_a_missing_htpasswd_is_named_and_install_writes_it_again(crflow, installed):
+    before = snapshot(installed)
+    (installed.state / "pod" / "volumes" / "auth" / "htpasswd").unlink()
+    result = crflow("verify", "-c", str(installed.path), check=False)
+    assert result.returncode == 1
+    line = last_line(result)
+    assert "400 and no reason" in line and "htpasswd file is missing or unreadable" in line and "crflow install" in line
+    crflow("install", "-c", str(installed.path))
+    assert snapshot(installed) == before and curl_status(installed, *before["login"]) == 200
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs (room for one verify), mounted for the test (it needs root, as CI runs)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"this test mounts a small tmpfs, which needs root: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_named_by_verify_and_by_status(crflow, make_site, small_disk):
+    site = make_site(storage={"kind": "filesystem", "path": str(small_disk / "data")})
+    crflow("install", "-c", str(site.path))
+    before = snapshot(site)
+    with open(small_disk / "filler", "wb") as filler:  # fill what is left
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+    result = crflow("verify", "-c", str(site.path), check=False)
+    assert result.returncode == 1
+    assert "the registry's storage is full (no space left on device)" in last_line(result)
+    status = crflow("status", "-c", str(site.path), check=False)
+    assert status.returncode == 3 and "the registry's storage is full" in status.stdout
+    (small_disk / "filler").unlink()  # space again: nothing was lost
+    crflow("verify", "-c", str(site.path))
+    assert snapshot(site) == before
+
+
+@pytest.mark.parametrize("protocol, cipher", [
+    ("-tls1", "DEFAULT@SECLEVEL=0"), ("-tls1_1", "DEFAULT@SECLEVEL=0"),
+    ("-tls1_2", "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA@SECLEVEL=0"),  # CBC suites
+    ("-tls1_2", "ECDHE-ECDSA-AES128-GCM-SHA256"),  # the control: what must work does
+])
+def test_old_protocols_and_cbc_suites_are_refused(installed, protocol, cipher):
+    """openssl judges, offering only the old protocol or suite (it would accept them at security level 0)."""
+    handshake = subprocess.run(["openssl", "s_client", "-connect", installed.server, protocol, "-cipher", cipher],
+                               input="", capture_output=True, text=True, timeout=30)
+    accepted = handshake.returncode == 0 and "Cipher is (NONE)" not in handshake.stdout
+    assert accepted == (cipher == "ECDHE-ECDSA-AES128-GCM-SHA256"), handshake.stdout[-800:] + handshake.stderr[-800:]
