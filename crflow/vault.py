@@ -89,23 +89,41 @@ class Vault:
         return task.with_options(**self.options)
 
 
+def _new_key_file(key_file: Path) -> bytes:
+    """A new key in `key_file`, whole or not at all (written aside, then linked into place, which
+    fails if another run got there first: then that run's key is the one)."""
+    aside = key_file.with_name(f".{key_file.name}.{os.getpid()}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(Fernet.generate_key() + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        if key_file.exists() and not key_file.read_bytes().strip():
+            os.replace(aside, key_file)  # the empty file a killed run left
+        else:
+            os.link(aside, key_file)
+    except FileExistsError:
+        pass
+    finally:
+        aside.unlink(missing_ok=True)
+    return key_file.read_bytes().strip()
+
+
 def open_vault(state_dir: Path) -> Vault:
     """Check (or on first use, create) the result key for this state directory."""
     results_dir, key_file = state_dir / "results", state_dir / "result.key"
     private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
     results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keycheck = results_dir / KEYCHECK
-    key = read_key(key_file)
+    key = read_key(key_file) or None  # an empty file is a key never written (a run killed making it)
     if key is None:
         if keycheck.exists():
             raise CrflowError(
                 f"missing result key for {results_dir}: set {KEY_ENV} or restore {key_file} from a backup "
                 f"(removing {state_dir} would also remove the stored images and every login clients hold)"
             )
-        key = Fernet.generate_key()
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key + b"\n")
+        key = _new_key_file(key_file)
     cipher = _fernet(key)
     if keycheck.exists():
         try:

@@ -249,3 +249,16 @@ def test_old_protocols_and_cbc_suites_are_refused(installed, protocol, cipher):
                                input="", capture_output=True, text=True, timeout=30)
     accepted = handshake.returncode == 0 and "Cipher is (NONE)" not in handshake.stdout
     assert accepted == (cipher == "ECDHE-ECDSA-AES128-GCM-SHA256"), handshake.stdout[-800:] + handshake.stderr[-800:]
+
+
+def test_an_empty_result_key_left_by_a_killed_first_run_is_made_again(crflow, make_site):
+    """The first run was killed after creating result.key and before writing it: nothing was
+    encrypted with any key yet (no keycheck), so a new key is safe; with a keycheck it is not."""
+    site = make_site()
+    site.state.mkdir(mode=0o700)
+    (site.state / "result.key").write_bytes(b"")
+    crflow("install", "-c", str(site.path))
+    assert len((site.state / "result.key").read_bytes().strip()) == 44
+    (site.state / "result.key").write_bytes(b"")  # now the cache holds secrets under the lost key
+    result = crflow("install", "-c", str(site.path), check=False)
+    assert result.returncode == 1 and "missing result key" in last_line(result)
