@@ -26,7 +26,7 @@ import typer
 from crflow import runtime
 from crflow.errors import CrflowError, NotInstalled
 from crflow.health import Status
-from crflow.settings import load_site
+from crflow.settings import Site, load_site
 from crflow.targets import target_for
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -55,8 +55,9 @@ def _quiet_tracebacks() -> None:
         handler.addFilter(_OneLineErrors())
 
 
-def _run_flow(flow, site_file: Path, *parameters):
-    """Run a flow in this process, reporting to crflow's Prefect server."""
+def _run_flow(flow, site: Site, site_file: Path, *parameters):
+    """Run a flow against `site_file` (already read as `site`) in this process, reporting to
+    crflow's Prefect server."""
     runtime.ensure_server()
     import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers, then we filter them)
     from prefect import tags
@@ -70,7 +71,7 @@ def _run_flow(flow, site_file: Path, *parameters):
     # would hold up the end of every command by up to a second. The site's tag is on the run
     # from its creation, so every event of it (Failed included) reaches the site's alerts.
     try:
-        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), tags("crflow", site_tag(load_site(site_file))):
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), tags("crflow", site_tag(site)):
             return flow(str(site_file.resolve()), *parameters)
     finally:
         _send_what_prefect_holds()
@@ -93,7 +94,7 @@ def install(config: Path = SiteFile) -> None:
     from crflow.oci import SMOKE_REPO
 
     site = load_site(config)
-    url = _run_flow(install_flow, config)
+    url = _run_flow(install_flow, site, config)
     client = target_for(site).bundle
     typer.echo(f"Registry ready at {url}")
     typer.echo(f"  client files: crflow export-client -c {config} --out DIR   (CA and login for skopeo/podman/docker)")
@@ -110,9 +111,9 @@ def verify(
     """Push a new image, pull it back, check the catalog and where the data landed, delete it."""
     from crflow.flows.verify import verify as verify_flow
 
-    load_site(config)
+    site = load_site(config)
     extra = [str(p.resolve()) if isinstance(p, Path) else p for p in (source_image, source_ca, source_authfile)]
-    typer.echo(_run_flow(verify_flow, config, *extra))
+    typer.echo(_run_flow(verify_flow, site, config, *extra))
 
 
 @app.command()
@@ -123,8 +124,7 @@ def upgrade(
     """Upgrade the registry to the site file and helm_chart/: diff, upgrade, verify, roll back if it breaks."""
     from crflow.flows.upgrade import upgrade as upgrade_flow
 
-    load_site(config)
-    typer.echo(_run_flow(upgrade_flow, config, dry_run))
+    typer.echo(_run_flow(upgrade_flow, load_site(config), config, dry_run))
 
 
 @app.command("rotate-credentials")
@@ -138,8 +138,7 @@ def rotate_credentials(
     """Rotate the registry login (new user and password) with no failed pull, and hand it to every consumer."""
     from crflow.flows.rotate import rotate_credentials as rotate_flow
 
-    load_site(config)
-    generation = _run_flow(rotate_flow, config, grace, renew_cert_within)
+    generation = _run_flow(rotate_flow, load_site(config), config, grace, renew_cert_within)
     typer.echo(f"Login rotated to generation {generation}: client files (and pull Secrets) hold the new one")
 
 
@@ -148,8 +147,7 @@ def rotate_cert(config: Path = SiteFile) -> None:
     """Renew the server certificate from the same CA and roll the registry onto it."""
     from crflow.flows.rotate import rotate_cert as rotate_flow
 
-    load_site(config)
-    typer.echo(f"Server certificate renewed: {_run_flow(rotate_flow, config)}")
+    typer.echo(f"Server certificate renewed: {_run_flow(rotate_flow, load_site(config), config)}")
 
 
 @app.command()

@@ -202,7 +202,7 @@ class Registry:
             if driver:  # distribution's storage driver failed; its body holds no more than the driver's name
                 if re.search(r'"Err":28\b', response.text):  # ENOSPC, as the filesystem driver reports it
                     raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry's storage "
-                                         "is full (no space left on device); free space where it stores blobs")
+                                         "is full (no space left on device); free space where it stores blobs") from None
                 raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry's storage "
                                      f"({driver.group(1)}) failed: {detail}") from None
             if status == 400 and not detail:  # what distribution answers when its htpasswd cannot be read

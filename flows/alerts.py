@@ -41,14 +41,12 @@ def _tag(site: Site) -> dict[str, str]:
     return {"prefect.resource.id": f"prefect.tag.{site_tag(site)}", "prefect.resource.role": "tag"}
 
 
-def emit_certificate_days(site: Site, server_days: int | None, ca_days: int | None) -> bool:
-    """Report the days left; True (and an expiring event) when either is below alerts.cert_days."""
+def emit_certificate_days(site: Site, server_days: int | None, ca_days: int | None) -> None:
+    """The expiring event, when the server certificate or the CA has fewer than alerts.cert_days left."""
     known = [d for d in (server_days, ca_days) if d is not None]
-    expiring = bool(known) and min(known) < site.alerts.cert_days
-    if expiring:
+    if known and min(known) < site.alerts.cert_days:
         emit_event(CERT_EXPIRING, resource=_resource(site), related=[_tag(site)],
                    payload={"server_cert_days": server_days, "ca_days": ca_days, "threshold": site.alerts.cert_days})
-    return expiring
 
 
 def emit_rotation_rolled_back(site: Site, generation: int, reason: str) -> None:
@@ -63,6 +61,7 @@ def automation_prefix(site: Site) -> str:
 def automations(site: Site, block_id) -> list[Automation]:
     """The site's three automations, all notifying through the block `block_id`."""
     name, prefix = site_name(site), automation_prefix(site)
+    this_site = {"prefect.resource.id": _resource(site)["prefect.resource.id"]}
     ui = (PREFECT_UI_URL.value() or "").rstrip("/")  # the server's own ui_url filter is empty unless it was told
 
     def notify(subject: str, body: str) -> list[SendNotification]:
@@ -82,14 +81,14 @@ def automations(site: Site, block_id) -> list[Automation]:
                            "failed: {{ flow_run.state.message }}")),
         Automation(
             name=prefix + "a rotation rolled back", description=f"A login rotation of {name} was undone.",
-            trigger=on([ROTATION_ROLLED_BACK], {"prefect.resource.id": f"crflow.site.{name}"}),
+            trigger=on([ROTATION_ROLLED_BACK], this_site),
             actions=notify(f"crflow {name}: a login rotation was rolled back",
                            f"site: {name}\nflow: rotate-credentials\nrolled back to generation "
                            "{{ event.payload.generation }}: {{ event.payload.reason }}")),
         Automation(
             name=prefix + "a certificate ends soon",
             description=f"verify found a certificate of {name} with fewer than {site.alerts.cert_days} days left.",
-            trigger=on([CERT_EXPIRING], {"prefect.resource.id": f"crflow.site.{name}"}),
+            trigger=on([CERT_EXPIRING], this_site),
             actions=notify(f"crflow {name}: a certificate ends soon",
                            f"site: {name}\nflow: verify-push-pull\nserver certificate: "
                            "{{ event.payload.server_cert_days }} days left\nCA: {{ event.payload.ca_days }} days left\n"

@@ -41,6 +41,11 @@ def publish_summary(key: str, title: str, rows: list[tuple[str, str]]) -> None:
 HISTORY = 30  # rows kept in a site's verify table
 
 
+def first_failed(rows: list[dict]) -> str | None:
+    """The name of the first check that did not pass (None: all passed)."""
+    return next((r["check"] for r in rows if r["result"] != "ok"), None)
+
+
 class Checks:
     """Runs checks in order, timing each, and publishes what happened when the block ends,
     passed or failed: a markdown artifact, and a row on top of the site's verify table
@@ -68,10 +73,10 @@ class Checks:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is not None and all(r["result"] == "ok" for r in self.rows):  # failed between checks
+        if error is not None and first_failed(self.rows) is None:  # failed between checks
             self.rows.append({"check": "(between checks)", "result": "FAILED", "seconds": 0.0,
                               "detail": f"{type(error).__name__}: {error}"[:300]})
-        failed = next((r["check"] for r in self.rows if r["result"] != "ok"), None)
+        failed = first_failed(self.rows)
         if isinstance(error, Exception) and failed:
             error.args = (f"{failed}: {error}",)  # same type (callers tell failures apart by class), clearer line
         publish_checks(self.title, self.server, self.rows, self.figures, self.history_key)
@@ -91,16 +96,16 @@ def _history(key: str) -> list[dict]:
 
 @task(task_run_name="verify report")
 def publish_checks(title: str, server: str, rows: list[dict], figures: dict[str, str], history_key: str) -> None:
-    passed = all(r["result"] == "ok" for r in rows)
+    failed = first_failed(rows)
+    passed = failed is None
     lines = [f"# {title}: {'passed' if passed else 'FAILED'}", "", f"Registry `{server}`", "",
              "| check | result | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['result']} | {r['seconds']:.2f} | {r['detail']} |" for r in rows]
     lines += ["", *(f"- {k}: {v}" for k, v in figures.items())]
     create_markdown_artifact(key=f"{history_key}-report", markdown="\n".join(lines) + "\n", description=title)
-    failed = next((r["check"] for r in rows if r["result"] != "ok"), "")
-    run = FlowRunContext.get().flow_run if FlowRunContext.get() else None
+    run = context.flow_run if (context := FlowRunContext.get()) else None
     row = {"time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
            "run": f"{run.name} ({str(run.id)[:8]})" if run else "",
-           "result": "passed" if passed else "FAILED", "failed check": failed, **figures}
+           "result": "passed" if passed else "FAILED", "failed check": failed or "", **figures}
     create_table_artifact(key=history_key, table=[row, *_history(history_key)][:HISTORY],
                           description=f"crflow verify of {server}: the last {HISTORY} runs, newest first")

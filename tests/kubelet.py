@@ -178,6 +178,9 @@ class Kubelet:
         if spec["containers"][0].get("command") != [COMMAND]:  # the chart contract names the registry's entrypoint
             self._pull(deployment, spec)
             return False
+        key, generation = f"{namespace}/{name}", deployment.metadata.generation
+        pod = self.pods.get(key)
+        running = pod is not None and pod["generation"] == generation  # else a new pod, mounting Secrets afresh
         manifests = [{"kind": "Deployment", "metadata": {"name": name}, "spec": {"template": template}}]
         secrets, claims = {}, {}
         for volume in spec.get("volumes") or []:
@@ -185,7 +188,8 @@ class Kubelet:
                 cm = self.core.read_namespaced_config_map(volume["configMap"]["name"], namespace)
                 manifests.append({"kind": "ConfigMap", "metadata": {"name": cm.metadata.name}, "data": cm.data or {}})
             elif "secret" in volume:
-                secrets[volume["secret"]["secretName"]] = self._secret(namespace, volume["secret"]["secretName"])
+                secrets[volume["secret"]["secretName"]] = self._secret(namespace, volume["secret"]["secretName"],
+                                                                       fresh=not running)
             elif "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
                 pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
@@ -195,18 +199,15 @@ class Kubelet:
             for var in container.get("env") or []:
                 ref = (var.get("valueFrom") or {}).get("secretKeyRef")
                 if ref and ref["name"] not in secrets:
-                    secrets[ref["name"]] = self._secret(namespace, ref["name"])
+                    secrets[ref["name"]] = self._secret(namespace, ref["name"], fresh=not running)
 
-        key, generation = f"{namespace}/{name}", deployment.metadata.generation
-        pod = self.pods.get(key)
-        if pod is not None and pod["generation"] == generation:
+        if running:
             pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]))  # Secret files refreshed
             return self._ready(pod["port"])
         if self.failed.get(key, (None,))[0] == generation:
             return False  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
         # A new pod: the first one, or a rolling update with maxUnavailable 0 (the old pod serves
         # until the new one is ready; then the Service switches over and the old one stops).
-        secrets = {secret: self._secret(namespace, secret, fresh=True) for secret in secrets}
         self.serial += 1
         new = {"pod": LocalPod(self.work / f"{namespace}-{name}-{self.serial}"), "port": free_port(),
                "generation": generation}
