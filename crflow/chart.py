@@ -32,6 +32,7 @@ SECRETS = {
     "s3": ("s3", "Opaque", ("s3AccessKey", "s3SecretKey")),
     "s3_ca": ("s3-ca", "Opaque", ("ca.crt",)),
     "tls": ("tls", "kubernetes.io/tls", ("tls.crt", "tls.key", "ca.crt")),
+    "ca": ("ca", "Opaque", ("ca.crt",)),  # the CA alone, for node trust: no pod there sees the key
     "htpasswd": ("htpasswd", "Opaque", ("htpasswd",)),
     "http": ("http-secret", "Opaque", ("haSharedSecret",)),
     "login": ("login", "kubernetes.io/basic-auth", ("username", "password")),  # for people and rotation
@@ -48,6 +49,11 @@ def secret_type(role: str) -> str:
     return SECRETS[role][1]
 
 
+def node_trust_name(release: str) -> str:
+    """The node-trust DaemonSet (and its script's ConfigMap)."""
+    return f"{release}-node-trust"
+
+
 def data_claim(release: str) -> str:
     """The claim filesystem storage is on, unless the site names an existing one."""
     return f"{release}-data"
@@ -62,6 +68,7 @@ CRFLOW_VALUES = {
     "secrets": "nothing (crflow makes the Secrets)",
     "tlsSecretName": "tls",
     "secretsChecksum": "nothing (the server certificate's fingerprint)",
+    "nodeTrust": "node_trust",
 }
 
 
@@ -74,6 +81,7 @@ def registry_secrets(release: str, *, ca_pem: str, cert_pem: str, key_pem: Secre
 
     secrets = dict([
         secret("tls", SecretStr(cert_pem), key_pem, SecretStr(ca_pem)),
+        secret("ca", SecretStr(ca_pem)),
         secret("htpasswd", htpasswd),
         secret("http", http_secret),
     ])
@@ -96,6 +104,11 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         "secretsChecksum": cert_fingerprint,
         "storage": "s3" if storage.kind == "s3" else "filesystem",
     }
+    if site.target == "kubernetes":
+        trust = site.node_trust
+        values["nodeTrust"] = {"enabled": trust.enabled, "runtime": trust.runtime, "hostDir": trust.host_dir or "",
+                               "addresses": address.servers, "caSecretName": secret_name(site.release, "ca"),
+                               "resyncSeconds": trust.resync_seconds}
     if address.ips and address.service_type == "LoadBalancer":
         values["service"]["loadBalancerIP"] = address.ips[0]
     if address.service_type == "NodePort":  # clients reach node:port, so the node port is the registry's port

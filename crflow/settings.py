@@ -79,6 +79,12 @@ class Address(Strict):
         """host:port, as clients name the registry (docker login, auth.json, image refs)."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def servers(self) -> list[str]:
+        """Every host:port the certificate names, `server` first: clients may use any of them."""
+        hosts = [f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip for ip in self.ips] + self.dns_names
+        return [f"{host}:{self.port}" for host in hosts]
+
 
 class FilesystemStorage(Strict):
     """Blobs on a local directory (local target), or on a hostPath PV on one node."""
@@ -172,6 +178,16 @@ class Cluster(Strict):
     kubeconfig: Path | None = None
     context: str | None = None
     helm_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
+
+
+class NodeTrust(Strict):
+    """Kubernetes: the chart's node-trust DaemonSet writes the CA into each node's runtime
+    directory (certs.d), so nodes pull from the registry with no reboot."""
+
+    enabled: bool = True
+    runtime: Literal["containerd", "microk8s", "k3s", "docker"] = "containerd"
+    host_dir: Annotated[str, Field(pattern=r"^/")] | None = None  # overrides the runtime's directory
+    resync_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
 
 
 class PullSecrets(Strict):
@@ -285,6 +301,7 @@ class Site(Strict):
     auth: Auth = Auth()
     cluster: Cluster = Cluster()
     pull_secrets: PullSecrets = PullSecrets()
+    node_trust: NodeTrust = NodeTrust()
     rotation: Rotation = Rotation()
     runs: Runs = Runs()
     schedules: Schedules = Schedules()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
-from crflow.chart import SECRETS, SecretData, data_claim, secret_name, secret_type
+from crflow.chart import SECRETS, SecretData, data_claim, node_trust_name, secret_name, secret_type
 from crflow.errors import CrflowError
 from crflow.health import Health, registry_health
 from crflow.settings import Site
@@ -65,7 +65,17 @@ class KubernetesTarget(Target):
         site = self.site
         revision = helm_release(self.kube, site.release, site.namespace, values, site.cluster.helm_timeout_seconds,
                                 always=changed)
+        self._wait_for_node_trust()
         return Release(revision, manifests)
+
+    def _wait_for_node_trust(self) -> None:
+        """Nodes pull only once the DaemonSet has written the CA on each: wait for every node."""
+        from crflow.tasks.workloads import wait_for_node_trust
+
+        site = self.site
+        if site.node_trust.enabled:
+            wait_for_node_trust(self.kube, site.namespace, node_trust_name(site.release),
+                                site.cluster.helm_timeout_seconds)
 
     def deployed(self) -> Release:
         from crflow.tasks.helm import deployed_release
@@ -78,6 +88,7 @@ class KubernetesTarget(Target):
         site = self.site
         revision = rollback_release(self.kube, site.release, site.namespace, to.revision,
                                     site.cluster.helm_timeout_seconds)
+        self._wait_for_node_trust()
         return Release(revision, to.manifests)
 
     def running_pod(self) -> dict:
@@ -89,7 +100,7 @@ class KubernetesTarget(Target):
         from crflow.tasks.workloads import pull_with_secret
 
         image = f"{self.site.registry.server}/{pushed.repo}@{pushed.digest}"
-        return [("a pod pulls it with a pull secret", pull_with_secret,
+        return [("a pod on every node pulls it with a pull secret", pull_with_secret,
                  (self.kube, image, self.bundle / "auth.json", self.site.release))]
 
     def publish_login(self, ca_pem: str, creds) -> list[str]:

@@ -1,5 +1,6 @@
 """What runs on the cluster? The registry's Deployment as the cluster has it (for where its
-pod stores blobs), and a short-lived Deployment whose pod pulls an image with a pull secret."""
+pod stores blobs), the node-trust DaemonSet ready on every node, and a short-lived DaemonSet
+whose pod on every node pulls an image with a pull secret."""
 
 from __future__ import annotations
 
@@ -34,48 +35,112 @@ def read_registry_pod(kube: KubeAccess, namespace: str, deployment: str) -> dict
 
 
 PULL_TEST_NAMESPACE, PULL_SECRET, PULL_TEST = "crflow-verify", "crflow-verify-pull", "crflow-verify-pull-test"
+# What a kubelet reports for an image it could not get: the runtime's own message follows.
+PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+
+
+def daemonset_ready(status) -> bool:
+    """Every node the DaemonSet is for runs its current pod, ready (what `kubectl rollout
+    status` waits for)."""
+    return bool(status and status.desired_number_scheduled is not None
+                and (status.updated_number_scheduled or 0) == status.desired_number_scheduled
+                and (status.number_ready or 0) == status.desired_number_scheduled)
+
+
+def wait_for_daemonset(api: client.ApiClient, namespace: str, name: str, timeout: float) -> int:
+    """Wait until the DaemonSet's current pod is ready on every node; returns how many nodes."""
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = retrying(f"read DaemonSet {namespace}/{name}", lambda: apps.read_namespaced_daemon_set(name, namespace))
+        current = found.status and found.status.observed_generation == found.metadata.generation
+        if current and daemonset_ready(found.status):
+            return found.status.desired_number_scheduled
+        if time.monotonic() > deadline:
+            status = found.status
+            raise CrflowError(f"DaemonSet {namespace}/{name} is ready on {status and status.number_ready or 0} of "
+                              f"{status and status.desired_number_scheduled or '?'} nodes after {timeout:.0f} s; "
+                              f"see kubectl -n {namespace} get pods -o wide")
+        time.sleep(0.5)
+
+
+@task(task_run_name="every node trusts the registry ({namespace}/{name})",
+      retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def wait_for_node_trust(kube: KubeAccess, namespace: str, name: str, timeout: float) -> int:
+    """The node-trust DaemonSet has written the CA on every node; returns how many nodes."""
+    with api_client(kube) as api:
+        return wait_for_daemonset(api, namespace, name, timeout)
+
+
+def pull_outcomes(api: client.ApiClient, selector: dict[str, str]) -> dict[str, str | None]:
+    """node -> None once its pod has the image, else the kubelet's reason and message when the
+    pull failed; nodes still pulling are left out."""
+    core = client.CoreV1Api(api)
+    pods = retrying("list the pull-test pods", lambda: core.list_namespaced_pod(
+        PULL_TEST_NAMESPACE, label_selector=",".join(f"{k}={v}" for k, v in selector.items())))
+    outcomes: dict[str, str | None] = {}
+    for pod in pods.items:
+        for status in (pod.status and pod.status.container_statuses) or []:
+            state = status.state
+            waiting = state and state.waiting
+            if status.image_id or (state and (state.running or state.terminated)):
+                outcomes[pod.spec.node_name] = None  # pulled (the container may not run: it need not)
+            elif waiting and waiting.reason in PULL_FAILURES:
+                outcomes[pod.spec.node_name] = f"{waiting.reason}: {waiting.message}"
+    return outcomes
 
 
 def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, labels: dict[str, str],
                   timeout: float) -> str:
-    """A Deployment in the test namespace whose pod pulls `image` with a pull secret; wait
-    until it runs, then remove it. Raises CrflowError with the node's reason if it does not."""
+    """A DaemonSet in the test namespace whose pod on every node pulls `image` with a pull
+    secret; wait until each node has it, then remove it. Raises CrflowError naming each node
+    that could not pull, with the runtime's message."""
     apps = client.AppsV1Api(api)
     ensure_namespace(api, PULL_TEST_NAMESPACE, labels)
     apply_secret(api, PULL_TEST_NAMESPACE, PULL_SECRET, "kubernetes.io/dockerconfigjson",
                  {".dockerconfigjson": docker_config}, labels)
     selector = {"app.kubernetes.io/name": PULL_TEST}
-    deployment = client.V1Deployment(
+    daemonset = client.V1DaemonSet(
         metadata=client.V1ObjectMeta(name=PULL_TEST, labels={**labels, **selector}),
-        spec=client.V1DeploymentSpec(
-            replicas=1, selector=client.V1LabelSelector(match_labels=selector),
+        spec=client.V1DaemonSetSpec(
+            selector=client.V1LabelSelector(match_labels=selector),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=selector),
                 spec=client.V1PodSpec(
+                    # Every node a workload may land on, control-plane nodes included.
+                    tolerations=[client.V1Toleration(operator="Exists")],
+                    automount_service_account_token=False,
                     containers=[client.V1Container(name="pull-test", image=image, image_pull_policy="Always")],
                     image_pull_secrets=[client.V1LocalObjectReference(name=PULL_SECRET)]))))
-    retrying(f"create Deployment {PULL_TEST_NAMESPACE}/{PULL_TEST}",
-             lambda: apps.create_namespaced_deployment(PULL_TEST_NAMESPACE, deployment))
+    retrying(f"create DaemonSet {PULL_TEST_NAMESPACE}/{PULL_TEST}",
+             lambda: apps.create_namespaced_daemon_set(PULL_TEST_NAMESPACE, daemonset))
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = retrying("read the pull test", lambda: apps.read_namespaced_deployment_status(
+        while True:
+            status = retrying("read the pull test", lambda: apps.read_namespaced_daemon_set_status(
                 PULL_TEST, PULL_TEST_NAMESPACE)).status
-            if status and status.ready_replicas == 1:
-                return f"{image} pulled in namespace {PULL_TEST_NAMESPACE}"
-            stuck = [c for c in (status and status.conditions) or [] if c.type == "Progressing" and c.status == "False"]
-            if stuck:
-                raise CrflowError(f"a pod could not pull {image} with pull secret {PULL_TEST_NAMESPACE}/{PULL_SECRET}: "
-                                  f"{stuck[0].reason}: {stuck[0].message}")
+            nodes = status and status.desired_number_scheduled
+            outcomes = pull_outcomes(api, selector) if nodes else {}
+            if nodes and len(outcomes) >= nodes:
+                failed = {node: why for node, why in sorted(outcomes.items()) if why}
+                if failed:
+                    raise CrflowError(f"{len(failed)} of {nodes} nodes could not pull {image} with pull secret "
+                                      f"{PULL_TEST_NAMESPACE}/{PULL_SECRET}: " +
+                                      "; ".join(f"node {node}: {why}" for node, why in failed.items()))
+                return f"{image} pulled on {nodes} nodes ({', '.join(sorted(outcomes))})"
+            if time.monotonic() > deadline:
+                waiting = "no node runs the pull test" if status and nodes == 0 else \
+                    f"{len(outcomes)} of {nodes or '?'} nodes pulled it"
+                raise CrflowError(f"pulling {image} in namespace {PULL_TEST_NAMESPACE}: {waiting} after {timeout:.0f} s")
             time.sleep(0.5)
-        raise CrflowError(f"a pod pulling {image} in namespace {PULL_TEST_NAMESPACE} was not running after {timeout:.0f} s")
     finally:
-        retrying(f"delete Deployment {PULL_TEST_NAMESPACE}/{PULL_TEST}",
-                 lambda: get_or_none(lambda: apps.delete_namespaced_deployment(PULL_TEST, PULL_TEST_NAMESPACE)))
+        retrying(f"delete DaemonSet {PULL_TEST_NAMESPACE}/{PULL_TEST}",
+                 lambda: get_or_none(lambda: apps.delete_namespaced_daemon_set(PULL_TEST, PULL_TEST_NAMESPACE)))
 
 
-@task(task_run_name="a pod pulls {image}", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(task_run_name="a pod on every node pulls {image}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
 def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, release: str, timeout: float = 120) -> str:
-    """Kubernetes: a pod pulls `image` with a pull secret made from the client login, and runs."""
+    """Kubernetes: a pod on every node pulls `image` with a pull secret made from the client login."""
     with api_client(kube) as api:
         return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release), timeout)

@@ -264,9 +264,13 @@ def kube_api(tmp_path) -> KubeApi:
 @pytest.fixture
 def kubelet(kube_api, tmp_path):
     """The test kubelet (tests/kubelet.py) for the emulated cluster. EMULATED: see its docstring."""
+    from containerd import Unavailable
     from kubelet import Kubelet
 
-    node = Kubelet(kube_api.kubeconfig, tmp_path / "node")
+    try:
+        node = Kubelet(kube_api.kubeconfig, tmp_path / "node")
+    except Unavailable as why:  # its nodes pull with a real containerd, or the test would prove nothing
+        pytest.skip(f"the emulated nodes need a real containerd: {why}")
     yield node
     node.stop()
     for error in [*dict.fromkeys(node.errors), *(why for _, why in node.failed.values())]:

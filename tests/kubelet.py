@@ -14,10 +14,17 @@ EMULATED, and every test that uses it says so. It polls the emulated API and:
   the pod answers its readiness probe, and marks claims Bound;
 - forwards each Service address (loadBalancerIP, else 127.0.0.1, and the Service port) to
   the pod, through a loopback TCP forwarder whose backend can be switched;
-- for any other Deployment, "starts" its pod by pulling its image (manifest and every blob,
-  digests checked) with the pod's imagePullSecrets, trusting the CA files the node was given
-  with `trust()` (the runbook's "trust the cert on every node"), then reports it Ready; a
-  failed pull is reported as the deployment controller would (Progressing=False, the reason).
+- runs each DaemonSet's pod on every emulated node (two by default), as a Pod object with its
+  status, and reports the DaemonSet's status as its controller would:
+  - first the image: one from a registry host is pulled by the node's real containerd
+    (tests/containerd.py) with the pod's imagePullSecrets; its certs.d directory is the only
+    way a node learns the registry's CA. The chart's own registry image counts as present.
+  - then the container: a `/bin/sh` script (the chart's node trust) runs on this machine with
+    each volume mapped to a directory: a hostPath to the node's directory, a Secret or
+    ConfigMap to files refreshed in place, an emptyDir to an empty one; mount paths in its
+    command and environment are rewritten to those directories (the emulation of a mount
+    namespace). Its exec readiness probe runs the same way. Any other container is only
+    pulled: it is reported created, not run.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,8 +45,28 @@ from kubernetes import client, config
 from pydantic import SecretStr
 
 from crflow.chart import COMMAND
+from containerd import Containerd
 from crflow.localpod import LocalPod
 from servers import free_port
+
+NODES = ("node-1", "node-2")
+REGISTRY_IMAGE = "registry:"  # the chart's image: the emulated nodes have it (the registry binary runs it)
+
+
+class Node:
+    """An emulated node: a directory standing for its root filesystem, and a real containerd
+    whose registry config is the runtime's certs.d directory in it."""
+
+    CERTS_D = "/etc/containerd/certs.d"
+
+    def __init__(self, name: str, root: Path):
+        self.name, self.root = name, root
+        self.certs_d = self.host_path(self.CERTS_D)
+        self.certs_d.mkdir(parents=True, exist_ok=True)
+        self.runtime = Containerd(root.parent / f"{name}-containerd", self.certs_d)
+
+    def host_path(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
 
 
 class Forwarder:
@@ -99,8 +128,17 @@ class Kubelet:
         self.failed: dict[str, tuple[int, str]] = {}  # "ns/name" -> (generation, why) of a pod that never got ready
         self.retired: list[LocalPod] = []  # pods replaced by a rolling update
         self.serial = 0  # pods started so far: each gets a directory of its own
-        self.trusted: dict[str, Path] = {}  # registry host:port -> CA file the node trusts for it
-        self.pulled: list[tuple[str, str]] = []  # (image, user) of each successful pull
+        self.pulled: list[tuple[str, str, str]] = []  # (node, image, user) of each successful pull
+        self.nodes: list[Node] = []
+        try:
+            for name in NODES:
+                self.nodes.append(Node(name, work / "nodes" / name))
+        except Exception:  # containerd.Unavailable: the fixture skips, saying why
+            for node in self.nodes:
+                node.runtime.stop()
+            self.api.close()
+            raise
+        self.ds_pods: dict[tuple[str, str], dict] = {}  # ("ns/name", node) -> the pod running there
         self.running = True
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -120,6 +158,7 @@ class Kubelet:
                 self.core.patch_namespaced_persistent_volume_claim_status(
                     pvc.metadata.name, pvc.metadata.namespace, {"status": {"phase": "Bound"}})
         ready = [d for d in self.apps.list_deployment_for_all_namespaces().items if self._run(d)]
+        self._daemonsets()
         for service in self.core.list_service_for_all_namespaces().items:
             self._forward(service)
         for deployment in ready:  # only once its Services reach the new pod, as endpoints follow readiness
@@ -138,46 +177,13 @@ class Kubelet:
             self.shown[key] = shown = (digest, data)
         return shown[1]
 
-    def trust(self, server: str, ca_file: Path) -> None:
-        self.trusted[server] = ca_file
-
-    def _pull(self, deployment, spec: dict) -> None:
-        """Start a non-registry pod: pull its image with its pull secrets, then report it."""
-        from crflow.oci import Registry
-
-        key = f"{deployment.metadata.uid}@{deployment.metadata.generation}"  # a Deployment made anew is new
-        if key in self.pods:
-            return
-        self.pods[key] = {}
-        image = spec["containers"][0]["image"]
-        server, _, path = image.partition("/")
-        repo, _, digest = path.partition("@")
-        try:
-            user = password = None
-            for ref in spec.get("imagePullSecrets") or []:
-                secret = self.core.read_namespaced_secret(ref["name"], deployment.metadata.namespace)
-                auths = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))["auths"]
-                if server in auths:
-                    user, _, password = base64.b64decode(auths[server]["auth"]).decode().partition(":")
-            if user is None:
-                raise RuntimeError(f"no imagePullSecret holds a login for {server}")
-            if server not in self.trusted:
-                raise RuntimeError(f"x509: the node does not trust the CA of {server}")
-            with Registry(f"https://{server}", self.trusted[server], user, password) as registry:
-                registry.pull_image(repo, digest)
-            self.pulled.append((image, user))
-            self._report_ready(deployment)
-        except Exception as err:
-            self._report_stuck(deployment, "ErrImagePull", str(err))
-
     def _run(self, deployment) -> bool:
         """Run the Deployment's pod; True when it is ready (reported after its Services move)."""
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
         template = self.api.sanitize_for_serialization(deployment.spec.template)
         spec = template["spec"]
         if spec["containers"][0].get("command") != [COMMAND]:  # the chart contract names the registry's entrypoint
-            self._pull(deployment, spec)
-            return False
+            return False  # the emulated cluster runs no other Deployment
         key, generation = f"{namespace}/{name}", deployment.metadata.generation
         pod = self.pods.get(key)
         running = pod is not None and pod["generation"] == generation  # else a new pod, mounting Secrets afresh
@@ -289,6 +295,163 @@ class Kubelet:
         labels = deployment.spec.template.metadata.labels or {}
         return selector.items() <= labels.items()
 
+    # --- DaemonSets -----------------------------------------------------------------------------
+    def _daemonsets(self) -> None:
+        seen = set()
+        for ds in self.apps.list_daemon_set_for_all_namespaces().items:
+            key = f"{ds.metadata.namespace}/{ds.metadata.name}"
+            ready = updated = 0
+            for node in self.nodes:
+                seen.add((key, node.name))
+                pod = self.ds_pods.get((key, node.name))
+                if pod is None or pod["generation"] != ds.metadata.generation:
+                    if pod is not None:
+                        self._stop_ds_pod(pod)
+                    pod = self.ds_pods[(key, node.name)] = self._start_ds_pod(ds, node)
+                self._refresh(pod)
+                updated += 1
+                if not pod["ready"] and pod["process"] is not None and self._probe(pod):
+                    pod["ready"] = True
+                    self._pod_status(pod)
+                ready += pod["ready"]
+            status = ds.status
+            if not (status and status.observed_generation == ds.metadata.generation and status.number_ready == ready):
+                self.apps.patch_namespaced_daemon_set_status(ds.metadata.name, ds.metadata.namespace, {"status": {
+                    "observedGeneration": ds.metadata.generation, "desiredNumberScheduled": len(self.nodes),
+                    "currentNumberScheduled": len(self.nodes), "updatedNumberScheduled": updated,
+                    "numberReady": ready, "numberAvailable": ready, "numberMisscheduled": 0,
+                    "numberUnavailable": len(self.nodes) - ready}})
+        for gone in [k for k in self.ds_pods if k not in seen]:  # the DaemonSet was deleted: its pods go
+            self._stop_ds_pod(self.ds_pods.pop(gone))
+
+    def _start_ds_pod(self, ds, node: Node) -> dict:
+        namespace = ds.metadata.namespace
+        template = self.api.sanitize_for_serialization(ds.spec.template)
+        spec, container = template["spec"], template["spec"]["containers"][0]
+        self.serial += 1
+        pod = {"name": f"{ds.metadata.name}-{node.name}", "namespace": namespace, "node": node,
+               "generation": ds.metadata.generation, "spec": spec, "process": None, "ready": False,
+               "dir": self.work / f"{namespace}-{ds.metadata.name}-{node.name}-{self.serial}", "state": {}}
+        pod["dir"].mkdir(parents=True)
+        core = self.core
+        if self._get(lambda: core.read_namespaced_pod(pod["name"], namespace)) is not None:
+            core.delete_namespaced_pod(pod["name"], namespace, _preload_content=False)
+        core.create_namespaced_pod(namespace, {
+            "metadata": {"name": pod["name"], "labels": (template.get("metadata") or {}).get("labels") or {}},
+            "spec": {**spec, "nodeName": node.name}})
+        image = container["image"]
+        if not image.startswith(REGISTRY_IMAGE):
+            user, password = self._login(namespace, spec, image.split("/")[0])
+            why = node.runtime.pull(image, user, password)
+            if why is not None:
+                pod["state"] = {"waiting": {"reason": "ErrImagePull", "message": why}}
+                self._pod_status(pod)
+                return pod
+            self.pulled.append((node.name, image, user))
+        pod["image_id"] = image
+        if (container.get("command") or [""])[0] != "/bin/sh":
+            pod["state"] = {"running": {"startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+            pod["ready"] = True  # pulled and created; the emulated node does not run foreign images
+            self._pod_status(pod)
+            return pod
+        pod["mounts"] = self._mount(pod, container, fresh=True)
+        pod["log"] = (pod["dir"] / "log").open("wb")
+        env = {**os.environ, **{var["name"]: self._mapped(pod, var.get("value", "")) for var in container.get("env") or []}}
+        pod["process"] = subprocess.Popen([self._mapped(pod, arg) for arg in container["command"] + container.get("args", [])],
+                                          env=env, stdout=pod["log"], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        pod["state"] = {"running": {"startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+        self._pod_status(pod)
+        return pod
+
+    def _login(self, namespace: str, spec: dict, server: str) -> tuple[str | None, str | None]:
+        """The login the pod's imagePullSecrets hold for `server`, as the kubelet hands it to the runtime."""
+        for ref in spec.get("imagePullSecrets") or []:
+            secret = self.core.read_namespaced_secret(ref["name"], namespace)
+            auths = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))["auths"]
+            if server in auths:
+                user, _, password = base64.b64decode(auths[server]["auth"]).decode().partition(":")
+                return user, password
+        return None, None
+
+    def _mount(self, pod: dict, container: dict, fresh: bool) -> dict[str, Path]:
+        """mountPath -> the directory standing for it; Secret and ConfigMap files (re)written
+        atomically where their content changed."""
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        mounts = {}
+        for mount in container.get("volumeMounts") or []:
+            volume, path = volumes[mount["name"]], pod["dir"] / "volumes" / mount["name"]
+            if "hostPath" in volume:
+                path = pod["node"].host_path(volume["hostPath"]["path"])
+                path.mkdir(parents=True, exist_ok=True)  # DirectoryOrCreate
+            elif "secret" in volume:
+                data = self._secret(pod["namespace"], volume["secret"]["secretName"], fresh=fresh)
+                self._files(path, volume["secret"].get("items"), {k: v.get_secret_value() for k, v in data.items()})
+            elif "configMap" in volume:
+                cm = self.core.read_namespaced_config_map(volume["configMap"]["name"], pod["namespace"])
+                self._files(path, volume["configMap"].get("items"), cm.data or {})
+            else:
+                path.mkdir(parents=True, exist_ok=True)  # emptyDir
+            mounts[mount["mountPath"]] = path
+        return mounts
+
+    @staticmethod
+    def _files(path: Path, items: list | None, data: dict[str, str]) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        for key, name in ((i["key"], i["path"]) for i in items) if items else ((k, k) for k in data):
+            target = path / name
+            if key in data and (not target.exists() or target.read_text() != data[key]):
+                aside = path / f".{name}.new"
+                aside.write_text(data[key])
+                aside.replace(target)
+
+    def _refresh(self, pod: dict) -> None:
+        if pod["process"] is not None:
+            self._mount(pod, pod["spec"]["containers"][0], fresh=False)
+
+    @staticmethod
+    def _mapped(pod: dict, value: str) -> str:
+        for mount_path in sorted(pod.get("mounts") or {}, key=len, reverse=True):
+            if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                return str(pod["mounts"][mount_path]) + value[len(mount_path.rstrip("/")):]
+        return value
+
+    def _probe(self, pod: dict) -> bool:
+        if pod["process"].poll() is not None:
+            return False
+        probe = (pod["spec"]["containers"][0].get("readinessProbe") or {}).get("exec")
+        if probe is None:
+            return True
+        return subprocess.run([self._mapped(pod, a) for a in probe["command"]], capture_output=True).returncode == 0
+
+    def _pod_status(self, pod: dict) -> None:
+        container = pod["spec"]["containers"][0]
+        status = {"name": container["name"], "image": container["image"], "imageID": pod.get("image_id", ""),
+                  "ready": pod["ready"], "restartCount": 0, "state": pod["state"]}
+        self.core.patch_namespaced_pod_status(pod["name"], pod["namespace"], {"status": {
+            "phase": "Running" if "running" in pod["state"] else "Pending", "containerStatuses": [status]}})
+
+    def _stop_ds_pod(self, pod: dict) -> None:
+        process = pod["process"]
+        if process is not None and process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
+        if "log" in pod:
+            pod["log"].close()
+        self._get(lambda: self.core.delete_namespaced_pod(pod["name"], pod["namespace"], _preload_content=False))
+
+    def pod_log(self, namespace: str, daemonset: str, node: str) -> str:
+        pod = self.ds_pods.get((f"{namespace}/{daemonset}", node))
+        return (pod["dir"] / "log").read_text() if pod and "log" in pod else ""
+
+    @staticmethod
+    def _get(call):
+        try:
+            return call()
+        except client.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
     def stop(self) -> None:
         self.running = False
         self.thread.join(timeout=10)
@@ -296,4 +459,8 @@ class Kubelet:
             forwarder.close()
         for pod in [*self.retired, *(p["pod"] for p in self.pods.values() if "pod" in p)]:
             pod.stop()
+        for pod in self.ds_pods.values():
+            self._stop_ds_pod(pod)
+        for node in self.nodes:
+            node.runtime.stop()
         self.api.close()

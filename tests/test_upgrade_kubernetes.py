@@ -39,7 +39,6 @@ def test_upgrade_diffs_exactly_the_change_keeps_images_and_a_no_change_run_does_
         crflow, cluster_site, kube_api, kubelet, prefect_api):
     site = cluster_site
     crflow("install", "-c", str(site.path))
-    kubelet.trust(site.server, site.client / "ca.crt")  # the runbook's "trust the cert on every node"
     digest, versions, serial = push(site), object_versions(site), kubelet.serial
     set_chart_values(site, {"image": {"tag": "2.8.4"}, "resources": {"limits": {"memory": "256Mi"}}})
 
@@ -76,7 +75,6 @@ def test_an_upgrade_the_registry_cannot_survive_is_rolled_back(crflow, cluster_s
     site.settings["cluster"]["helm_timeout_seconds"] = 20
     site.write()
     crflow("install", "-c", str(site.path))
-    kubelet.trust(site.server, site.client / "ca.crt")  # the runbook's "trust the cert on every node"
     digest = push(site)
     set_chart_values(site, BREAKAGES[breakage])
 
@@ -106,7 +104,6 @@ def test_a_release_changed_behind_crflows_back_is_brought_back(crflow, cluster_s
     version-and-values test alone would call it up to date."""
     site = cluster_site
     crflow("install", "-c", str(site.path))
-    kubelet.trust(site.server, site.client / "ca.crt")
     edited = tmp_path / "edited-chart"
     shutil.copytree(ROOT / "helm_chart", edited)
     service = edited / "templates" / "service.yaml"
@@ -130,7 +127,6 @@ def test_a_new_load_balancer_address_gets_a_new_certificate_and_reaches_the_cons
     site.settings["registry"]["ips"] = ["127.0.0.2"]
     site.write()
     new_server = f"127.0.0.2:{site.port}"
-    kubelet.trust(new_server, site.client / "ca.crt")  # the CA stays: nodes need no change
     assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
     assert list(json.loads((site.client / "auth.json").read_text())["auths"]) == [new_server]
     with Registry.from_bundle(f"https://{new_server}", site.client) as registry:

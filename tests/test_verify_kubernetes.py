@@ -1,7 +1,8 @@
-"""`crflow verify` on the emulated cluster. EMULATED: tests/kubeapi is the API server and
-tests/kubelet.py the node (it runs the registry pod, and "starts" the pull-test pod by
-pulling its image through the Service address with the pod's imagePullSecret, trusting the
-CA it was given, as a node configured by the runbook's trust step would); moto is MinIO."""
+"""`crflow verify` and node trust on the emulated cluster. EMULATED: tests/kubeapi is the API
+server and tests/kubelet.py plays two nodes: it runs the registry pod and the chart's
+node-trust script with each node's certs.d mapped to a directory. REAL: each node's image
+pulls go through a real containerd (tests/containerd.py) with the pod's imagePullSecret, and
+the CA reaches it only through the files the node-trust DaemonSet wrote. moto is MinIO."""
 
 from __future__ import annotations
 
@@ -14,32 +15,59 @@ from crflow.chart import CHART_DIR
 pytestmark = pytest.mark.kubernetes
 
 
-def test_verify_passes_and_a_pod_pulls_with_the_pull_secret(crflow, cluster_site, kubelet):
-    crflow("install", "-c", str(cluster_site.path))
-    kubelet.trust(cluster_site.server, cluster_site.client / "ca.crt")
-    out = crflow("verify", "-c", str(cluster_site.path))
+def node_files(kubelet) -> dict[str, set[str]]:
+    """node -> the files under its containerd certs.d, as paths relative to it."""
+    return {node.name: {str(p.relative_to(node.certs_d)) for p in node.certs_d.rglob("*") if p.is_file()}
+            for node in kubelet.nodes}
+
+
+def test_install_makes_every_node_trust_the_registry_and_each_pulls_with_the_pull_secret(
+        crflow, cluster_site, kubelet):
+    site = cluster_site
+    site.settings["registry"]["dns_names"] = ["localhost"]
+    site.write()
+    crflow("install", "-c", str(site.path))
+    ca = (site.client / "ca.crt").read_text()
+    wanted = {f"{server}/{name}" for server in (site.server, f"localhost:{site.port}")
+              for name in ("ca.crt", "hosts.toml", ".crflow-owner")}
+    assert node_files(kubelet) == {"node-1": wanted, "node-2": wanted}
+    for node in kubelet.nodes:
+        assert (node.certs_d / site.server / "ca.crt").read_text() == ca
+        assert "wrote" in kubelet.pod_log("container-registry", "registry-node-trust", node.name)
+
+    out = crflow("verify", "-c", str(site.path))
     assert out.stdout.strip().endswith("all checks passed")
-    user, _ = cluster_site.login()
-    assert [(image.split("@")[0], who) for image, who in kubelet.pulled] == \
-        [(f"{cluster_site.server}/crflow-smoke", user)]
-    assert dict(task_runs(crflow.api, cluster_site.path))["pull_with_secret"] == "Completed"
-    core = cluster_site.core
+    user, _ = site.login()
+    # containerd on each node pulled the verify image with the pull secret's login
+    assert sorted((node, image.split("@")[0], who) for node, image, who in kubelet.pulled) == \
+        [(node, f"{site.server}/crflow-smoke", user) for node in ("node-1", "node-2")]
+    assert dict(task_runs(crflow.api, site.path))["pull_with_secret"] == "Completed"
+    core = site.core
     secret = core.read_namespaced_secret("crflow-verify-pull", "crflow-verify")
     assert secret.type == "kubernetes.io/dockerconfigjson"
-    assert client.AppsV1Api(core.api_client).list_namespaced_deployment("crflow-verify").items == []  # cleaned up
+    assert client.AppsV1Api(core.api_client).list_namespaced_daemon_set("crflow-verify").items == []  # cleaned up
 
 
-def test_a_node_that_does_not_trust_the_ca_fails_the_pull_test(crflow, cluster_site, kubelet):
-    crflow("install", "-c", str(cluster_site.path))
-    result = crflow("verify", "-c", str(cluster_site.path), check=False)
+def test_without_node_trust_containerd_refuses_and_verify_names_each_node(crflow, cluster_site, kubelet):
+    site = cluster_site
+    site.settings["node_trust"] = {"enabled": False}
+    site.write()
+    crflow("install", "-c", str(site.path))
+    assert node_files(kubelet) == {"node-1": set(), "node-2": set()}
+    result = crflow("verify", "-c", str(site.path), check=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1
-    assert "a pod could not pull" in last and "ErrImagePull" in last and "does not trust the CA" in last
+    # containerd's own words: with no hosts.toml it speaks plain HTTP to a loopback address,
+    # and the registry's TLS port answers 400 (an address off this machine would get x509).
+    assert "2 of 2 nodes could not pull" in last, last
+    for node in ("node-1", "node-2"):
+        assert f"node {node}: ErrImagePull: ctr: failed to resolve reference" in last
+    assert "400 Bad Request" in last
+    assert kubelet.pulled == []
 
 
 def test_emptydir_storage_while_s3_is_configured_fails(crflow, cluster_site, kubelet, kube_api):
     crflow("install", "-c", str(cluster_site.path))
-    kubelet.trust(cluster_site.server, cluster_site.client / "ca.crt")
     # Someone upgrades the release by hand with the chart's defaults for storage: an emptyDir.
     kube_api.run("helm", "upgrade", "registry", str(CHART_DIR), "-n", "container-registry", "--reuse-values",
                  "--set", "storage=filesystem", "--set", "persistence.enabled=false", "--wait", "--timeout", "60s")

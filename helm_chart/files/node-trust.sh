@@ -1,0 +1,82 @@
+#!/bin/sh
+# Makes this machine's container runtime trust the registry's CA: for every registry address
+# (HOST:PORT) a directory HOST_DIR/HOST:PORT/ holding ca.crt, and for containerd a hosts.toml
+# that names it. containerd, docker and podman read these per pull: no restart, no reboot.
+#
+# The node-trust DaemonSet runs it on the registry's own image (busybox sh), and `crflow
+# trust` runs it on a client machine, so both write exactly the same files.
+#
+# Environment:
+#   HOST_DIR   the runtime's certs.d directory
+#   CA_FILE    the CA certificate (PEM); a Secret volume, refreshed in place when it changes
+#   ADDRESSES  the registry's addresses, HOST:PORT, separated by spaces
+#   FORMAT     containerd (ca.crt and hosts.toml) or certs (ca.crt only: docker, podman)
+#   OWNER      who wrote the files; only directories marked with it are changed or removed
+#   STATE_DIR  scratch space; STATE_DIR/synced exists once every address is written
+#   MODE       keep (sync every RESYNC seconds), once (sync, then exit) or remove (undo, then
+#              idle; `once-remove` undoes and exits)
+set -u
+MARK=.crflow-owner
+log() { echo "node-trust: $*"; }
+
+# Atomic and only when different: a runtime reading mid-write sees the old file or the new.
+put() {
+  if ! cmp -s "$2" "$1" 2>/dev/null; then
+    cp "$2" "$1.crflow-tmp" && mv -f "$1.crflow-tmp" "$1" && log "wrote $1"
+  fi
+}
+
+ours() { [ -f "$1/$MARK" ] && [ "$(cat "$1/$MARK")" = "$OWNER" ]; }
+
+# Undo exactly what this script writes in one address directory.
+undo() {
+  rm -f "$1/ca.crt" "$1/hosts.toml" "$1/$MARK"
+  if rmdir "$1" 2>/dev/null; then log "removed $1"; else log "left $1: it holds files crflow did not write"; fi
+}
+
+sync_once() {
+  [ -s "$CA_FILE" ] || { log "no CA at $CA_FILE yet"; return 1; }
+  ok=0
+  for address in $ADDRESSES; do
+    dir="$HOST_DIR/$address"
+    if [ -d "$dir" ] && ! ours "$dir" && [ -n "$(ls -A "$dir")" ]; then
+      log "left $dir alone: it was not written by $OWNER"; ok=1; continue
+    fi
+    mkdir -p "$dir" || { ok=1; continue; }
+    [ -f "$dir/$MARK" ] || printf '%s\n' "$OWNER" > "$dir/$MARK"
+    put "$dir/ca.crt" "$CA_FILE" || ok=1
+    if [ "$FORMAT" = containerd ]; then
+      # `ca` relative to this directory, so the file is right wherever the host mounts it.
+      printf 'server = "https://%s"\n\n[host."https://%s"]\n  capabilities = ["pull", "resolve"]\n  ca = "ca.crt"\n' \
+        "$address" "$address" > "$STATE_DIR/hosts.toml"
+      put "$dir/hosts.toml" "$STATE_DIR/hosts.toml" || ok=1
+    fi
+  done
+  for marker in "$HOST_DIR"/*/"$MARK"; do  # an address that left the list
+    [ -f "$marker" ] || continue
+    dir=${marker%/*}
+    case " $ADDRESSES " in *" ${dir##*/} "*) continue ;; esac
+    ours "$dir" && undo "$dir"
+  done
+  return $ok
+}
+
+remove_all() {
+  for marker in "$HOST_DIR"/*/"$MARK"; do
+    [ -f "$marker" ] && ours "${marker%/*}" && undo "${marker%/*}"
+  done
+  return 0
+}
+
+mkdir -p "$STATE_DIR"
+case "$MODE" in
+  once) sync_once; exit ;;
+  once-remove) remove_all; exit ;;
+  remove) remove_all; touch "$STATE_DIR/synced"; log "removed; idle"
+          while :; do sleep 3600; done ;;
+esac
+log "keeping $HOST_DIR current for $ADDRESSES ($FORMAT)"
+while :; do
+  if sync_once; then touch "$STATE_DIR/synced"; fi
+  sleep "${RESYNC:-10}"
+done
