@@ -41,11 +41,11 @@ import time
 from pathlib import Path
 
 import httpx
+from containerd import Containerd
 from kubernetes import client, config
 from pydantic import SecretStr
 
 from crflow.chart import COMMAND
-from containerd import Containerd
 from crflow.localpod import LocalPod
 from servers import free_port
 
@@ -127,7 +127,8 @@ class Kubelet:
         self.errors: list[str] = []
         self.failed: dict[str, tuple[int, str]] = {}  # "ns/name" -> (generation, why) of a pod that never got ready
         self.retired: list[LocalPod] = []  # pods replaced by a rolling update
-        self.serial = 0  # pods started so far: each gets a directory of its own
+        self.serial = 0  # registry pods started so far: each gets a directory of its own
+        self.ds_serial = 0  # DaemonSet pods started so far
         self.pulled: list[tuple[str, str, str]] = []  # (node, image, user) of each successful pull
         self.nodes: list[Node] = []
         try:
@@ -328,10 +329,10 @@ class Kubelet:
         namespace = ds.metadata.namespace
         template = self.api.sanitize_for_serialization(ds.spec.template)
         spec, container = template["spec"], template["spec"]["containers"][0]
-        self.serial += 1
+        self.ds_serial += 1
         pod = {"name": f"{ds.metadata.name}-{node.name}", "namespace": namespace, "node": node,
                "generation": ds.metadata.generation, "spec": spec, "process": None, "ready": False,
-               "dir": self.work / f"{namespace}-{ds.metadata.name}-{node.name}-{self.serial}", "state": {}}
+               "dir": self.work / f"{namespace}-{ds.metadata.name}-{node.name}-{self.ds_serial}", "state": {}}
         pod["dir"].mkdir(parents=True)
         core = self.core
         if self._get(lambda: core.read_namespaced_pod(pod["name"], namespace)) is not None:

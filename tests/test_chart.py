@@ -65,7 +65,8 @@ def test_rendered_manifests_pass_strict_schema_validation(setup, version, tmp_pa
 
 
 def test_runbook_setup_renders_what_the_runbook_does():
-    manifests = {m["kind"]: m for m in template(SETUPS["runbook (S3 on MinIO, LoadBalancer 192.168.86.201:9005)"])}
+    manifests = {m["kind"]: m for m in template(SETUPS["runbook (S3 on MinIO, LoadBalancer 192.168.86.201:9005)"])
+                 if m["metadata"]["name"] != chart.node_trust_name("registry")}  # tested on its own below
     service = manifests["Service"]["spec"]
     assert (service["type"], service["loadBalancerIP"], service["ports"][0]["port"]) == ("LoadBalancer", "192.168.86.201", 9005)
     config = yaml.safe_load(manifests["ConfigMap"]["data"]["config.yml"])
@@ -159,3 +160,33 @@ def test_every_name_in_the_chart_contract_is_in_the_rendered_chart(example):
     chart_values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     assert set(chart.CRFLOW_VALUES) <= set(chart_values), set(chart.CRFLOW_VALUES) - set(chart_values)
     assert set(values) - set(site.chart.values) <= set(chart.CRFLOW_VALUES)
+
+
+RUNTIME_DIRS = {"containerd": "/etc/containerd/certs.d", "microk8s": "/var/snap/microk8s/current/args/certs.d",
+                "k3s": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d", "docker": "/etc/docker/certs.d"}
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_DIRS)
+def test_node_trust_mounts_only_the_runtimes_directory_and_the_ca(runtime):
+    site = load_site(ROOT / "examples" / "microk8s-minio.yaml")
+    values = chart.merged(chart.values_for(site, cert_fingerprint="AA:BB"), {"nodeTrust": {"runtime": runtime}})
+    manifests = template(values)
+    (ds,) = [m for m in manifests if m["kind"] == "DaemonSet"]
+    assert ds["metadata"]["name"] == chart.node_trust_name(site.release)
+    pod = ds["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert [v["hostPath"]["path"] for v in volumes.values() if "hostPath" in v] == [RUNTIME_DIRS[runtime]]
+    # The CA alone: the server's key (in the tls Secret) never reaches a node-trust pod.
+    assert [v["secret"] for v in volumes.values() if "secret" in v] == [
+        {"secretName": chart.secret_name(site.release, "ca"), "items": [{"key": "ca.crt", "path": "ca.crt"}]}]
+    assert set(chart.SECRETS["ca"][2]) == {"ca.crt"}
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ADDRESSES"] == " ".join(site.registry.servers)
+    assert env["FORMAT"] == ("certs" if runtime == "docker" else "containerd")
+    assert container["image"] == next(m for m in manifests if m["kind"] == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]["image"]  # nothing new to pull
+    assert pod["automountServiceAccountToken"] is False and pod["tolerations"] == [{"operator": "Exists"}]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert not any(m["kind"] == "DaemonSet" for m in template(values_for("local.yaml")))  # not on the local target

@@ -42,11 +42,13 @@ def test_upgrade_diffs_exactly_the_change_keeps_images_and_a_no_change_run_does_
     digest, versions, serial = push(site), object_versions(site), kubelet.serial
     set_chart_values(site, {"image": {"tag": "2.8.4"}, "resources": {"limits": {"memory": "256Mi"}}})
 
-    assert "1 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
+    # The registry's Deployment, and the node-trust DaemonSet that runs the same image.
+    assert "2 objects would change" in crflow("upgrade", "-c", str(site.path), "--dry-run").stdout
     diff = last_artifact(prefect_api, "crflow-upgrade-diff")
     changed = [line for line in diff.splitlines() if line[:1] in ("+", "-") and line[:3] not in ("+++", "---")]
-    assert changed == ["-        image: registry:2.8.3", "+        image: registry:2.8.4", "+        resources:",
-                       "+          limits:", "+            memory: 256Mi"], diff
+    assert sorted(changed) == sorted(["-        image: registry:2.8.3", "+        image: registry:2.8.4", "+        resources:",
+                                      "+          limits:", "+            memory: 256Mi",
+                                      "-        image: registry:2.8.3", "+        image: registry:2.8.4"]), diff
     assert "against revision 1" in diff and site.login()[1] not in diff
     assert revisions(kube_api) == [(1, "deployed")] and object_versions(site) == versions  # the dry run changed nothing
 
@@ -131,3 +133,32 @@ def test_a_new_load_balancer_address_gets_a_new_certificate_and_reaches_the_cons
     assert list(json.loads((site.client / "auth.json").read_text())["auths"]) == [new_server]
     with Registry.from_bundle(f"https://{new_server}", site.client) as registry:
         assert registry.pull_image("team/app", digest)
+    for node in kubelet.nodes:  # the node-trust pods moved with it: the old address left every node
+        assert sorted(p.name for p in node.certs_d.iterdir()) == [new_server, f"localhost:{site.port}"]
+
+
+def test_a_dns_name_added_reaches_every_node_and_a_removed_one_leaves(crflow, cluster_site, kubelet):
+    site = cluster_site
+    site.settings["registry"]["dns_names"] = []
+    site.write()
+    crflow("install", "-c", str(site.path))
+    named = f"localhost:{site.port}"
+
+    def addresses() -> set[tuple[str, str]]:
+        return {(node.name, p.name) for node in kubelet.nodes for p in node.certs_d.iterdir()}
+
+    assert addresses() == {("node-1", site.server), ("node-2", site.server)}
+    site.settings["registry"]["dns_names"] = ["localhost"]
+    site.write()
+    assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
+    assert addresses() == {(n, a) for n in ("node-1", "node-2") for a in (site.server, named)}
+    for node in kubelet.nodes:
+        assert f'server = "https://{named}"' in (node.certs_d / named / "hosts.toml").read_text()
+        # the node's containerd trusts the new name too: its own pull, through the Service
+        user, password = site.login()
+        assert node.runtime.pull(f"{named}/crflow-smoke:install", user, password) is None
+
+    site.settings["registry"]["dns_names"] = []
+    site.write()
+    assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
+    assert addresses() == {("node-1", site.server), ("node-2", site.server)}
