@@ -16,6 +16,7 @@ python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/n
 if [ -n "$extras" ]; then  # the fault tests' independent judges
   command -v curl >/dev/null || packages+=(curl)
   command -v openssl >/dev/null || packages+=(openssl)
+  command -v containerd >/dev/null || packages+=(containerd)  # the emulated nodes' real runtime
 fi
 if [ ${#packages[@]} -gt 0 ]; then
   echo "==> apt-get install ${packages[*]}"
