@@ -208,6 +208,23 @@ def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out"
     typer.echo(f"  docker: copy ca.crt to /etc/docker/certs.d/{site.registry.server}/ca.crt")
 
 
+@app.command("trust")
+def trust_command(
+    config: Path = SiteFile,
+    runtime_name: str = typer.Option(..., "--runtime", metavar="containerd|docker|containers|system",
+                                     help="Whose trust: containerd's certs.d, docker's, podman/skopeo/buildah's "
+                                          "(containers), or the system's CA bundle."),
+    root: Path = typer.Option(Path("/"), "--root", help="Write under this directory instead of / (as a chroot)."),
+    remove: bool = typer.Option(False, "--remove", help="Undo exactly what crflow trust wrote, nothing else."),
+) -> None:
+    """Make this machine's container runtime trust the registry's CA, for every address (no restart)."""
+    from crflow.trust import trust
+
+    lines = trust(load_site(config), runtime_name, root, remove)
+    for line in lines or ["nothing to remove" if remove else "nothing to change"]:
+        typer.echo(line)
+
+
 PASSPHRASE_ENV = "CRFLOW_BACKUP_PASSPHRASE"
 
 

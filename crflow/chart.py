@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # settings derives its list of refused chart.values from CRFL
     from crflow.settings import Site
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "helm_chart"
+# Writes a runtime's certs.d files: run by the node-trust DaemonSet and by `crflow trust`.
+NODE_TRUST_SCRIPT = CHART_DIR / "files" / "node-trust.sh"
 
 # The registry's pod, as the chart renders it.
 CONTAINER = "registry"  # the registry container's name

@@ -108,10 +108,10 @@ class KubernetesTarget(Target):
         from crflow.tasks.consumers import put_pull_secrets
 
         site, pulls = self.site, self.site.pull_secrets
-        save_client_bundle(self.bundle, site.registry.server, ca_pem, creds)
+        save_client_bundle(self.bundle, site.registry.servers, ca_pem, creds)
         self.update_secret("login", {"username": SecretStr(creds.user), "password": creds.password})
         return sorted(put_pull_secrets(self.kube, pulls.namespaces, pulls.namespace_selector, pulls.name,
-                                       SecretStr(creds.auth_json(site.registry.server)),
+                                       SecretStr(creds.auth_json(site.registry.servers)),
                                        pulls.default_service_account, site.release))
 
     def status(self) -> Health:

@@ -83,7 +83,7 @@ class LocalTarget(Target):
     def publish_login(self, ca_pem: str, creds) -> list[str]:
         from crflow.tasks.client import save_client_bundle
 
-        save_client_bundle(self.bundle, self.site.registry.server, ca_pem, creds)
+        save_client_bundle(self.bundle, self.site.registry.servers, ca_pem, creds)
         return []
 
     def status(self) -> Health:

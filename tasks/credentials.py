@@ -37,9 +37,10 @@ class Credentials(BaseModel):
         raw = f"{self.user}:{self.password.get_secret_value()}"
         return base64.b64encode(raw.encode()).decode()
 
-    def auth_json(self, server: str) -> str:
-        """A containers-auth.json (or .dockerconfigjson) document for one server."""
-        return json.dumps({"auths": {server: {"auth": self.docker_auth()}}}, indent=2)
+    def auth_json(self, servers: list[str]) -> str:
+        """A containers-auth.json (or .dockerconfigjson) document: one entry for every address
+        (host:port) the registry answers on, since clients look the login up by the name they use."""
+        return json.dumps({"auths": {server: {"auth": self.docker_auth()} for server in servers}}, indent=2)
 
 
 def new_credentials(user: str | None) -> Credentials:

@@ -51,6 +51,6 @@ def test_htpasswd_line_is_bcrypt_the_registry_accepts():
 
 def test_auth_json_is_the_containers_auth_format():
     creds = new_credentials("alice")
-    document = json.loads(creds.auth_json("192.168.86.201:9005"))
+    document = json.loads(creds.auth_json(["192.168.86.201:9005"]))
     auth = document["auths"]["192.168.86.201:9005"]["auth"]
     assert base64.b64decode(auth).decode() == f"alice:{creds.password.get_secret_value()}"

@@ -67,6 +67,6 @@ def test_a_new_port_moves_the_registry_and_the_client_files_follow(crflow, insta
     installed.write()
     assert "verify passed" in crflow("upgrade", "-c", str(installed.path)).stdout
     auths = json.loads((installed.client / "auth.json").read_text())["auths"]
-    assert list(auths) == [installed.server] and installed.server != old_server
+    assert list(auths) == [installed.server, f"localhost:{installed.port}"] and installed.server != old_server
     with Registry.from_bundle(installed.url, installed.client) as registry:
         assert registry.pull_image("team/app", digest)

@@ -130,7 +130,7 @@ def test_a_new_load_balancer_address_gets_a_new_certificate_and_reaches_the_cons
     site.write()
     new_server = f"127.0.0.2:{site.port}"
     assert "verify passed" in crflow("upgrade", "-c", str(site.path)).stdout
-    assert list(json.loads((site.client / "auth.json").read_text())["auths"]) == [new_server]
+    assert list(json.loads((site.client / "auth.json").read_text())["auths"]) == [new_server, f"localhost:{site.port}"]
     with Registry.from_bundle(f"https://{new_server}", site.client) as registry:
         assert registry.pull_image("team/app", digest)
     for node in kubelet.nodes:  # the node-trust pods moved with it: the old address left every node

@@ -16,6 +16,7 @@
 #   MODE       keep (sync every RESYNC seconds), once (sync, then exit) or remove (undo, then
 #              idle; `once-remove` undoes and exits)
 set -u
+umask 022  # a CA certificate is public; runtimes that are not root read it too
 MARK=.crflow-owner
 log() { echo "node-trust: $*"; }
 
@@ -40,7 +41,9 @@ sync_once() {
   for address in $ADDRESSES; do
     dir="$HOST_DIR/$address"
     if [ -d "$dir" ] && ! ours "$dir" && [ -n "$(ls -A "$dir")" ]; then
-      log "left $dir alone: it was not written by $OWNER"; ok=1; continue
+      # Someone else's configuration for this address: not taken over. If it does not trust
+      # the CA, verify's pull on this node fails and names the node.
+      log "left $dir alone: it was not written by $OWNER"; continue
     fi
     mkdir -p "$dir" || { ok=1; continue; }
     [ -f "$dir/$MARK" ] || printf '%s\n' "$OWNER" > "$dir/$MARK"
