@@ -175,6 +175,28 @@ def deploy(
 
 
 @app.command()
+def uninstall(
+    config: Path = SiteFile,
+    purge: bool = typer.Option(False, "--purge", help="Also the stored images, the CA and the logins, for good."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+) -> None:
+    """Remove the registry, its node-trust files and the pull Secrets crflow made; keep images, CA and logins."""
+    from crflow.flows.uninstall import removal_plan
+    from crflow.flows.uninstall import uninstall as uninstall_flow
+
+    site = load_site(config)
+    typer.echo(f"crflow uninstall will remove, for registry {site.release}:")
+    for what in removal_plan(site, purge):
+        typer.echo(f"  - {what}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CrflowError("crflow uninstall asks before it removes anything: run it in a terminal, or add --yes")
+        typer.confirm("Go ahead?", abort=True)
+    for line in _run_flow(uninstall_flow, site, config, purge):
+        typer.echo(f"{'' if line.startswith('kept') else 'removed: '}{line}")
+
+
+@app.command()
 def down(config: Path = SiteFile) -> None:
     """Stop the local registry (its data, certificates and credentials stay)."""
     stopped = target_for(load_site(config)).down()

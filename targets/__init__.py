@@ -104,6 +104,15 @@ class Target(ABC):
     def down(self) -> bool:
         """Stop the registry, keeping its data, certificates and logins; whether it was running."""
 
+    @abstractmethod
+    def removal_plan(self, purge: bool) -> list[str]:
+        """What `uninstall` removes from this target, in words, asked about before (reads nothing)."""
+
+    @abstractmethod
+    def uninstall(self, purge: bool) -> list[str]:
+        """Remove the registry and what crflow handed out on this target (node trust, pull
+        Secrets); with `purge`, also its stored images and Secrets. Returns what went."""
+
 
 def target_for(site: Site) -> Target:
     if site.target == "kubernetes":

@@ -68,14 +68,16 @@ class KubernetesTarget(Target):
         self._wait_for_node_trust()
         return Release(revision, manifests)
 
-    def _wait_for_node_trust(self) -> None:
-        """Nodes pull only once the DaemonSet has written the CA on each: wait for every node."""
+    def _wait_for_node_trust(self) -> int:
+        """Nodes pull only once the DaemonSet has written the CA on each: wait for every node;
+        returns how many there are (0 with node trust off)."""
         from crflow.tasks.workloads import wait_for_node_trust
 
         site = self.site
-        if site.node_trust.enabled:
-            wait_for_node_trust(self.kube, site.namespace, node_trust_name(site.release),
-                                site.cluster.helm_timeout_seconds)
+        if not site.node_trust.enabled:
+            return 0
+        return wait_for_node_trust(self.kube, site.namespace, node_trust_name(site.release),
+                                   site.cluster.helm_timeout_seconds)
 
     def deployed(self) -> Release:
         from crflow.tasks.helm import deployed_release
@@ -116,6 +118,38 @@ class KubernetesTarget(Target):
 
     def status(self) -> Health:
         return registry_health(self.url, self.bundle)
+
+    def removal_plan(self, purge: bool) -> list[str]:
+        site = self.site
+        plan = [f"helm release {site.namespace}/{site.release}",
+                f"every pull Secret crflow made for {site.release} (and its listing in default ServiceAccounts)"]
+        if site.node_trust.enabled:
+            plan.insert(0, f"the node-trust files on every node ({', '.join(site.registry.servers)})")
+        if purge:
+            plan.append(f"the registry's Secrets in {site.namespace} (CA, certificate, htpasswd, login)")
+            if getattr(site.storage, "host_path", None) is not None:
+                plan.append(f"the claim {data_claim(site.release)} and its PersistentVolume (the node's directory stays)")
+        return plan
+
+    def uninstall(self, purge: bool) -> list[str]:
+        from crflow.tasks.consumers import remove_pull_secrets
+        from crflow.tasks.helm import remove_node_trust, uninstall_release
+        from crflow.tasks.secrets import delete_secrets
+        from crflow.tasks.volumes import delete_hostpath_volume
+
+        site, timeout, removed = self.site, self.site.cluster.helm_timeout_seconds, []
+        if site.node_trust.enabled and remove_node_trust(self.kube, site.release, site.namespace, timeout):
+            nodes = self._wait_for_node_trust()
+            removed.append(f"the node-trust files on {nodes} nodes")
+        if uninstall_release(self.kube, site.release, site.namespace, timeout):
+            removed.append(f"helm release {site.namespace}/{site.release}")
+        removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release)]
+        if purge:
+            removed += delete_secrets(self.kube, site.namespace, [secret_name(site.release, r) for r in SECRETS],
+                                      site.release)
+            if getattr(site.storage, "host_path", None) is not None:
+                removed += delete_hostpath_volume(self.kube, site.namespace, data_claim(site.release))
+        return removed
 
     def down(self) -> bool:
         raise CrflowError("crflow down stops the local target's registry; on Kubernetes use helm uninstall")

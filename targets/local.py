@@ -103,3 +103,17 @@ class LocalTarget(Target):
 
     def down(self) -> bool:
         return LocalPod(self.pod_dir).stop()
+
+    def removal_plan(self, purge: bool) -> list[str]:
+        plan = [f"the local registry process ({self.pod_dir})"]
+        if purge and self.site.storage.kind == "filesystem":
+            plan.append(f"the stored images in {self.site.data_dir}")
+        return plan
+
+    def uninstall(self, purge: bool) -> list[str]:
+        from crflow.tasks.localpod import remove_local_data
+
+        removed = ["the local registry process"] if self.down() else []
+        if purge and self.site.storage.kind == "filesystem":
+            removed += remove_local_data(self.site.data_dir)
+        return removed

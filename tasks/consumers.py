@@ -100,3 +100,22 @@ def _unlist(kube: KubeAccess, namespace: str, name: str) -> Callable[[], None]:
         with api_client(kube) as api:
             _set_default_account_secret(api, namespace, name, listed=False)
     return step
+
+
+@task(task_run_name="remove the pull Secrets of {release}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def remove_pull_secrets(kube: KubeAccess, release: str) -> list[str]:
+    """Delete every pull Secret crflow made for `release` (found by crflow's labels, never by
+    name alone: a Secret someone else made stays) and unlist it from the namespace's default
+    ServiceAccount; returns them as "namespace/name"."""
+    selector = ",".join(f"{k}={v}" for k, v in managed_labels(release).items())
+    with api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        found = retrying("list crflow's Secrets", lambda: core.list_secret_for_all_namespaces(label_selector=selector))
+        pulls = sorted((s.metadata.namespace, s.metadata.name) for s in found.items
+                       if s.type == "kubernetes.io/dockerconfigjson")
+        for namespace, name in pulls:
+            _set_default_account_secret(api, namespace, name, listed=False)
+            retrying(f"delete Secret {namespace}/{name}", lambda n=namespace, s=name: get_or_none(
+                lambda: core.delete_namespaced_secret(s, n, _preload_content=False)))
+    return [f"{namespace}/{name}" for namespace, name in pulls]

@@ -124,3 +124,45 @@ def rollback_release(kube: KubeAccess, release: str, namespace: str, revision: i
         return asyncio.run(_rollback(kube, release, namespace, revision, timeout_seconds))
     except HelmError as err:
         raise CrflowError(f"helm could not roll release {namespace}/{release} back to revision {revision}: {_reason(err)}") from None
+
+
+
+async def _node_trust_off(kube: KubeAccess, release: str, namespace: str, timeout_seconds: int) -> bool:
+    helm = _client(kube)
+    try:
+        await helm.get_current_revision(release, namespace=namespace)
+    except ReleaseNotFoundError:
+        return False
+    await helm.install_or_upgrade_release(release, await helm.get_chart(CHART_DIR), {"nodeTrust": {"remove": True}},
+                                          reuse_values=True, namespace=namespace, create_namespace=False,
+                                          wait=True, timeout=f"{timeout_seconds}s")
+    return True
+
+
+@task(task_run_name="node-trust files off every node ({release})",
+      retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def remove_node_trust(kube: KubeAccess, release: str, namespace: str, timeout_seconds: int) -> bool:
+    """An upgrade that sets nodeTrust.remove: each node-trust pod deletes what it wrote, then
+    idles. Returns whether there was a release to change (wait for its pods after)."""
+    try:
+        return asyncio.run(_node_trust_off(kube, release, namespace, timeout_seconds))
+    except HelmError as err:
+        raise CrflowError(f"helm could not upgrade release {namespace}/{release}: {_reason(err)}") from None
+
+
+async def _uninstall(kube: KubeAccess, release: str, namespace: str, timeout_seconds: int) -> bool:
+    try:
+        current = await _client(kube).get_current_revision(release, namespace=namespace)
+    except ReleaseNotFoundError:
+        return False
+    await current.release.uninstall(wait=True, timeout=f"{timeout_seconds}s")
+    return True
+
+
+@task(task_run_name="helm uninstall {release}", retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def uninstall_release(kube: KubeAccess, release: str, namespace: str, timeout_seconds: int) -> bool:
+    """Remove the release, waited for; returns whether there was one."""
+    try:
+        return asyncio.run(_uninstall(kube, release, namespace, timeout_seconds))
+    except HelmError as err:
+        raise CrflowError(f"helm could not uninstall release {namespace}/{release}: {_reason(err)}") from None

@@ -49,3 +49,14 @@ put_local_secret.on_rollback(undo)
 def read_local_pod(pod_dir: Path) -> dict:
     """The template and ConfigMaps of the registry pod running on this machine."""
     return LocalPod(pod_dir).running_pod()
+
+
+@task(task_run_name="remove the stored images in {data_dir}")
+def remove_local_data(data_dir: Path) -> list[str]:
+    """The local registry's blobs, gone (uninstall --purge only)."""
+    import shutil
+
+    if not data_dir.exists():
+        return []
+    shutil.rmtree(data_dir)
+    return [f"the stored images in {data_dir}"]

@@ -103,3 +103,21 @@ def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str, access_key_
     with api_client(kube) as api:
         keys = read_secret(api, namespace, name, [access_key_key, secret_key_key])
     return S3Keys(access_key=keys[access_key_key], secret_key=keys[secret_key_key])
+
+
+@task(task_run_name="delete the registry's Secrets in {namespace}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: str) -> list[str]:
+    """Delete those of `names` that carry crflow's labels for `release`; returns those deleted."""
+    labels = managed_labels(release)
+    deleted = []
+    with api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        for name in names:
+            found = retrying(f"read Secret {namespace}/{name}",
+                             lambda n=name: get_or_none(lambda: core.read_namespaced_secret(n, namespace)))
+            if found is not None and labels.items() <= (found.metadata.labels or {}).items():
+                retrying(f"delete Secret {namespace}/{name}", lambda n=name: get_or_none(
+                    lambda: core.delete_namespaced_secret(n, namespace, _preload_content=False)))
+                deleted.append(f"Secret {namespace}/{name}")
+    return deleted

@@ -48,3 +48,20 @@ def create_hostpath_volume(kube: KubeAccess, namespace: str, claim: str, path: s
     """The hostPath PV on `node` and its claim, for filesystem storage on the cluster."""
     with api_client(kube) as api:
         return ensure_hostpath_volume(api, namespace, claim, path, node, size, managed_labels(release))
+
+
+@task(task_run_name="delete volume {claim}", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def delete_hostpath_volume(kube: KubeAccess, namespace: str, claim: str) -> list[str]:
+    """Delete the claim and the PersistentVolume crflow made for it. The directory on the node
+    stays: the volume's reclaim policy is Retain, so no data goes with the objects."""
+    pv_name = f"{namespace}-{claim}"
+    with api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        deleted = []
+        if retrying(f"delete PVC {namespace}/{claim}", lambda: get_or_none(
+                lambda: core.delete_namespaced_persistent_volume_claim(claim, namespace, _preload_content=False))):
+            deleted.append(f"PVC {namespace}/{claim}")
+        if retrying(f"delete PV {pv_name}", lambda: get_or_none(
+                lambda: core.delete_persistent_volume(pv_name, _preload_content=False))):
+            deleted.append(f"PV {pv_name}")
+    return deleted

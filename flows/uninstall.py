@@ -1,0 +1,62 @@
+"""The runbook backwards, as a Prefect flow: the registry goes, and with it what crflow handed
+out (node-trust files, pull Secrets, this machine's `crflow trust` files). The stored images,
+the CA and the logins stay unless `purge`: a reinstall then serves the same images to clients
+that still trust the same CA.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import flow, task
+
+from crflow.flows.site_lock import one_run_per_site
+from crflow.settings import Site, load_site
+from crflow.targets import target_for
+from crflow.tasks.report import publish_summary
+from crflow.trust import trust, trusted
+
+
+@task(task_run_name="undo crflow trust on this machine")
+def untrust_this_machine(site: Site) -> list[str]:
+    """Every `crflow trust` this site recorded, undone."""
+    removed = []
+    for runtime, root in trusted(site):
+        removed += [f"{runtime}: {line}" for line in trust(site, runtime, root, remove=True)]
+    return removed
+
+
+@task(task_run_name="remove the state directory {state_dir}")
+def remove_state(state_dir: Path) -> list[str]:
+    """The CA, the logins, the encrypted cache and the client files: gone for good (purge only)."""
+    if not state_dir.exists():
+        return []
+    shutil.rmtree(state_dir)
+    return [f"the state directory {state_dir} (CA, logins, cache, client files)"]
+
+
+def removal_plan(site: Site, purge: bool) -> list[str]:
+    """What `uninstall` will remove, for the confirmation (reads only local files)."""
+    plan = target_for(site).removal_plan(purge)
+    plan += [f"crflow trust files on this machine ({runtime} under {root})" for runtime, root in trusted(site)]
+    if purge:
+        plan.append(f"the state directory {site.state_dir}: the CA and the logins, for good")
+    return plan
+
+
+@flow(name="uninstall")
+@one_run_per_site
+def uninstall(site_file: str, purge: bool = False) -> list[str]:
+    """Remove the registry of `site_file`; returns what was removed."""
+    site = load_site(Path(site_file))
+    removed = target_for(site).uninstall(purge)
+    removed += untrust_this_machine(site)
+    kept = "kept: nothing (purged)" if purge else f"kept: the stored images, the CA and the logins in {site.state_dir}"
+    if purge:
+        if getattr(site.storage, "kind", None) == "s3":
+            kept = f"kept: the images in bucket {site.storage.bucket} (delete them in the S3 service)"
+        removed += remove_state(site.state_dir)
+    publish_summary("crflow-uninstall", f"Registry {site.release} uninstalled",
+                    [*(("Removed", what) for what in removed or ["nothing: it was not installed"]), ("Kept", kept)])
+    return [*removed, kept]
