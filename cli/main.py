@@ -225,9 +225,29 @@ def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out"
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in ("ca.crt", "auth.json"):
         shutil.copy2(bundle / name, out / name)
-    typer.echo(f"Wrote {out}/ca.crt and {out}/auth.json for {site.registry.server}")
+    (out / "README.txt").write_text(client_readme(site))
+    typer.echo(f"Wrote {out}/ca.crt, {out}/auth.json and {out}/README.txt for {', '.join(site.registry.servers)}")
     typer.echo(f"  skopeo ... --authfile {out}/auth.json --cert-dir {out}")
-    typer.echo(f"  docker: copy ca.crt to /etc/docker/certs.d/{site.registry.server}/ca.crt")
+    typer.echo(f"  trust it on a machine: crflow trust -c {config} --runtime containerd|docker|containers|system")
+
+
+def client_readme(site: Site) -> str:
+    """How a person trusts the CA where crflow does not run: Windows and WSL too."""
+    first, release = site.registry.servers[0], site.release
+    lines = [f"Registry {release}: {', '.join(site.registry.servers)}", "",
+             "ca.crt     the registry's CA: trust it, and every address above is trusted",
+             "auth.json  the login (keep it private), for skopeo/podman/buildah --authfile, or docker's config.json", "",
+             "Linux, with crflow:  crflow trust -c SITE.yaml --runtime containerd|docker|containers|system",
+             "Linux, by hand, for each address HOST:PORT above:",
+             "  docker:          /etc/docker/certs.d/HOST:PORT/ca.crt",
+             "  podman, skopeo:  /etc/containers/certs.d/HOST:PORT/ca.crt",
+             "  containerd:      /etc/containerd/certs.d/HOST:PORT/ (ca.crt and a hosts.toml naming it)", "",
+             "Windows (PowerShell as Administrator; Docker Desktop reads this store):",
+             "  Import-Certificate -FilePath .\\ca.crt -CertStoreLocation Cert:\\LocalMachine\\Root", "",
+             "WSL (Debian, Ubuntu):",
+             f"  sudo cp ca.crt /usr/local/share/ca-certificates/crflow-{release}.crt && sudo update-ca-certificates", "",
+             f"Check: curl --cacert ca.crt -u USER https://{first}/v2/_catalog", ""]
+    return "\n".join(lines)
 
 
 @app.command("trust")

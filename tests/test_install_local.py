@@ -26,6 +26,12 @@ def test_skopeo_pushes_and_pulls_with_only_the_exported_client_files(crflow, ins
     out = tmp_path / "client"
     crflow("export-client", "-c", str(installed.path), "--out", str(out))
     assert oct((out / "auth.json").stat().st_mode & 0o777) == "0o600"
+    readme = (out / "README.txt").read_text()
+    assert "Import-Certificate -FilePath .\\ca.crt -CertStoreLocation Cert:\\LocalMachine\\Root" in readme
+    assert "sudo cp ca.crt /usr/local/share/ca-certificates/crflow-registry.crt && sudo update-ca-certificates" in readme
+    # a login for every address the certificate names: skopeo by name works with the same files
+    skopeo("inspect", "--authfile", str(out / "auth.json"), "--cert-dir", str(out),
+           f"docker://localhost:{installed.port}/crflow-smoke:install")
 
     image = oci_layout(tmp_path / "layout", "v1")
     ref = f"docker://{installed.server}/team/hello:v1"
