@@ -6,7 +6,6 @@ that still trust the same CA.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from prefect import flow, task
@@ -14,6 +13,7 @@ from prefect import flow, task
 from crflow.flows.site_lock import one_run_per_site
 from crflow.settings import Site, load_site
 from crflow.targets import target_for
+from crflow.tasks.localpod import remove_directory
 from crflow.tasks.report import publish_summary
 from crflow.trust import trust, trusted
 
@@ -25,15 +25,6 @@ def untrust_this_machine(site: Site) -> list[str]:
     for runtime, root in trusted(site):
         removed += [f"{runtime}: {line}" for line in trust(site, runtime, root, remove=True)]
     return removed
-
-
-@task(task_run_name="remove the state directory {state_dir}")
-def remove_state(state_dir: Path) -> list[str]:
-    """The CA, the logins, the encrypted cache and the client files: gone for good (purge only)."""
-    if not state_dir.exists():
-        return []
-    shutil.rmtree(state_dir)
-    return [f"the state directory {state_dir} (CA, logins, cache, client files)"]
 
 
 def removal_plan(site: Site, purge: bool) -> list[str]:
@@ -56,7 +47,8 @@ def uninstall(site_file: str, purge: bool = False) -> list[str]:
     if purge:
         if getattr(site.storage, "kind", None) == "s3":
             kept = f"kept: the images in bucket {site.storage.bucket} (delete them in the S3 service)"
-        removed += remove_state(site.state_dir)
+        removed += remove_directory(site.state_dir,
+                                    f"the state directory {site.state_dir} (CA, logins, cache, client files)")
     publish_summary("crflow-uninstall", f"Registry {site.release} uninstalled",
                     [*(("Removed", what) for what in removed or ["nothing: it was not installed"]), ("Kept", kept)])
     return [*removed, kept]

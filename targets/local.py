@@ -111,9 +111,9 @@ class LocalTarget(Target):
         return plan
 
     def uninstall(self, purge: bool) -> list[str]:
-        from crflow.tasks.localpod import remove_local_data
+        from crflow.tasks.localpod import remove_directory
 
         removed = ["the local registry process"] if self.down() else []
         if purge and self.site.storage.kind == "filesystem":
-            removed += remove_local_data(self.site.data_dir)
+            removed += remove_directory(self.site.data_dir, f"the stored images in {self.site.data_dir}")
         return removed

@@ -51,12 +51,13 @@ def read_local_pod(pod_dir: Path) -> dict:
     return LocalPod(pod_dir).running_pod()
 
 
-@task(task_run_name="remove the stored images in {data_dir}")
-def remove_local_data(data_dir: Path) -> list[str]:
-    """The local registry's blobs, gone (uninstall --purge only)."""
+@task(task_run_name="remove {what}")
+def remove_directory(path: Path, what: str) -> list[str]:
+    """A directory crflow keeps on this machine (the local images, the state), gone for good:
+    uninstall --purge only. Returns what went ([] if it was not there)."""
     import shutil
 
-    if not data_dir.exists():
+    if not path.exists():
         return []
-    shutil.rmtree(data_dir)
-    return [f"the stored images in {data_dir}"]
+    shutil.rmtree(path)
+    return [what]
