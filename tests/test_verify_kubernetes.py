@@ -6,6 +6,9 @@ the CA reaches it only through the files the node-trust DaemonSet wrote. moto is
 
 from __future__ import annotations
 
+import base64
+import time
+
 import pytest
 from kubernetes import client
 
@@ -75,3 +78,28 @@ def test_emptydir_storage_while_s3_is_configured_fails(crflow, cluster_site, kub
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1
     assert "the registry pod stores blobs in emptyDir data, not in S3 bucket" in last
+
+
+def test_a_changed_ca_secret_reaches_every_node_without_a_pod_restart(crflow, cluster_site, kubelet):
+    """The node-trust pods re-read the mounted CA Secret (refreshed in place by the kubelet)
+    every resync_seconds: no new pod, no restart of anything on the node."""
+    site = cluster_site
+    site.settings["node_trust"] = {"resync_seconds": 1}
+    site.write()
+    crflow("install", "-c", str(site.path))
+    started = kubelet.ds_serial
+    other = x509_pem("another CA")
+    site.core.patch_namespaced_secret("registry-ca", "container-registry",
+                                      {"data": {"ca.crt": base64.b64encode(other.encode()).decode()}})
+    deadline = time.monotonic() + 30
+    while not all((node.certs_d / site.server / "ca.crt").read_text() == other for node in kubelet.nodes):
+        assert time.monotonic() < deadline, [kubelet.pod_log("container-registry", "registry-node-trust", n.name)
+                                             for n in ("node-1", "node-2")]
+        time.sleep(0.2)
+    assert kubelet.ds_serial == started  # the same pods
+
+
+def x509_pem(name: str) -> str:
+    from crflow.tasks.pki import new_ca
+
+    return new_ca(name, 1, "ecdsa-p256").cert_pem
