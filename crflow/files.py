@@ -13,14 +13,22 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_atomic(path: Path, content: bytes, mode: int) -> bool:
-    """Replace `path` by rename (readers never see half a file); return whether it changed."""
-    if path.exists() and path.read_bytes() == content:
+def write_atomic(path: Path, content: bytes, mode: int, owner: tuple[int, int] | None = None) -> bool:
+    """Replace `path` by rename (readers never see half a file), owned by `owner` (uid, gid)
+    when given; return whether it changed."""
+    if path.exists() and path.read_bytes() == content and (owner is None or _owner(path) == owner):
         return False
     partial = path.with_name(f".{path.name}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as out:
         out.write(content)
+        if owner is not None:  # before the rename: the reader never sees it under another owner
+            os.fchown(out.fileno(), *owner)
     os.chmod(partial, mode)
     partial.rename(path)
     return True
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_uid, stat.st_gid

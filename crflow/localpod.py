@@ -9,7 +9,10 @@ The runner plays kubelet for the Deployment's pod spec:
   values and the YAML config passed in args that starts with a mountPath is rewritten to
   that volume's host directory;
 - the environment is the container's own (`env`, `valueFrom.secretKeyRef`), not the caller's;
-- the Service address is where the process listens (REGISTRY_HTTP_ADDR), as a port-forward.
+- the Service address is where the process listens (REGISTRY_HTTP_ADDR), as a port-forward;
+- the security context, where a process can: when crflow runs as root, the registry runs as
+  the pod's runAsUser/runAsGroup with no capabilities and no_new_privs (RunAs below), its
+  volumes and claims owned by that user as fsGroup would make them.
 
 As on Kubernetes, a change to the pod spec (including its checksum annotations) or to
 resolved env restarts the process; a change to mounted Secret content only refreshes the
@@ -31,7 +34,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -78,19 +81,89 @@ def ensure_port_free(host: str, port: int, wait: float = 0) -> None:
 
 
 
+# Where a registry that runs as the pod's user finds its files: in a mount namespace of its
+# own, a small tmpfs here with the volumes directory and each claim bound into it. The
+# host's way to them, through a 0700 state_dir, stays closed to that user.
+JAIL = Path("/run/crflow-registry")
+_JAIL_SCRIPT = """set -e
+jail=$1; shift
+umask 022
+mount -t tmpfs -o mode=0755,size=64k crflow-registry "$jail"
+while [ "$1" != -- ]; do mkdir -p "$jail/$2"; mount --bind "$1" "$jail/$2"; shift 2; done
+shift
+umask 077
+exec "$@"
+"""
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user the pod's security context names, which the registry runs as when crflow is
+    root (a user running crflow runs it as themselves)."""
+
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, template: dict, container: dict) -> RunAs | None:
+        if os.geteuid() != 0:
+            return None
+        pod, own = template["spec"].get("securityContext") or {}, container.get("securityContext") or {}
+        uid = own.get("runAsUser", pod.get("runAsUser"))
+        if not uid:  # unset or 0: the pod itself would run as root
+            return None
+        return cls(int(uid), int(own.get("runAsGroup", pod.get("runAsGroup", uid))))
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.uid, self.gid
+
+    def own(self, tree: Path, always: bool = True) -> None:
+        """`tree` and all under it owned by the user (as fsGroup makes a volume the pod's);
+        unless `always`, only when its top is not already (a big claim is walked once)."""
+        if not always and (tree.stat().st_uid, tree.stat().st_gid) == self.owner:
+            return
+        for root, dirs, files in os.walk(tree):
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(root, name), *self.owner)
+        os.chown(tree, *self.owner)
+
+    def argv(self, command: list[str], binds: dict[Path, Path], port: int) -> list[str]:
+        """`command` in a mount namespace where `binds` (host -> path under JAIL) are mounted,
+        as the user, with no capabilities but the one a port below 1024 needs."""
+        JAIL.mkdir(mode=0o755, exist_ok=True)
+        caps = ["--inh-caps", "-all"]
+        if port < 1024:
+            caps = ["--inh-caps", "-all,+net_bind_service", "--ambient-caps", "+net_bind_service"]
+        mounts = [str(part) for host, inside in binds.items() for part in (host, inside.relative_to(JAIL))]
+        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", _JAIL_SCRIPT, "crflow-registry",
+                str(JAIL), *mounts, "--", "setpriv", "--reuid", str(self.uid), "--regid", str(self.gid),
+                "--clear-groups", "--no-new-privs", *caps, *command]
+
+
 @dataclass
 class Mounts:
-    """Container mountPath -> host directory, and the translation of container paths."""
+    """Container mountPath -> host directory, and the translation of container paths: to the
+    host directory, or where the process sees it (`views`: host directory -> its path in the
+    process's mount namespace)."""
 
     table: dict[str, Path]
+    views: dict[Path, Path] = field(default_factory=dict)
 
-    def translate(self, value: str) -> str:
+    def translate(self, value: str, seen: bool = True) -> str:
         if ":" in value and not value.startswith(":"):  # a PATH-like list, as in SSL_CERT_DIR
-            return ":".join(self.translate(part) for part in value.split(":"))
+            return ":".join(self.translate(part, seen) for part in value.split(":"))
         for mount_path in sorted(self.table, key=len, reverse=True):
             if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
-                return str(self.table[mount_path]) + value[len(mount_path.rstrip("/")) :]
+                return str(self.view(self.table[mount_path]) if seen else self.table[mount_path]) + \
+                    value[len(mount_path.rstrip("/")) :]
         return value
+
+    def view(self, host: Path) -> Path:
+        for base, inside in self.views.items():
+            if host == base or base in host.parents:
+                return inside / host.relative_to(base)
+        return host
 
     def translate_tree(self, node):
         if isinstance(node, dict):
@@ -191,8 +264,10 @@ class LocalPod:
         return host
 
     @staticmethod
-    def _write_items(host: Path, volume: dict, files: dict[str, bytes], mode: int) -> dict[str, bytes]:
-        """Write a ConfigMap/Secret volume's files, each atomically; return what they held before."""
+    def _write_items(host: Path, volume: dict, files: dict[str, bytes], mode: int,
+                     owner: tuple[int, int] | None = None) -> dict[str, bytes]:
+        """Write a ConfigMap/Secret volume's files, each atomically (owned by `owner` if given);
+        return what they held before."""
         items = volume.get("configMap", volume.get("secret")).get("items") or [{"key": k, "path": k} for k in files]
         host.mkdir(parents=True, exist_ok=True, mode=0o700)
         before = {}
@@ -202,20 +277,23 @@ class LocalPod:
             path = host / item["path"]
             if path.exists():
                 before[item["key"]] = path.read_bytes()
-            write_atomic(path, files[item["key"]], mode)
+            write_atomic(path, files[item["key"]], mode, owner)
         return before
 
     def refresh_secret(self, name: str, data: dict[str, SecretStr]) -> dict[str, SecretStr]:
         """Replace the files of the running pod's Secret volumes for Secret `name`, as the kubelet
         refreshes them: each file atomically, no restart. Returns the previous content."""
         files = {k: v.get_secret_value().encode() for k, v in data.items()}
-        volumes = [v for v in self.running_pod()["template"]["spec"].get("volumes") or []
-                   if (v.get("secret") or {}).get("secretName") == name]
+        template = self.running_pod()["template"]
+        volumes = [v for v in template["spec"].get("volumes") or [] if (v.get("secret") or {}).get("secretName") == name]
         if not volumes:
             raise CrflowError(f"the local registry mounts no Secret {name}")
+        (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
+        run_as = RunAs.of(template, container)
         before = {}
         for volume in volumes:
-            before.update(self._write_items(self.dir / "volumes" / volume["name"], volume, files, 0o600))
+            before.update(self._write_items(self.dir / "volumes" / volume["name"], volume, files, 0o600,
+                                            run_as and run_as.owner))
         return {k: SecretStr(v.decode()) for k, v in before.items()}
 
     # --- the container ---------------------------------------------------------------------
@@ -241,14 +319,16 @@ class LocalPod:
             raise CrflowError(f"the container runs {command[0]}, not the registry ({COMMAND})")
         argv = [registry_binary()]
         for arg in command[1:]:
-            host_arg = mounts.translate(arg)
+            host_arg = mounts.translate(arg, seen=False)
             if host_arg != arg and host_arg.endswith((".yml", ".yaml")):
-                # The config, as the container would read it: its paths translated too.
+                # The config, as the container would read it: its paths translated too. It
+                # sits with the volumes, where the process can read it.
                 config = mounts.translate_tree(yaml.safe_load(Path(host_arg).read_text()))
-                host_file = self.dir / Path(arg).name
+                host_file = self.dir / "volumes" / Path(arg).name
                 write_atomic(host_file, yaml.safe_dump(config).encode(), 0o600)
-                host_arg = str(host_file)
-            argv.append(host_arg)
+                argv.append(str(mounts.view(host_file)))
+            else:
+                argv.append(mounts.translate(arg))
         return argv
 
     def _wait_listening(self, process: subprocess.Popen, host: str, port: int, log_start: int,
@@ -275,10 +355,19 @@ class LocalPod:
             v["name"]: self._volume(v, manifests, secrets, claims) for v in template["spec"].get("volumes") or []
         }
         mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
+        run_as = RunAs.of(template, container)
+        if run_as is not None:
+            volumes = self.dir / "volumes"
+            mounts.views = {volumes: JAIL / "volumes", **{
+                path: JAIL / "claims" / claim for claim, path in claims.items() if path in host_dirs.values()}}
         env = self._env(container, secrets, mounts)
         # The registry reads env values as YAML: an IPv6 "[::1]:5000" would be a list, so quote it.
         env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f'"[{listen[0]}]:{listen[1]}"'
         argv = self._command(container, mounts)
+        if run_as is not None:
+            for host in mounts.views:
+                run_as.own(host, always=host == self.dir / "volumes")
+            argv = run_as.argv(argv, mounts.views, listen[1])
         spec = json.dumps([template, argv, env], sort_keys=True).encode()
         digest = hashlib.sha256(spec).hexdigest()
 
@@ -293,7 +382,8 @@ class LocalPod:
         with open(self.logfile, "ab") as log:
             log_start = log.tell()
             process = subprocess.Popen(
-                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                argv, env=env, cwd=self.dir if run_as is None else "/", stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives the crflow process that started it
                 umask=0o077,  # blobs and uploads readable by the registry's user only
             )

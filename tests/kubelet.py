@@ -460,8 +460,13 @@ class Kubelet:
             forwarder.close()
         for pod in [*self.retired, *(p["pod"] for p in self.pods.values() if "pod" in p)]:
             pod.stop()
-        for pod in self.ds_pods.values():
-            self._stop_ds_pod(pod)
-        for node in self.nodes:
-            node.runtime.stop()
-        self.api.close()
+        try:
+            for pod in self.ds_pods.values():
+                self._stop_ds_pod(pod)
+        finally:  # whatever the API says, no process outlives the test
+            for pod in self.ds_pods.values():
+                if pod["process"] is not None and pod["process"].poll() is None:
+                    pod["process"].kill()
+            for node in self.nodes:
+                node.runtime.stop()
+            self.api.close()

@@ -8,9 +8,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -262,3 +265,44 @@ def test_an_empty_result_key_left_by_a_killed_first_run_is_made_again(crflow, ma
     (site.state / "result.key").write_bytes(b"")  # now the cache holds secrets under the lost key
     result = crflow("install", "-c", str(site.path), check=False)
     assert result.returncode == 1 and "missing result key" in last_line(result)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def low_free_port() -> int:
+    """A port below 1024 that nothing listens on (tried in a random order, so that parallel
+    tests seldom try the same one; binding it is what claims it)."""
+    for port in random.sample(range(600, 1000), 400):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port below 1024")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the registry drops to the pod's user only when crflow runs as root")
+@pytest.mark.parametrize("low_port", [False, True], ids=["port-above-1024", "port-below-1024"])
+def test_as_root_the_registry_runs_as_the_pods_user_without_capabilities(crflow, make_site, low_port):
+    site = make_site()
+    if low_port:
+        site.port = site.settings["registry"]["port"] = low_free_port()
+        site.write()
+    crflow("install", "-c", str(site.path))
+    status = proc_status(site.pod.pid())
+    assert status["Uid"].split() == ["1000"] * 4 and status["Gid"].split() == ["1000"] * 4  # the chart's runAsUser
+    assert status["Groups"] == "" and status["NoNewPrivs"] == "1"
+    allowed = 1 << 10 if low_port else 0  # CAP_NET_BIND_SERVICE, only to listen below 1024
+    assert int(status["CapEff"], 16) == allowed
+    assert curl_status(site, *site.login()) == 200  # it serves, with its Secrets readable to it
+    # Its user reads its own volumes; crflow's key, cache, identity record and client login stay closed.
+    private = [site.state / "result.key", site.state / "identity.json", site.client / "auth.json",
+               *(site.state / "results").iterdir()]
+    reader = "import sys\nfor p in sys.argv[1:]:\n    try: open(p,'rb').read(1); print('READ', p)\n    except OSError: pass\n"
+    out = subprocess.run(["python3", "-c", reader, *map(str, private)], user=1000, group=1000,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "", out.stdout

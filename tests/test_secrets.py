@@ -72,7 +72,7 @@ def test_no_secret_reaches_prefect_logs_artifacts_results_or_output(crflow, make
 def test_secret_files_are_private(installed):
     volumes = installed.state / "pod" / "volumes"
     for path in [volumes / "tls" / "tls.key", volumes / "auth" / "htpasswd", installed.state / "result.key",
-                 installed.client / "auth.json", installed.state / "pod" / "config.yml"]:
+                 installed.client / "auth.json", volumes / "config.yml"]:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
     for directory in [installed.state, installed.state / "results", volumes / "tls"]:
         assert directory.stat().st_mode & 0o077 == 0, f"{directory} is open to others"
