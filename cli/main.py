@@ -175,6 +175,17 @@ def deploy(
 
 
 @app.command()
+def gc(
+    config: Path = SiteFile,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what retention and the collection would delete."),
+) -> None:
+    """Apply retention, then collect unreferenced blobs in a read-only window (pulls keep working)."""
+    from crflow.flows.gc import gc as gc_flow
+
+    typer.echo(_run_flow(gc_flow, load_site(config), config, dry_run))
+
+
+@app.command()
 def uninstall(
     config: Path = SiteFile,
     purge: bool = typer.Option(False, "--purge", help="Also the stored images, the CA and the logins, for good."),

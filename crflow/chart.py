@@ -27,6 +27,7 @@ CONTAINER = "registry"  # the registry container's name
 COMMAND = "/bin/registry"  # the registry image's entrypoint
 CONFIG_VOLUME = "config"  # the volume holding the ConfigMap's config.yml
 CONFIG_FILE = "config.yml"
+CONFIG_PATH = f"/etc/docker/registry/{CONFIG_FILE}"  # where the container reads it (`serve CONFIG_PATH`)
 
 # The Secrets crflow makes, by role (in the runbook's order): name suffix, type, and the keys
 # the chart reads.
@@ -130,6 +131,12 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         claim = storage.existing_claim if storage.kind == "pvc" else None
         values["persistence"] = {"enabled": True, "existingClaim": claim or data_claim(site.release)}
     return merged(site.chart.values, values)
+
+
+def read_only(values: dict) -> dict:
+    """`values` with the registry in read-only maintenance mode (pulls served, pushes refused
+    with 405), for a garbage collection that must not race a push."""
+    return merged(values, {"configData": {"storage": {"maintenance": {"readonly": {"enabled": True}}}}})
 
 
 def merged(base: dict, over: dict) -> dict:

@@ -313,8 +313,8 @@ class LocalPod:
                 raise CrflowError(f"env {var['name']}: Secret {ref['name']} has no key {ref['key']}") from None
         return env
 
-    def _command(self, container: dict, mounts: Mounts) -> list[str]:
-        command = [*(container.get("command") or [COMMAND]), *(container.get("args") or [])]
+    def _command(self, container: dict, mounts: Mounts, args: list[str] | None = None) -> list[str]:
+        command = [*(container.get("command") or [COMMAND]), *(container.get("args") if args is None else args)]
         if command[0] != COMMAND:
             raise CrflowError(f"the container runs {command[0]}, not the registry ({COMMAND})")
         argv = [registry_binary()]
@@ -344,11 +344,11 @@ class LocalPod:
         self.stop()
         raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail(log_start)}")
 
-    def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
-        """Make the running process match the rendered pod; return "started", "unchanged", or
-        "restarted; ..." with how long connections were refused."""
-        deployment = _find(manifests, "Deployment")
-        template = deployment["spec"]["template"]
+    def _prepare(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], port: int,
+                 args: list[str] | None = None) -> tuple[dict, list[str], dict[str, str], RunAs | None]:
+        """The pod's volumes written, and the process that plays its container: (template,
+        argv, env, user). `args` replace the container's (container paths, translated)."""
+        template = _find(manifests, "Deployment")["spec"]["template"]
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         host_dirs = {
@@ -361,13 +361,27 @@ class LocalPod:
             mounts.views = {volumes: JAIL / "volumes", **{
                 path: JAIL / "claims" / claim for claim, path in claims.items() if path in host_dirs.values()}}
         env = self._env(container, secrets, mounts)
-        # The registry reads env values as YAML: an IPv6 "[::1]:5000" would be a list, so quote it.
-        env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f'"[{listen[0]}]:{listen[1]}"'
-        argv = self._command(container, mounts)
+        argv = self._command(container, mounts, args)
         if run_as is not None:
             for host in mounts.views:
                 run_as.own(host, always=host == self.dir / "volumes")
-            argv = run_as.argv(argv, mounts.views, listen[1])
+            argv = run_as.argv(argv, mounts.views, port)
+        return template, argv, env, run_as
+
+    def run_once(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], args: list[str],
+                 timeout: float) -> subprocess.CompletedProcess:
+        """The registry binary run once with `args` in the pod's volumes, environment and user,
+        as a Job with the Deployment's pod spec would (`garbage-collect CONFIG`)."""
+        _, argv, env, run_as = self._prepare(manifests, secrets, claims, 0, args)
+        return subprocess.run(argv, env=env, cwd=self.dir if run_as is None else "/", stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
+        """Make the running process match the rendered pod; return "started", "unchanged", or
+        "restarted; ..." with how long connections were refused."""
+        template, argv, env, run_as = self._prepare(manifests, secrets, claims, listen[1])
+        # The registry reads env values as YAML: an IPv6 "[::1]:5000" would be a list, so quote it.
+        env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f'"[{listen[0]}]:{listen[1]}"'
         spec = json.dumps([template, argv, env], sort_keys=True).encode()
         digest = hashlib.sha256(spec).hexdigest()
 
@@ -379,10 +393,14 @@ class LocalPod:
         if running is not None:
             self.stop()
         ensure_port_free(*listen, wait=10 if running is not None else 0)
+        # The process writes its own pid before it becomes the registry: a crflow killed right
+        # after starting it leaves no registry that no pidfile names.
+        pid_first = ["/bin/sh", "-c", 'umask 022; echo $$ > "$0.new" && mv -f "$0.new" "$0" && umask 077 && exec "$@"',
+                     str(self.pidfile), *argv]
         with open(self.logfile, "ab") as log:
             log_start = log.tell()
             process = subprocess.Popen(
-                argv, env=env, cwd=self.dir if run_as is None else "/", stdin=subprocess.DEVNULL, stdout=log,
+                pid_first, env=env, cwd=self.dir if run_as is None else "/", stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives the crflow process that started it
                 umask=0o077,  # blobs and uploads readable by the registry's user only

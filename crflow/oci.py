@@ -36,7 +36,7 @@ import ssl
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from cryptography import x509
@@ -215,6 +215,24 @@ class Registry:
     def ping(self) -> None:
         """GET /v2/ with the login: the registry is up, trusts us, and we trust it."""
         self.call("GET /v2/", self.base.api_version_check)
+
+    def upload_refused(self, repo: str = "crflow-gc-probe") -> bool:
+        """Is a blob upload refused (405, distribution's read-only mode)? An upload it starts is
+        cancelled at once; a registry that does not answer (restarting) counts as not refusing."""
+        import httpx  # only gc asks
+
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        auth = (self.user, self._password) if self.user else None
+        try:
+            with httpx.Client(verify=context, auth=auth, timeout=self.timeout) as http:
+                started = http.post(f"{self.base_url}/v2/{repo}/blobs/uploads/")
+                if started.status_code == 202 and "location" in started.headers:
+                    http.delete(urljoin(f"{self.base_url}/", started.headers["location"]))
+        except httpx.TransportError:
+            return False
+        if started.status_code not in (202, 405):
+            raise CrflowError(f"POST upload to {repo} at {self.base_url} failed with {started.status_code}")
+        return started.status_code == 405
 
     def push_blob(self, repo: str, blob: bytes) -> str:
         digest = digest_of(blob)

@@ -272,6 +272,40 @@ class Rotation(Strict):
     propagation_timeout_seconds: Annotated[int, Field(ge=5, le=3600)] = 180
 
 
+class RetentionRule(Strict):
+    """Which tags of the repositories matching `repositories` (a glob: `team/*`) a collection
+    keeps: the `keep_newest` newest (by the image config's `created`), and every tag matching
+    `keep_tags` (a regular expression). Tags neither keeps are deleted, by digest, before gc."""
+
+    repositories: Annotated[str, Field(min_length=1)]
+    keep_newest: Annotated[int, Field(ge=0)] | None = None
+    keep_tags: str | None = None
+
+    @field_validator("keep_tags")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a regular expression: {err}") from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _keeps_something(self) -> RetentionRule:
+        if self.keep_newest is None and self.keep_tags is None:
+            raise ValueError(f"retention for {self.repositories}: give keep_newest or keep_tags, "
+                             "or the rule would delete every tag")
+        return self
+
+
+class Gc(Strict):
+    """`crflow gc`: garbage collection in a read-only window."""
+
+    delete_untagged: bool = True  # `registry garbage-collect --delete-untagged`: manifests no tag names go
+    timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 3600
+
+
 class Chart(Strict):
     """More values for the chart, in the community docker-registry chart's terms: replicaCount,
     image.tag, resources, garbageCollect, configData, podAnnotations... Applied by install and
@@ -306,6 +340,8 @@ class Site(Strict):
     runs: Runs = Runs()
     schedules: Schedules = Schedules()
     alerts: Alerts = Alerts()
+    retention: list[RetentionRule] = []
+    gc: Gc = Gc()
     chart: Chart = Chart()
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from crflow.tasks.registry import (
     pull_and_compare,
     pull_everything,
     push_unique_image,
+    unlink_blobs,
 )
 from crflow.tasks.report import Checks
 from crflow.tasks.storage import blob_in_bucket, bucket_present, check_pod_storage
@@ -72,6 +73,8 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
             checks.check(name, check, *arguments)
 
         checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
+        checks.check("unlink its blobs (gc frees them)", unlink_blobs, url, bundle, pushed.repo, pushed.digest,
+                     pushed.blobs)
         if source_image:
             checks.check("delete the copy by digest", delete_by_digest, url, bundle, copied.repo, copied.digest)
     return f"{url}: all checks passed"

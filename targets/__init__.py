@@ -25,6 +25,7 @@ from crflow.settings import Site
 
 if TYPE_CHECKING:  # the task modules import Prefect, which `crflow status` must not pay for
     from crflow.tasks.credentials import Credentials
+    from crflow.tasks.gc import Collection
     from crflow.tasks.registry import Pushed
     from crflow.tasks.storage import S3Keys
 
@@ -103,6 +104,11 @@ class Target(ABC):
     @abstractmethod
     def down(self) -> bool:
         """Stop the registry, keeping its data, certificates and logins; whether it was running."""
+
+    @abstractmethod
+    def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool) -> Collection:
+        """`registry garbage-collect` with the pod's config and storage (`manifests` as
+        rendered): what it finds eligible, or, unless `dry_run`, deletes."""
 
     @abstractmethod
     def removal_plan(self, purge: bool) -> list[str]:

@@ -104,6 +104,14 @@ class LocalTarget(Target):
     def down(self) -> bool:
         return LocalPod(self.pod_dir).stop()
 
+    def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool):
+        from crflow.tasks.localpod import collect_local
+
+        if self.contents is None:
+            raise RuntimeError("put_secrets before collect: the collection mounts them")
+        return collect_local(self.pod_dir, manifests, self.contents, self.claims, dry_run, delete_untagged,
+                             self.site.gc.timeout_seconds)
+
     def removal_plan(self, purge: bool) -> list[str]:
         plan = [f"the local registry process ({self.pod_dir})"]
         if purge and self.site.storage.kind == "filesystem":

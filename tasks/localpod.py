@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from pydantic import SecretStr
 
 from crflow.chart import SecretData
-from crflow.errors import transient_only
+from crflow.errors import CrflowError, transient_only
 from crflow.localpod import LocalPod, ensure_port_free, registry_binary
 from crflow.tasks.helm import helm_executable
 from crflow.undo import undo, undoable
@@ -61,3 +61,20 @@ def remove_directory(path: Path, what: str) -> list[str]:
         return []
     shutil.rmtree(path)
     return [what]
+
+
+@task(task_run_name="garbage-collect (local, dry run: {dry_run})")
+def collect_local(pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], dry_run: bool,
+                  delete_untagged: bool, timeout: float):
+    """`registry garbage-collect` with the pod's config, storage and user: what a Job with the
+    Deployment's pod spec runs on the cluster."""
+    from crflow.chart import CONFIG_PATH
+    from crflow.tasks.gc import parse_collection
+
+    args = ["garbage-collect", CONFIG_PATH,
+            *(["--dry-run"] if dry_run else []), *(["--delete-untagged=true"] if delete_untagged else [])]
+    result = LocalPod(pod_dir).run_once(manifests, secrets, claims, args, timeout)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        raise CrflowError(f"registry garbage-collect failed: {lines[-1] if lines else f'exit {result.returncode}'}")
+    return parse_collection(result.stdout)

@@ -166,6 +166,26 @@ def delete_by_digest(base_url: str, bundle_dir: Path, repo: str, digest: str) ->
     raise CrflowError(f"{repo}@{digest} is still served after its deletion")
 
 
+@task(task_run_name="unlink the blobs of {repo}@{digest}", retries=2, retry_delay_seconds=[2, 5],
+      retry_condition_fn=transient_only)
+def unlink_blobs(base_url: str, bundle_dir: Path, repo: str, digest: str, blobs: list[str]) -> int:
+    """DELETE each blob from the repository (202): the repository's links go now, the data at
+    the next `crflow gc` (distribution keeps blob data until a collection). Returns how many."""
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        client = registry.repo(repo)
+
+        def delete(blob: str) -> None:
+            try:
+                client.del_blob(blob)
+            except requests.exceptions.HTTPError as err:
+                if err.response is None or err.response.status_code != 404:  # 404: gone already (a rerun)
+                    raise
+
+        for blob in blobs:
+            registry.call(f"DELETE blob {repo}@{blob}", delete, blob)
+    return len(blobs)
+
+
 @task(task_run_name="copy {source}", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def copy_source_image(source: str, source_ca: Path | None, source_authfile: Path | None, base_url: str,
                       bundle_dir: Path, repo: str) -> Pushed:

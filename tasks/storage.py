@@ -197,3 +197,31 @@ def check_pod_storage(pod: dict, storage_kind: str, bucket: str | None) -> str:
         raise CrflowError(f"the registry pod stores blobs in {kind} {where}{lost}, although storage.kind is "
                           f"{storage_kind}; run crflow install (or upgrade) to fix the release")
     return f"{kind} {where}"
+
+
+BLOBS = "docker/registry/v2/blobs"  # distribution's layout: BLOBS/sha256/ab/abcd.../data
+
+
+@task(task_run_name="stored blobs under {root}")
+def stored_blobs_in_directory(root: Path) -> dict[str, int]:
+    """digest -> bytes of every blob the filesystem driver holds under `root`."""
+    found = {}
+    for data in (root / BLOBS).glob("*/*/*/data"):
+        found[f"{data.parent.parent.parent.name}:{data.parent.name}"] = data.stat().st_size
+    return found
+
+
+@task(task_run_name="stored blobs in bucket {bucket}", retries=2, retry_delay_seconds=[2, 5],
+      retry_condition_fn=transient_only)
+def stored_blobs_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
+                           ca_bundle: Path | None, skip_verify: bool) -> dict[str, int]:
+    """digest -> bytes of every blob the S3 driver holds in the bucket (one listing)."""
+    prefix = f"{root_directory.strip('/')}/{BLOBS}/".lstrip("/")
+    found = {}
+    with s3_errors(endpoint, bucket):
+        client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+        for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
+            parts = obj.object_name[len(prefix):].split("/")  # sha256, ab, abcd..., data
+            if len(parts) == 4 and parts[3] == "data":
+                found[f"{parts[0]}:{parts[2]}"] = obj.size
+    return found

@@ -133,7 +133,7 @@ def test_every_name_in_the_chart_contract_is_in_the_rendered_chart(example):
     manifests = template(values)
     pod = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == chart.CONTAINER]
-    assert container["command"] == [chart.COMMAND]
+    assert container["command"] == [chart.COMMAND] and container["args"] == ["serve", chart.CONFIG_PATH]
     volumes = {v["name"]: v for v in pod["volumes"]}
     config_map = next(m for m in manifests if m["kind"] == "ConfigMap"
                       and m["metadata"]["name"] == volumes[chart.CONFIG_VOLUME]["configMap"]["name"])

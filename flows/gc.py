@@ -1,0 +1,98 @@
+"""Garbage collection without losing data, as a Prefect flow:
+
+  0. the registry as the site file says, read-write (a run killed in its window left it
+     read-only: this rerun puts it back first);
+  1. retention: the tags no rule keeps, listed (a dry run stops at the list) and deleted by
+     digest through the registry's API;
+  2. a dry run of the collection: which blobs would go, and their bytes;
+  3. read-only: pulls are served, pushes refused (405, which clients retry), waited for;
+  4. `registry garbage-collect` with the pod's config and storage;
+  5. read-write again (also when 4 failed), and a push and pull to prove it;
+  6. an artifact: what went, bytes freed, the time read-only, the storage before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow
+
+from crflow.chart import read_only, values_for
+from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.steps import site_secrets, storage_and_secrets
+from crflow.oci import SMOKE_REPO
+from crflow.settings import S3Storage, load_site
+from crflow.targets import target_for
+from crflow.tasks.gc import delete_manifest, retention_plan, wait_until_read_only
+from crflow.tasks.helm import render_chart
+from crflow.tasks.registry import push_pull_check, wait_until_ready
+from crflow.tasks.report import publish_summary
+from crflow.tasks.storage import stored_blobs_in_bucket, stored_blobs_in_directory
+from crflow.vault import open_vault
+
+
+@flow(name="gc")
+@one_run_per_site
+def gc(site_file: str, dry_run: bool = False) -> str:
+    """Collect the registry's unreferenced blobs in a read-only window; return a one-line summary."""
+    site = load_site(Path(site_file))
+    target = target_for(site)
+    url, bundle = target.url, target.bundle
+    secrets = site_secrets(site, open_vault(site.state_dir))
+    storage_and_secrets(site, target, secrets)
+    values = values_for(site, secrets.server_cert.fingerprint)
+    manifests = render_chart(site.release, site.namespace, values)
+    target.deploy(values, manifests)  # read-write, whatever an interrupted run left
+    wait_until_ready(url, bundle)
+
+    doomed = retention_plan(url, bundle, [rule.model_dump() for rule in site.retention])
+    rows = [("Retention would delete" if dry_run else "Retention deleted", f"{d.repo}:{d.tag} ({d.rule})")
+            for d in doomed]
+    if not dry_run:
+        for digest, repo in sorted({(d.digest, d.repo) for d in doomed}):
+            delete_manifest(url, bundle, repo, digest)
+
+    before = stored_blobs(site)
+    plan = target.collect(manifests, dry_run=True, delete_untagged=site.gc.delete_untagged)
+    would_free = sum(before.get(digest, 0) for digest in plan.blobs) if before is not None else None
+    rows += [("Blobs eligible", str(len(plan.blobs))), ("Manifests eligible", str(len(plan.manifests))),
+             ("Bytes eligible", "unknown (storage not readable from here)" if would_free is None else str(would_free))]
+    if dry_run:
+        publish_summary("crflow-gc", f"Registry {site.release}: gc dry run", rows)
+        return f"dry run: {len(plan.blobs)} blobs ({would_free} bytes) and {len(doomed)} tags would go"
+
+    started = time.monotonic()
+    locked = read_only(values)
+    target.deploy(locked, render_chart(site.release, site.namespace, locked))
+    try:
+        wait_until_read_only(url, bundle, site.gc.timeout_seconds)
+        collected = target.collect(manifests, dry_run=False, delete_untagged=site.gc.delete_untagged)
+        after = stored_blobs(site)  # before the proof push below adds its own
+    finally:  # read-write again, whatever happened inside the window
+        target.deploy(values, manifests)
+        wait_until_ready(url, bundle)
+        window = time.monotonic() - started
+    push_pull_check(url, bundle, SMOKE_REPO, "gc")
+
+    freed = sum(before.values()) - sum(after.values()) if before is not None and after is not None else None
+    rows += [("Blobs deleted", str(len(collected.blobs))), ("Manifests deleted", str(len(collected.manifests))),
+             ("Seconds read-only", f"{window:.1f}")]
+    if before is not None and after is not None:
+        rows += [("Stored before", f"{len(before)} blobs, {sum(before.values())} bytes"),
+                 ("Stored after", f"{len(after)} blobs, {sum(after.values())} bytes"), ("Bytes freed", str(freed))]
+    publish_summary("crflow-gc", f"Registry {site.release}: garbage collected", rows)
+    return f"gc: {len(collected.blobs)} blobs deleted ({freed} bytes freed), read-only for {window:.1f} s"
+
+
+def stored_blobs(site) -> dict[str, int] | None:
+    """digest -> bytes of every stored blob, where crflow can read the storage (a directory
+    here, or S3); None for a claim on a cluster node."""
+    storage = site.storage
+    if isinstance(storage, S3Storage):
+        keys = target_for(site).s3_keys()
+        return stored_blobs_in_bucket(storage.endpoint, storage.bucket, storage.region, storage.root_directory,
+                                      keys, storage.ca_bundle, storage.skip_verify)
+    if storage.kind == "filesystem":
+        return stored_blobs_in_directory(site.data_dir)
+    return None

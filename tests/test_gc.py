@@ -1,0 +1,214 @@
+"""`crflow gc` on the local target: retention, then `registry garbage-collect` in a read-only
+window. REAL end to end: the registry process, skopeo (pushes, deletes, pulls back), curl (the
+push probe inside the window) and the storage directory as the judges; nothing emulated."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import run_name_prefix, skopeo
+from crflow.oci import OCI_MANIFEST, Image, digest_of
+
+
+def layout(path: Path, image: Image, tag: str) -> str:
+    """An OCI layout holding `image` under `tag`, for skopeo to push."""
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for blob in [image.config, *image.layers, image.manifest]:
+        (blobs / digest_of(blob).split(":")[1]).write_bytes(blob)
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": digest_of(image.manifest), "size": len(image.manifest),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return f"oci:{path}:{tag}"
+
+
+def image(layer: bytes, name: str, created: str = "") -> Image:
+    config = {"architecture": "amd64", "os": "linux", "config": {"Labels": {"name": name}},
+              "rootfs": {"type": "layers", "diff_ids": [digest_of(layer)]}, **({"created": created} if created else {})}
+    return Image(config=json.dumps(config, sort_keys=True).encode(), layers=[layer])
+
+
+def push(site, tmp_path: Path, img: Image, repo: str, tag: str) -> None:
+    skopeo("copy", "--dest-authfile", str(site.client / "auth.json"), "--dest-cert-dir", str(site.client),
+           layout(tmp_path / f"layout-{repo.replace('/', '-')}-{tag}", img, tag), f"docker://{site.server}/{repo}:{tag}")
+
+
+def stored(site) -> dict[str, int]:
+    """digest -> bytes of every blob in the storage directory (read directly: the judge)."""
+    root = site.state / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+    return {f"sha256:{d.parent.name}": d.stat().st_size for d in root.glob("*/*/data")}
+
+
+def tags(site, repo: str) -> list[str]:
+    out = skopeo("list-tags", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
+                 f"docker://{site.server}/{repo}").stdout
+    return sorted(json.loads(out)["Tags"])
+
+
+class PullLoop:
+    """Pulls B's manifest and blobs by digest in a loop, trusting only crflow's CA. A refused
+    connection is retried for up to 2 s (a client's retry): on the local target each switch
+    between read-write and read-only restarts the one registry process."""
+
+    def __init__(self, site, repo: str, digest: str, blobs: list[str]):
+        self.url, self.repo, self.digest, self.blobs = site.url, repo, digest, blobs
+        self.context = ssl.create_default_context(cafile=str(site.client / "ca.crt"))
+        self.auth = site.login()
+        self.ok, self.failures, self.retried, self.running = 0, [], 0, True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _get(self, http: httpx.Client, path: str, accept: str = "*/*") -> bytes:
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                response = http.get(f"{self.url}/v2/{self.repo}/{path}", headers={"Accept": accept})
+                response.raise_for_status()
+                return response.content
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                self.retried += 1
+                time.sleep(0.05)
+
+    def _run(self) -> None:
+        while self.running and self.ok + len(self.failures) < 400:
+            try:
+                with httpx.Client(verify=self.context, auth=self.auth, timeout=10) as http:
+                    manifest = self._get(http, f"manifests/{self.digest}", OCI_MANIFEST)
+                    assert digest_of(manifest) == self.digest
+                    for blob in self.blobs:
+                        assert digest_of(self._get(http, f"blobs/{blob}")) == blob
+                self.ok += 1
+            except Exception as err:  # noqa: BLE001 - every failure is counted
+                self.failures.append(repr(err))
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=30)
+
+
+def test_gc_frees_what_no_manifest_references_keeps_shared_layers_and_loses_no_pull(crflow, installed, tmp_path):
+    site = installed
+    shared = f"shared layer {tmp_path}".encode() * 1000
+    a, b = image(shared, "a"), image(shared, "b")
+    push(site, tmp_path, a, "team/app", "a")
+    push(site, tmp_path, b, "team/app", "b")
+    skopeo("delete", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
+           f"docker://{site.server}/team/app:a")  # by digest underneath: the registry refuses tags
+    a_only = {digest_of(a.config)}  # A's config (its manifest is its own too; skopeo rewrote it)
+    assert a_only <= set(stored(site))
+
+    dry = crflow("gc", "-c", str(site.path), "--dry-run").stdout.strip().splitlines()[-1]
+    would_free = int(dry.split("(")[1].split(" bytes")[0])
+    assert a_only <= set(stored(site))  # a dry run deletes nothing
+
+    # B as the registry stores it (skopeo compressed the layer on push): the blobs that must stay
+    b_stored = skopeo("inspect", "--raw", "--authfile", str(site.client / "auth.json"), "--cert-dir",
+                      str(site.client), f"docker://{site.server}/team/app:b").stdout
+    b_blobs = [layer["digest"] for layer in json.loads(b_stored)["layers"]] + [digest_of(b.config)]
+    loop = PullLoop(site, "team/app", digest_of(b_stored.encode()), b_blobs)
+    probes: list[int] = []
+    probing = threading.Event()
+
+    def probe() -> None:  # curl tries a push (a blob upload) again and again: the judge of the window
+        while not probing.is_set():
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--cacert",
+                                  str(site.client / "ca.crt"), "-u", ":".join(site.login()),
+                                  f"{site.url}/v2/team/probe/blobs/uploads/"], capture_output=True, text=True)
+            probes.append(int(out.stdout or 0))
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    before = stored(site)
+    out = crflow("gc", "-c", str(site.path)).stdout.strip().splitlines()[-1]
+    probing.set()
+    prober.join(timeout=30)
+    loop.stop()
+
+    after = stored(site)
+    assert not a_only & set(after)  # A's own blobs are gone
+    assert set(b_blobs) <= set(after)  # B and the layer it shares with A stay
+    freed = sum(size for digest, size in before.items() if digest not in after)
+    assert f"({freed} bytes freed)" in out and freed == would_free > 0, (out, dry)
+    skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+           f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")  # B pulls back, digests checked
+    assert loop.failures == [] and loop.ok > 20, (loop.failures[:3], loop.ok)
+    assert 405 in probes, probes  # a push inside the window was refused...
+    assert probes[-1] == 202 or 202 in probes[probes.index(405):]  # ...and the same push succeeds after it
+
+
+def test_retention_keeps_the_newest_tags_and_the_dry_run_names_the_rest(crflow, installed, tmp_path):
+    site = installed
+    site.settings["retention"] = [{"repositories": "team/*", "keep_newest": 3}]
+    site.write()
+    for n in range(1, 6):
+        push(site, tmp_path, image(f"layer {n} {tmp_path}".encode(), f"v{n}", f"2026-01-0{n}T00:00:00Z"),
+             "team/app", f"v{n}")
+    push(site, tmp_path, image(b"other", "other"), "other/app", "v1")  # no rule matches: untouched
+
+    crflow("gc", "-c", str(site.path), "--dry-run")
+    assert tags(site, "team/app") == ["v1", "v2", "v3", "v4", "v5"]
+    from conftest import last_artifact
+    report = last_artifact(crflow.api, "crflow-gc")
+    assert "team/app:v1" in report and "team/app:v2" in report and "team/app:v3" not in report
+
+    crflow("gc", "-c", str(site.path))
+    assert tags(site, "team/app") == ["v3", "v4", "v5"] and tags(site, "other/app") == ["v1"]
+
+
+def test_verify_leaves_nothing_the_next_gc_keeps(crflow, installed):
+    site = installed
+    crflow("gc", "-c", str(site.path))
+    before = stored(site)
+    for _ in range(3):
+        crflow("verify", "-c", str(site.path))
+    assert len(stored(site)) > len(before)  # each verify stored a new 8 MiB layer until the gc
+    crflow("gc", "-c", str(site.path))
+    assert stored(site) == before
+
+
+def push_status(site) -> str:
+    """What curl gets for starting a blob upload: 202 read-write, 405 read-only."""
+    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--cacert",
+                           str(site.client / "ca.crt"), "-u", ":".join(site.login()),
+                           f"{site.url}/v2/team/probe/blobs/uploads/"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("killed_after", ["retention_plan", "wait_until_read_only", "collect_local"])
+def test_a_gc_killed_in_any_step_is_finished_by_a_rerun_read_write_with_every_image(crflow, installed, tmp_path,
+                                                                                    killed_after):
+    site = installed
+    push(site, tmp_path, image(f"kept {tmp_path}".encode(), "kept"), "team/app", "kept")
+    kept = stored(site)
+    process = crflow.popen("gc", "-c", str(site.path))
+    for line in process.stdout:  # the trigger only; the return code proves the kill
+        if f"Task run '{run_name_prefix(killed_after)}" in line and "Finished in state" in line:
+            process.kill()
+            break
+    assert process.wait() == -signal.SIGKILL, f"the run ended before {killed_after} finished"
+
+    crflow("gc", "-c", str(site.path))
+    assert push_status(site) == "202"  # read-write again
+    assert tags(site, "team/app") == ["kept"] and set(kept) <= set(stored(site))
+
+
+@pytest.mark.parametrize(("rule", "expected"), [
+    ({"repositories": "team/*"}, "give keep_newest or keep_tags"),
+    ({"repositories": "team/*", "keep_tags": "v(("}, "is not a regular expression"),
+])
+def test_bad_retention_rules_get_one_line(crflow, make_site, rule, expected):
+    site = make_site(retention=[rule])
+    result = crflow("gc", "-c", str(site.path), check=False)
+    assert result.returncode == 1 and expected in result.stderr.strip().splitlines()[-1]
