@@ -114,7 +114,7 @@ def test_a_new_server_certificate_or_config_rolls_the_pod():
     ],
 )
 def test_cronjob_api_version_follows_the_cluster(extra, expected):
-    manifests = template({"garbageCollect": {"enabled": True}}, *extra)
+    manifests = template({"garbageCollect": {"enabled": True}, "persistence": {"enabled": True}}, *extra)
     (cronjob,) = [m for m in manifests if m["kind"] == "CronJob"]
     assert cronjob["apiVersion"] == expected
 
@@ -190,3 +190,21 @@ def test_node_trust_mounts_only_the_runtimes_directory_and_the_ca(runtime):
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}}
     assert not any(m["kind"] == "DaemonSet" for m in template(values_for("local.yaml")))  # not on the local target
+
+
+def test_the_garbage_collect_cronjob_matches_no_service_and_mounts_only_config_and_storage():
+    manifests = template({**values_for("microk8s-minio.yaml"), "garbageCollect": {"enabled": True}})
+    (cronjob,) = [m for m in manifests if m["kind"] == "CronJob"]
+    (service,) = [m for m in manifests if m["kind"] == "Service"]
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]
+    selector = service["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()  # the Service sends it no traffic
+    assert {v["name"] for v in pod["spec"]["volumes"]} <= {"config", "data", "s3-ca"}  # no TLS key, no htpasswd
+    assert {m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]} <= {"config", "data", "s3-ca"}
+    assert yaml.safe_load((CHART_DIR / "values.yaml").read_text())["garbageCollect"]["enabled"] is False
+
+
+def test_the_garbage_collect_cronjob_refuses_an_emptydir():
+    result = subprocess.run([helm_executable(), "template", "r", str(CHART_DIR), "--set", "garbageCollect.enabled=true"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "the storage is an emptyDir" in result.stderr

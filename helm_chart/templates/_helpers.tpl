@@ -80,9 +80,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "registry.volumeMounts" -}}
-- name: config
-  mountPath: /etc/docker/registry
-  readOnly: true
+{{ include "registry.storageVolumeMounts" . }}
 {{- if .Values.tlsSecretName }}
 - name: tls
   mountPath: /etc/ssl/docker
@@ -93,6 +91,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   mountPath: /auth
   readOnly: true
 {{- end }}
+{{- end }}
+
+{{/* What a garbage collection needs too: the config and the storage. */}}
+{{- define "registry.storageVolumeMounts" -}}
+- name: config
+  mountPath: /etc/docker/registry
+  readOnly: true
 {{- if eq .Values.storage "filesystem" }}
 - name: data
   mountPath: /var/lib/registry
@@ -104,9 +109,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "registry.volumes" -}}
-- name: config
-  configMap:
-    name: {{ include "registry.fullname" . }}-config
+{{ include "registry.storageVolumes" . }}
 {{- with .Values.tlsSecretName }}
 - name: tls
   secret:
@@ -122,6 +125,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     items:
       - {key: htpasswd, path: htpasswd}
 {{- end }}
+{{- end }}
+
+{{- define "registry.storageVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "registry.fullname" . }}-config
 {{- if eq .Values.storage "filesystem" }}
 - name: data
 {{- if .Values.persistence.enabled }}
@@ -141,11 +150,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The registry container, less what differs between the server and garbage collection. */}}
 {{- define "registry.container" -}}
+{{ include "registry.containerBase" . }}
+volumeMounts: {{- include "registry.volumeMounts" . | trim | nindent 2 }}
+{{- end }}
+
+{{- define "registry.gcContainer" -}}
+{{ include "registry.containerBase" . }}
+volumeMounts: {{- include "registry.storageVolumeMounts" . | trim | nindent 2 }}
+{{- end }}
+
+{{- define "registry.containerBase" -}}
 image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 command: ["/bin/registry"]
 env: {{- include "registry.env" . | trim | nindent 2 }}
-volumeMounts: {{- include "registry.volumeMounts" . | trim | nindent 2 }}
 securityContext: {{- toYaml .Values.containerSecurityContext | nindent 2 }}
 {{- end }}
 
@@ -163,7 +181,17 @@ tolerations: {{- toYaml . | nindent 2 }}
 {{- with .Values.affinity }}
 affinity: {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{- define "registry.podSpec" -}}
+{{ include "registry.podSpecCommon" . }}
 volumes: {{- include "registry.volumes" . | nindent 2 }}
+{{- end }}
+
+{{/* A garbage collection's pod: the config and the storage, no TLS key, no htpasswd. */}}
+{{- define "registry.gcPodSpec" -}}
+{{ include "registry.podSpecCommon" . }}
+volumes: {{- include "registry.storageVolumes" . | nindent 2 }}
 {{- end }}
 
 {{/*
