@@ -56,11 +56,11 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     before = stored_blobs(site)
     plan = target.collect(manifests, dry_run=True, delete_untagged=site.gc.delete_untagged)
     would_free = sum(before.get(digest, 0) for digest in plan.blobs) if before is not None else None
-    rows += [("Blobs eligible", str(len(plan.blobs))), ("Manifests eligible", str(len(plan.manifests))),
+    rows += [("Blobs eligible", str(plan.blob_count)), ("Manifests eligible", str(plan.manifest_count)),
              ("Bytes eligible", "unknown (storage not readable from here)" if would_free is None else str(would_free))]
     if dry_run:
         publish_summary("crflow-gc", f"Registry {site.release}: gc dry run", rows)
-        return f"dry run: {len(plan.blobs)} blobs ({would_free} bytes) and {len(doomed)} tags would go"
+        return f"dry run: {plan.blob_count} blobs ({would_free} bytes) and {len(doomed)} tags would go"
 
     started = time.monotonic()
     locked = read_only(values)
@@ -76,13 +76,13 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     push_pull_check(url, bundle, SMOKE_REPO, "gc")
 
     freed = sum(before.values()) - sum(after.values()) if before is not None and after is not None else None
-    rows += [("Blobs deleted", str(len(collected.blobs))), ("Manifests deleted", str(len(collected.manifests))),
+    rows += [("Blobs deleted", str(collected.blob_count)), ("Manifests deleted", str(collected.manifest_count)),
              ("Seconds read-only", f"{window:.1f}")]
     if before is not None and after is not None:
         rows += [("Stored before", f"{len(before)} blobs, {sum(before.values())} bytes"),
                  ("Stored after", f"{len(after)} blobs, {sum(after.values())} bytes"), ("Bytes freed", str(freed))]
     publish_summary("crflow-gc", f"Registry {site.release}: garbage collected", rows)
-    return f"gc: {len(collected.blobs)} blobs deleted ({freed} bytes freed), read-only for {window:.1f} s"
+    return f"gc: {collected.blob_count} blobs deleted ({freed} bytes freed), read-only for {window:.1f} s"
 
 
 def stored_blobs(site) -> dict[str, int] | None:

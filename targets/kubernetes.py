@@ -119,6 +119,17 @@ class KubernetesTarget(Target):
     def status(self) -> Health:
         return registry_health(self.url, self.bundle)
 
+    def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool):
+        from crflow.tasks.gc import parse_collection
+        from crflow.tasks.workloads import run_gc_job
+
+        site = self.site
+        template = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]
+        flags = [*(["--dry-run"] if dry_run else []), *(["--delete-untagged=true"] if delete_untagged else [])]
+        output = run_gc_job(self.kube, site.namespace, f"{site.release}-gc", template, flags, site.release,
+                            site.release, site.gc.timeout_seconds)
+        return parse_collection(output)
+
     def removal_plan(self, purge: bool) -> list[str]:
         site = self.site
         plan = [f"helm release {site.namespace}/{site.release}",

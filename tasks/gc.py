@@ -24,17 +24,22 @@ from crflow.oci import Registry
 
 
 class Collection(BaseModel):
-    """What a garbage collection found eligible (a dry run) or deleted."""
+    """What a garbage collection found eligible (a dry run) or deleted: counts, and the blobs'
+    digests as far as the output reached crflow (a Job's termination message holds ~50)."""
 
+    blob_count: int
+    manifest_count: int
     blobs: list[str]
-    manifests: list[str]
 
 
 def parse_collection(output: str) -> Collection:
-    """`registry garbage-collect` prints one line per blob and manifest it finds unreferenced."""
-    blobs = re.findall(r"^blob eligible for deletion: (sha256:[0-9a-f]{64})", output, re.MULTILINE)
-    manifests = re.findall(r"manifest eligible for deletion: \S*?(sha256:[0-9a-f]{64})", output)
-    return Collection(blobs=sorted(set(blobs)), manifests=sorted(set(manifests)))
+    """`registry garbage-collect` prints a summary line, then one line per blob it finds
+    unreferenced."""
+    summary = re.search(r"(\d+) blobs and (\d+) manifests eligible for deletion", output)
+    blobs = sorted(set(re.findall(r"^blob eligible for deletion: (sha256:[0-9a-f]{64})", output, re.MULTILINE)))
+    if summary is None:
+        return Collection(blob_count=len(blobs), manifest_count=0, blobs=blobs)
+    return Collection(blob_count=int(summary.group(1)), manifest_count=int(summary.group(2)), blobs=blobs)
 
 
 class Doomed(BaseModel):

@@ -11,6 +11,7 @@ from kubernetes import client
 from prefect import task
 from pydantic import SecretStr
 
+from crflow.chart import COMMAND, CONFIG_PATH
 from crflow.errors import CrflowError, transient_only
 from crflow.tasks.kubeapi import KubeAccess, api_client, ensure_namespace, get_or_none, managed_labels, retrying
 from crflow.tasks.secrets import apply_secret
@@ -144,3 +145,80 @@ def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, release: str
     """Kubernetes: a pod on every node pulls `image` with a pull secret made from the client login."""
     with api_client(kube) as api:
         return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release), timeout)
+
+
+# The collection's container: the registry binary, its output kept in /tmp, and what crflow
+# needs of it (the summary line first, then the blob lines that fit) as the termination message.
+GC_SCRIPT = """registry=$1 config=$2 message=$3; shift 3
+"$registry" garbage-collect "$config" "$@" > /tmp/gc.log 2>&1; status=$?
+if [ $status -eq 0 ]; then
+  { grep 'eligible for deletion$' /tmp/gc.log; grep '^blob eligible for deletion' /tmp/gc.log; } | head -c 4000 > "$message"
+else
+  tail -n 5 /tmp/gc.log | head -c 4000 > "$message"
+fi
+exit $status
+"""
+GC_VOLUMES = {"config", "data", "s3-ca"}  # the config and the storage: no TLS key, no htpasswd
+
+
+def gc_job(name: str, template: dict, flags: list[str], labels: dict[str, str], instance: str) -> dict:
+    """A Job running `registry garbage-collect` with the registry pod's config and storage,
+    whose pod carries none of the Deployment's selector labels (no Service sends it traffic)."""
+    spec = template["spec"]
+    (container,) = [c for c in spec["containers"] if c.get("command") == [COMMAND]]
+    pod_labels = {"app.kubernetes.io/name": "crflow-registry-garbage-collect", "app.kubernetes.io/instance": instance,
+                  "app.kubernetes.io/component": "garbage-collect"}
+    keep = {k: spec[k] for k in ("securityContext", "imagePullSecrets", "nodeSelector", "tolerations", "affinity")
+            if k in spec}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "labels": {**labels, "app.kubernetes.io/component": "garbage-collect"}},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {
+            "metadata": {"labels": pod_labels},
+            "spec": {**keep, "restartPolicy": "Never", "automountServiceAccountToken": False,
+                     "volumes": [v for v in spec.get("volumes") or [] if v["name"] in GC_VOLUMES] +
+                     [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                     "containers": [{
+                         "name": "garbage-collect", "image": container["image"],
+                         "imagePullPolicy": container.get("imagePullPolicy", "IfNotPresent"),
+                         "command": ["/bin/sh", "-c", GC_SCRIPT, "gc"],
+                         "args": [COMMAND, CONFIG_PATH, "/dev/termination-log", *flags],
+                         "env": container.get("env") or [],
+                         "securityContext": container.get("securityContext") or {},
+                         "volumeMounts": [m for m in container.get("volumeMounts") or [] if m["name"] in GC_VOLUMES] +
+                         [{"name": "tmp", "mountPath": "/tmp"}]}]}}}}
+
+
+@task(task_run_name="garbage-collect Job {namespace}/{name}", retries=0)
+def run_gc_job(kube: KubeAccess, namespace: str, name: str, template: dict, flags: list[str], instance: str,
+               release: str, timeout: float) -> str:
+    """Run the collection as a Job, wait for it, delete it; returns what it reported."""
+    with api_client(kube) as api:
+        batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+        job = gc_job(name, template, flags, managed_labels(release), instance)
+        retrying(f"delete Job {namespace}/{name}", lambda: get_or_none(lambda: batch.delete_namespaced_job(
+            name, namespace, propagation_policy="Background", _preload_content=False)))  # a killed run's
+        retrying(f"create Job {namespace}/{name}", lambda: batch.create_namespaced_job(namespace, job))
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                status = retrying(f"read Job {namespace}/{name}",
+                                  lambda: batch.read_namespaced_job_status(name, namespace)).status
+                if status and (status.succeeded or status.failed):
+                    break
+                if time.monotonic() > deadline:
+                    raise CrflowError(f"the garbage-collect Job {namespace}/{name} did not finish in {timeout:.0f} s")
+                time.sleep(0.5)
+            selector = ",".join(f"{k}={v}" for k, v in job["spec"]["template"]["metadata"]["labels"].items())
+            pods = retrying("list the Job's pod", lambda: core.list_namespaced_pod(namespace, label_selector=selector))
+            messages = [s.state.terminated.message or "" for p in pods.items
+                        for s in (p.status and p.status.container_statuses) or [] if s.state and s.state.terminated]
+            output = messages[-1] if messages else ""
+            if status.failed:
+                last = [line for line in output.splitlines() if line.strip()]
+                raise CrflowError(f"registry garbage-collect failed in Job {namespace}/{name}: "
+                                  f"{last[-1] if last else 'no message'}")
+            return output
+        finally:
+            retrying(f"delete Job {namespace}/{name}", lambda: get_or_none(lambda: batch.delete_namespaced_job(
+                name, namespace, propagation_policy="Background", _preload_content=False)))

@@ -25,6 +25,9 @@ EMULATED, and every test that uses it says so. It polls the emulated API and:
     command and environment are rewritten to those directories (the emulation of a mount
     namespace). Its exec readiness probe runs the same way. Any other container is only
     pulled: it is reported created, not run.
+- runs each Job's pod once, on the first node, the same way (the image's /bin/registry is this
+  machine's docker-registry, its /dev/termination-log a file), and reports its exit code and
+  termination message on the pod and the Job's succeeded/failed count.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from kubernetes import client, config
 from pydantic import SecretStr
 
 from crflow.chart import COMMAND
-from crflow.localpod import LocalPod
+from crflow.localpod import LocalPod, registry_binary
 from servers import free_port
 
 NODES = ("node-1", "node-2")
@@ -140,6 +143,8 @@ class Kubelet:
             self.api.close()
             raise
         self.ds_pods: dict[tuple[str, str], dict] = {}  # ("ns/name", node) -> the pod running there
+        self.job_pods: dict[tuple[str, str], dict] = {}  # ("ns/name", uid) -> the Job's pod
+        self.job_history: list[dict] = []  # every Job pod started, also after its Job is gone
         self.running = True
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -160,6 +165,7 @@ class Kubelet:
                     pvc.metadata.name, pvc.metadata.namespace, {"status": {"phase": "Bound"}})
         ready = [d for d in self.apps.list_deployment_for_all_namespaces().items if self._run(d)]
         self._daemonsets()
+        self._jobs()
         for service in self.core.list_service_for_all_namespaces().items:
             self._forward(service)
         for deployment in ready:  # only once its Services reach the new pod, as endpoints follow readiness
@@ -325,12 +331,36 @@ class Kubelet:
         for gone in [k for k in self.ds_pods if k not in seen]:  # the DaemonSet was deleted: its pods go
             self._stop_ds_pod(self.ds_pods.pop(gone))
 
+    # --- Jobs ---------------------------------------------------------------------------------
+    def _jobs(self) -> None:
+        """Each Job's pod runs once on the first node; its exit and termination message are
+        reported as the kubelet and the Job controller would."""
+        batch = client.BatchV1Api(self.api)
+        for job in batch.list_job_for_all_namespaces().items:
+            key = (f"{job.metadata.namespace}/{job.metadata.name}", job.metadata.uid)
+            pod = self.job_pods.get(key)
+            if pod is None:
+                pod = self.job_pods[key] = self._start_ds_pod(job, self.nodes[0])
+                self.job_history.append(pod)
+            if pod.get("done") or pod["process"] is None or pod["process"].poll() is None:
+                continue
+            code, message = pod["process"].returncode, pod["dir"] / "termination-log"
+            pod["done"], pod["ready"] = True, False
+            pod["state"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                           "message": message.read_text()[:4096] if message.exists() else ""}}
+            self._pod_status(pod, phase="Succeeded" if code == 0 else "Failed")
+            batch.patch_namespaced_job_status(job.metadata.name, job.metadata.namespace, {"status": {
+                "succeeded": 1 if code == 0 else 0, "failed": 0 if code == 0 else 1}})
+        for gone in [k for k in self.job_pods if k[1] not in {j.metadata.uid for j in batch.list_job_for_all_namespaces().items}]:
+            self._stop_ds_pod(self.job_pods.pop(gone))
+
     def _start_ds_pod(self, ds, node: Node) -> dict:
         namespace = ds.metadata.namespace
         template = self.api.sanitize_for_serialization(ds.spec.template)
         spec, container = template["spec"], template["spec"]["containers"][0]
         self.ds_serial += 1
         pod = {"name": f"{ds.metadata.name}-{node.name}", "namespace": namespace, "node": node,
+               "labels": (template.get("metadata") or {}).get("labels") or {},
                "generation": ds.metadata.generation, "spec": spec, "process": None, "ready": False,
                "dir": self.work / f"{namespace}-{ds.metadata.name}-{node.name}-{self.ds_serial}", "state": {}}
         pod["dir"].mkdir(parents=True)
@@ -356,8 +386,14 @@ class Kubelet:
             self._pod_status(pod)
             return pod
         pod["mounts"] = self._mount(pod, container, fresh=True)
+        # The image's files this machine has: the registry binary, and the termination-message file.
+        pod["mounts"].update({COMMAND: Path(registry_binary()), "/dev/termination-log": pod["dir"] / "termination-log"})
         pod["log"] = (pod["dir"] / "log").open("wb")
-        env = {**os.environ, **{var["name"]: self._mapped(pod, var.get("value", "")) for var in container.get("env") or []}}
+        env = {**os.environ}
+        for var in container.get("env") or []:
+            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+            env[var["name"]] = (self._secret(namespace, ref["name"], fresh=True)[ref["key"]].get_secret_value() if ref
+                                else self._mapped(pod, var.get("value", "")))
         pod["process"] = subprocess.Popen([self._mapped(pod, arg) for arg in container["command"] + container.get("args", [])],
                                           env=env, stdout=pod["log"], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         pod["state"] = {"running": {"startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
@@ -424,12 +460,12 @@ class Kubelet:
             return True
         return subprocess.run([self._mapped(pod, a) for a in probe["command"]], capture_output=True).returncode == 0
 
-    def _pod_status(self, pod: dict) -> None:
+    def _pod_status(self, pod: dict, phase: str | None = None) -> None:
         container = pod["spec"]["containers"][0]
         status = {"name": container["name"], "image": container["image"], "imageID": pod.get("image_id", ""),
                   "ready": pod["ready"], "restartCount": 0, "state": pod["state"]}
         self.core.patch_namespaced_pod_status(pod["name"], pod["namespace"], {"status": {
-            "phase": "Running" if "running" in pod["state"] else "Pending", "containerStatuses": [status]}})
+            "phase": phase or ("Running" if "running" in pod["state"] else "Pending"), "containerStatuses": [status]}})
 
     def _stop_ds_pod(self, pod: dict) -> None:
         process = pod["process"]
@@ -461,10 +497,10 @@ class Kubelet:
         for pod in [*self.retired, *(p["pod"] for p in self.pods.values() if "pod" in p)]:
             pod.stop()
         try:
-            for pod in self.ds_pods.values():
+            for pod in [*self.ds_pods.values(), *self.job_pods.values()]:
                 self._stop_ds_pod(pod)
         finally:  # whatever the API says, no process outlives the test
-            for pod in self.ds_pods.values():
+            for pod in [*self.ds_pods.values(), *self.job_pods.values()]:
                 if pod["process"] is not None and pod["process"].poll() is None:
                     pod["process"].kill()
             for node in self.nodes:

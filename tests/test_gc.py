@@ -241,3 +241,49 @@ def test_gc_on_s3_frees_the_deleted_images_blobs_in_the_bucket(crflow, s3_site, 
     assert digest_of(a.config) not in left and digest_of(b.config) in left
     skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
            f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")
+
+
+@pytest.mark.kubernetes
+def test_gc_on_the_cluster_rolls_read_only_and_back_and_its_job_matches_no_service(crflow, cluster_site, kubelet,
+                                                                                   moto_s3, tmp_path):
+    """EMULATED cluster (tests/kubeapi, the test kubelet: it runs the Job's script with the
+    registry binary and mounts mapped, and reports its exit and termination message). REAL:
+    helm, the registry processes, the collection itself, skopeo, the bucket on moto."""
+    from kubernetes import client
+    from minio import Minio
+
+    site = cluster_site
+    site.bucket = site.settings["storage"]["bucket"]
+    crflow("install", "-c", str(site.path))
+    s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
+    prefix = "docker/registry/v2/blobs/sha256/"
+
+    def in_bucket() -> set[str]:
+        return {"sha256:" + o.object_name[len(prefix):].split("/")[1]
+                for o in s3.list_objects(site.bucket, prefix=prefix, recursive=True) if o.object_name.endswith("/data")}
+
+    shared = f"shared {tmp_path}".encode() * 100
+    a, b = image(shared, "a"), image(shared, "b")
+    push(site, tmp_path, a, "team/app", "a")
+    push(site, tmp_path, b, "team/app", "b")
+    skopeo("delete", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
+           f"docker://{site.server}/team/app:a")
+    serial = kubelet.serial
+
+    dry = crflow("gc", "-c", str(site.path), "--dry-run").stdout.strip().splitlines()[-1]
+    assert dry.startswith("dry run: 2 blobs") and kubelet.serial == serial  # nothing rolled, nothing deleted
+    assert digest_of(a.config) in in_bucket()
+
+    out = crflow("gc", "-c", str(site.path)).stdout.strip().splitlines()[-1]
+    assert out.startswith("gc: 2 blobs deleted"), out
+    assert kubelet.serial == serial + 2  # rolled to read-only, then back
+    left = in_bucket()
+    assert digest_of(a.config) not in left and digest_of(b.config) in left
+    skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+           f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")
+
+    job_pod = kubelet.job_history[-1]
+    service = site.core.read_namespaced_service("registry", "container-registry")
+    assert not service.spec.selector.items() <= job_pod["labels"].items()  # the Service sends it no traffic
+    assert {v["name"] for v in job_pod["spec"]["volumes"]} == {"config", "tmp"}  # S3: no data volume, no TLS key
+    assert client.BatchV1Api(site.core.api_client).list_namespaced_job("container-registry").items == []
