@@ -237,6 +237,7 @@ class Schedules(Strict):
 
     verify: Cron | None = "17 3 * * *"  # every night at 03:17
     rotate_credentials: Cron | None = "0 4 1 * *"  # 04:00 on the first of every month
+    gc: Cron | None = "30 4 * * 0"  # 04:30 every Sunday: retention, then a collection in a read-only window
     timezone: str = "UTC"
 
 

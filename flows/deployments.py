@@ -23,6 +23,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from crflow.flows.alerts import apply_alerts, remove_alerts
 from crflow.flows.install import install
+from crflow.flows.gc import gc
 from crflow.flows.rotate import rotate_cert, rotate_credentials
 from crflow.flows.site_lock import site_name, site_tag
 from crflow.flows.upgrade import upgrade
@@ -62,6 +63,8 @@ def deploy_site(site: Site, site_file: Path, pool: str) -> Deployed:
          "A new login, handed to every consumer with an overlap (and a new server certificate near its end)."),
         (rotate_cert, {}, [], "Renew the server certificate from the same CA (on demand)."),
         (upgrade, {"dry_run": True}, [], "The diff first; run with dry_run false to apply it (on demand)."),
+        (gc, {}, _schedule(every.gc, every.timezone),
+         "Retention, then garbage collection in a read-only window (pulls keep working)."),
     ]
     names = []
     for flow, extra, schedules, description in plan:

@@ -88,7 +88,7 @@ def test_two_sites_deployed_each_runs_against_its_own_and_a_failed_check_reaches
             out = crflow("deploy", "-c", str(site.path), "--pool", pool).stdout
             assert "verify-push-pull/registry@" in out and "(0 2 * * * UTC)" in out and "3 automations" in out
         again = crflow("deploy", "-c", str(a.path), "--pool", pool)  # a rerun updates, never duplicates
-        assert again.returncode == 0 and len(site_deployments(prefect_api, a)) == 5
+        assert again.returncode == 0 and len(site_deployments(prefect_api, a)) == 6
 
         env = {**crflow.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_HOME": str(tmp_path / "worker-home")}
         worker = start_server([str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", env)
@@ -132,5 +132,5 @@ def test_two_sites_deployed_each_runs_against_its_own_and_a_failed_check_reaches
     assert all(TOKEN in path for path in receiver.paths)  # the token did its job: it is in the URL called
 
     removed = crflow("deploy", "-c", str(a.path), "--remove").stdout
-    assert removed.startswith("Removed 5 deployments and 3 automations")
-    assert site_deployments(prefect_api, a) == [] and len(site_deployments(prefect_api, b)) == 5
+    assert removed.startswith("Removed 6 deployments and 3 automations")
+    assert site_deployments(prefect_api, a) == [] and len(site_deployments(prefect_api, b)) == 6

@@ -30,7 +30,8 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
                    capture_output=True, timeout=60)  # an existing pool is fine
     assert "install" in prefect("deploy", "--all", env=env)
     for name, cron in (("verify-push-pull/verify-nightly", "17 3 * * *"),
-                       ("rotate-credentials/rotate-credentials-monthly", "0 4 1 * *")):
+                       ("rotate-credentials/rotate-credentials-monthly", "0 4 1 * *"),
+                       ("gc/gc-weekly", "30 4 * * 0")):
         deployment = httpx.get(f"{prefect_api}/deployments/name/{name}").json()
         schedules = httpx.get(f"{prefect_api}/deployments/{deployment['id']}/schedules").json()
         assert [s["schedule"]["cron"] for s in schedules] == [cron]
