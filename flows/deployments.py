@@ -22,8 +22,8 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.types.entrypoint import EntrypointType
 
 from crflow.flows.alerts import apply_alerts, remove_alerts
-from crflow.flows.install import install
 from crflow.flows.gc import gc
+from crflow.flows.install import install
 from crflow.flows.rotate import rotate_cert, rotate_credentials
 from crflow.flows.site_lock import site_name, site_tag
 from crflow.flows.upgrade import upgrade
