@@ -21,6 +21,7 @@ from prefect import flow
 from crflow.chart import read_only, values_for
 from crflow.flows.site_lock import one_run_per_site
 from crflow.flows.steps import site_secrets, storage_and_secrets
+from crflow.flows.verify import report_usage
 from crflow.oci import SMOKE_REPO
 from crflow.settings import S3Storage, load_site
 from crflow.targets import target_for
@@ -82,6 +83,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
         rows += [("Stored before", f"{len(before)} blobs, {sum(before.values())} bytes"),
                  ("Stored after", f"{len(after)} blobs, {sum(after.values())} bytes"), ("Bytes freed", str(freed))]
     publish_summary("crflow-gc", f"Registry {site.release}: garbage collected", rows)
+    report_usage(site, url, bundle)
     return f"gc: {collected.blob_count} blobs deleted ({freed} bytes freed), read-only for {window:.1f} s"
 
 

@@ -29,6 +29,7 @@ from crflow.tasks.registry import (
 )
 from crflow.tasks.report import Checks
 from crflow.tasks.storage import blob_in_bucket, bucket_present, check_pod_storage
+from crflow.tasks.usage import publish_usage, registry_usage
 
 
 @flow(name="verify-push-pull")
@@ -77,7 +78,14 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
                      pushed.blobs)
         if source_image:
             checks.check("delete the copy by digest", delete_by_digest, url, bundle, copied.repo, copied.digest)
+    report_usage(site, url, bundle)
     return f"{url}: all checks passed"
+
+
+def report_usage(site, url: str, bundle: Path) -> int:
+    """What the registry stores, per repository, and its growth: the site's usage table."""
+    return publish_usage(registry_usage(url, bundle, site.state_dir / "usage-cache.json"),
+                         f"crflow-usage-{site_slug(site)}", site.registry.server)
 
 
 def verify_table_key(site) -> str:

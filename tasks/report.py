@@ -82,7 +82,7 @@ class Checks:
         publish_checks(self.title, self.server, self.rows, self.figures, self.history_key)
 
 
-def _history(key: str) -> list[dict]:
+def latest_table(key: str) -> list[dict]:
     """The rows of the newest table artifact under `key` (none yet: [])."""
     with get_client(sync_client=True) as client:
         latest = client.read_latest_artifacts(
@@ -107,5 +107,5 @@ def publish_checks(title: str, server: str, rows: list[dict], figures: dict[str,
     row = {"time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
            "run": f"{run.name} ({str(run.id)[:8]})" if run else "",
            "result": "passed" if passed else "FAILED", "failed check": failed or "", **figures}
-    create_table_artifact(key=history_key, table=[row, *_history(history_key)][:HISTORY],
+    create_table_artifact(key=history_key, table=[row, *latest_table(history_key)][:HISTORY],
                           description=f"crflow verify of {server}: the last {HISTORY} runs, newest first")

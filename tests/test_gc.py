@@ -287,3 +287,29 @@ def test_gc_on_the_cluster_rolls_read_only_and_back_and_its_job_matches_no_servi
     assert not service.spec.selector.items() <= job_pod["labels"].items()  # the Service sends it no traffic
     assert {v["name"] for v in job_pod["spec"]["volumes"]} == {"config", "tmp"}  # S3: no data volume, no TLS key
     assert client.BatchV1Api(site.core.api_client).list_namespaced_job("container-registry").items == []
+
+
+def test_the_usage_report_matches_the_storage_and_shows_growth(crflow, installed, tmp_path):
+    """The report reads the registry's API only; the judge is the storage directory itself."""
+    from conftest import last_artifact
+
+    site = installed
+    push(site, tmp_path, image(f"one {tmp_path}".encode() * 50, "one"), "team/one", "v1")
+    crflow("gc", "-c", str(site.path))  # nothing unreferenced is left: the storage is exactly what tags reach
+    key = f"crflow-usage-registry-127-0-0-1-{site.port}"
+
+    def table() -> list[dict]:
+        data = last_artifact(crflow.api, key)
+        return json.loads(data) if isinstance(data, str) else data
+
+    (first, *_) = table()
+    assert first["stored bytes"] == sum(stored(site).values()), (first, sum(stored(site).values()))
+    assert first["repositories"] == 2 and first["tags"] == 3  # team/one:v1, crflow-smoke:install and :gc
+
+    layer = f"two {tmp_path}".encode() * 80
+    push(site, tmp_path, image(layer, "two"), "team/two", "v1")
+    added = sum(stored(site).values()) - first["stored bytes"]
+    crflow("gc", "-c", str(site.path))
+    (second, previous, *_) = table()
+    assert previous == first and second["growth bytes"] == added == second["stored bytes"] - first["stored bytes"]
+    assert "| team/two | 1 |" in last_artifact(crflow.api, f"{key}-repositories")
