@@ -99,7 +99,7 @@ def test_cronjob_api_version_follows_the_live_clusters_discovery(cronjob_api, tm
     api = KubeApi(tmp_path, "--cronjob-api", cronjob_api)
     try:
         api.run("helm", "install", "registry", str(CHART_DIR), "-n", "container-registry", "--create-namespace",
-                "--set", "garbageCollect.enabled=true")
+                "--set", "garbageCollect.enabled=true", "--set", "persistence.enabled=true")  # not on an emptyDir
         manifest = api.run("helm", "get", "manifest", "registry", "-n", "container-registry")
         assert f"apiVersion: {cronjob_api}\nkind: CronJob" in manifest
     finally:
