@@ -274,13 +274,15 @@ class Rotation(Strict):
 
 
 class RetentionRule(Strict):
-    """Which tags of the repositories matching `repositories` (a glob: `team/*`) a collection
-    keeps: the `keep_newest` newest (by the image config's `created`), and every tag matching
-    `keep_tags` (a regular expression). Tags neither keeps are deleted, by digest, before gc."""
+    """What a collection keeps in the repositories matching `repositories` (a glob: `team/*`).
+    Tags: the `keep_newest` newest (by the image config's `created`) and every tag matching
+    `keep_tags` (a regular expression); with either set, other tags are deleted by digest before
+    gc. Untagged manifests: with `untagged_older_than_days`, those pushed longer ago go."""
 
     repositories: Annotated[str, Field(min_length=1)]
     keep_newest: Annotated[int, Field(ge=0)] | None = None
     keep_tags: str | None = None
+    untagged_older_than_days: Annotated[int, Field(ge=0)] | None = None
 
     @field_validator("keep_tags")
     @classmethod
@@ -293,11 +295,15 @@ class RetentionRule(Strict):
         return pattern
 
     @model_validator(mode="after")
-    def _keeps_something(self) -> RetentionRule:
-        if self.keep_newest is None and self.keep_tags is None:
-            raise ValueError(f"retention for {self.repositories}: give keep_newest or keep_tags, "
-                             "or the rule would delete every tag")
+    def _says_something(self) -> RetentionRule:
+        if self.keep_newest is None and self.keep_tags is None and self.untagged_older_than_days is None:
+            raise ValueError(f"retention for {self.repositories}: give keep_newest or keep_tags (which tags stay), "
+                             "or untagged_older_than_days")
         return self
+
+    @property
+    def prunes_tags(self) -> bool:
+        return self.keep_newest is not None or self.keep_tags is not None
 
 
 class Gc(Strict):
@@ -357,6 +363,13 @@ class Site(Strict):
                 raise ValueError("pull_secrets: namespaces need target: kubernetes; local clients use crflow export-client")
         elif isinstance(storage, FilesystemStorage):
             raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
+        if any(rule.untagged_older_than_days is not None for rule in self.retention):
+            if self.gc.delete_untagged:
+                raise ValueError("retention.untagged_older_than_days: gc.delete_untagged removes every untagged "
+                                 "manifest anyway; set gc.delete_untagged: false to keep the recent ones")
+            if isinstance(storage, PvcStorage):
+                raise ValueError("retention.untagged_older_than_days reads when a manifest was pushed from the storage, "
+                                 "which crflow cannot read on a cluster volume; use it with s3 or filesystem storage")
         return self
 
     @field_validator("state_dir")

@@ -2,8 +2,8 @@
 
   0. the registry as the site file says, read-write (a run killed in its window left it
      read-only: this rerun puts it back first);
-  1. retention: the tags no rule keeps, listed (a dry run stops at the list) and deleted by
-     digest through the registry's API;
+  1. retention: the tags no rule keeps, and untagged manifests past a rule's age, listed (a
+     dry run stops at the list) and deleted by digest through the registry's API;
   2. a dry run of the collection: which blobs would go, and their bytes;
   3. read-only: pulls are served, pushes refused (405, which clients retry), waited for;
   4. `registry garbage-collect` with the pod's config and storage;
@@ -25,11 +25,16 @@ from crflow.flows.verify import report_usage
 from crflow.oci import SMOKE_REPO
 from crflow.settings import S3Storage, load_site
 from crflow.targets import target_for
-from crflow.tasks.gc import delete_manifest, retention_plan, wait_until_read_only
+from crflow.tasks.gc import delete_manifest, retention_plan, untagged_plan, wait_until_read_only
 from crflow.tasks.helm import render_chart
 from crflow.tasks.registry import push_pull_check, wait_until_ready
 from crflow.tasks.report import publish_summary
-from crflow.tasks.storage import stored_blobs_in_bucket, stored_blobs_in_directory
+from crflow.tasks.storage import (
+    manifest_revisions_in_bucket,
+    manifest_revisions_in_directory,
+    stored_blobs_in_bucket,
+    stored_blobs_in_directory,
+)
 from crflow.vault import open_vault
 
 
@@ -47,9 +52,12 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     target.deploy(values, manifests)  # read-write, whatever an interrupted run left
     wait_until_ready(url, bundle)
 
-    doomed = retention_plan(url, bundle, [rule.model_dump() for rule in site.retention])
-    rows = [("Retention would delete" if dry_run else "Retention deleted", f"{d.repo}:{d.tag} ({d.rule})")
-            for d in doomed]
+    rules = [rule.model_dump() for rule in site.retention]
+    doomed = retention_plan(url, bundle, rules)
+    if any(rule.untagged_older_than_days is not None for rule in site.retention):
+        doomed += untagged_plan(url, bundle, manifest_revisions(site), rules, time.time())
+    rows = [("Retention would delete" if dry_run else "Retention deleted",
+             f"{d.repo}{':' + d.tag if d.tag else '@' + d.digest} ({d.rule})") for d in doomed]
     if not dry_run:
         for digest, repo in sorted({(d.digest, d.repo) for d in doomed}):
             delete_manifest(url, bundle, repo, digest)
@@ -98,3 +106,13 @@ def stored_blobs(site) -> dict[str, int] | None:
     if storage.kind == "filesystem":
         return stored_blobs_in_directory(site.data_dir)
     return None
+
+
+def manifest_revisions(site) -> list:
+    """Every manifest the storage holds, with when it was pushed and whether a tag names it
+    (settings allow the untagged rule only where crflow can read the storage)."""
+    storage = site.storage
+    if isinstance(storage, S3Storage):
+        return manifest_revisions_in_bucket(storage.endpoint, storage.bucket, storage.region, storage.root_directory,
+                                            target_for(site).s3_keys(), storage.ca_bundle, storage.skip_verify)
+    return manifest_revisions_in_directory(site.data_dir)

@@ -75,8 +75,8 @@ def retention_plan(base_url: str, bundle_dir: Path, rules: list[dict]) -> list[D
         repos = registry.call("GET /v2/_catalog", registry.base.list_repos)
         for repo in sorted(repos):
             rule = next((r for r in rules if fnmatch.fnmatchcase(repo, r["repositories"])), None)
-            if rule is None:
-                continue
+            if rule is None or (rule.get("keep_newest") is None and rule.get("keep_tags") is None):
+                continue  # no rule, or one for untagged manifests only: every tag stays
             tags = registry.call(f"GET /v2/{repo}/tags/list", registry.repo(repo).list_aliases) or []
             dated = sorted(((*_created(registry, repo, tag), tag) for tag in tags),
                            key=lambda row: (row[1], row[2]), reverse=True)
@@ -117,3 +117,27 @@ def wait_until_read_only(base_url: str, bundle_dir: Path, timeout: float) -> flo
                 raise CrflowError(f"the registry at {base_url} still accepts pushes {timeout:.0f} s after it was "
                                   "set read-only; gc did not collect")
             time.sleep(0.2)
+
+
+@task(task_run_name="retention: untagged manifests past their age", retries=2, retry_delay_seconds=[2, 5],
+      retry_condition_fn=transient_only)
+def untagged_plan(base_url: str, bundle_dir: Path, revisions: list, rules: list[dict], now: float) -> list[Doomed]:
+    """The untagged manifests older than their repository's rule allows, except those a tagged
+    index names (a multi-platform image's own manifests carry no tag)."""
+    doomed = []
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        for repo in sorted({r.repo for r in revisions}):
+            rule = next((r for r in rules if fnmatch.fnmatchcase(repo, r["repositories"])), None)
+            if rule is None or rule.get("untagged_older_than_days") is None:
+                continue
+            mine = [r for r in revisions if r.repo == repo]
+            reachable = set()
+            for tagged in (r for r in mine if r.tagged):
+                manifest, _ = registry.call(f"GET manifest {repo}@{tagged.digest}",
+                                            registry.repo(repo).get_manifest_and_response, tagged.digest)
+                reachable |= {child["digest"] for child in json.loads(manifest).get("manifests", [])}
+            limit = now - rule["untagged_older_than_days"] * 86400
+            name = f"{rule['repositories']}: untagged older than {rule['untagged_older_than_days']} days"
+            doomed += [Doomed(repo=repo, tag="", digest=r.digest, rule=name) for r in mine
+                       if not r.tagged and r.digest not in reachable and r.pushed < limit]
+    return doomed

@@ -225,3 +225,59 @@ def stored_blobs_in_bucket(endpoint: str, bucket: str, region: str, root_directo
             if len(parts) == 4 and parts[3] == "data":
                 found[f"{parts[0]}:{parts[2]}"] = obj.size
     return found
+
+
+REPOSITORIES = "docker/registry/v2/repositories"
+
+
+class Revision(BaseModel):
+    """A manifest a repository holds, as the storage records it."""
+
+    repo: str
+    digest: str
+    pushed: float  # when its revision link was written (seconds since the epoch)
+    tagged: bool  # some tag's current link names it
+
+
+def _revisions(entries: list[tuple[str, float]], read) -> list[Revision]:
+    """From (path under REPOSITORIES, time) of every link file, and a reader of a link's content."""
+    revisions, tagged = {}, set()
+    for path, when in entries:
+        repo, marker, rest = path.partition("/_manifests/")
+        if not marker:
+            continue
+        parts = rest.split("/")
+        if parts[0] == "revisions" and len(parts) == 4 and parts[3] == "link":
+            revisions[(repo, f"{parts[1]}:{parts[2]}")] = when
+        elif parts[0] == "tags" and len(parts) == 4 and parts[2:] == ["current", "link"]:
+            tagged.add((repo, read(path).strip()))
+    return [Revision(repo=repo, digest=digest, pushed=when, tagged=(repo, digest) in tagged)
+            for (repo, digest), when in sorted(revisions.items())]
+
+
+@task(task_run_name="manifests under {root}")
+def manifest_revisions_in_directory(root: Path) -> list[Revision]:
+    base = root / REPOSITORIES
+    entries = [(str(p.relative_to(base)), p.stat().st_mtime) for p in base.rglob("link")] if base.is_dir() else []
+    return _revisions(entries, lambda path: (base / path).read_text())
+
+
+@task(task_run_name="manifests in bucket {bucket}", retries=2, retry_delay_seconds=[2, 5],
+      retry_condition_fn=transient_only)
+def manifest_revisions_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
+                                 ca_bundle: Path | None, skip_verify: bool) -> list[Revision]:
+    prefix = f"{root_directory.strip('/')}/{REPOSITORIES}/".lstrip("/")
+    with s3_errors(endpoint, bucket):
+        client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+        entries = [(o.object_name[len(prefix):], o.last_modified.timestamp())
+                   for o in client.list_objects(bucket, prefix=prefix, recursive=True) if o.object_name.endswith("/link")]
+
+        def read(path: str) -> str:
+            response = client.get_object(bucket, prefix + path)
+            try:
+                return response.read().decode()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return _revisions(entries, read)

@@ -5,6 +5,7 @@ push probe inside the window) and the storage directory as the judges; nothing e
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -39,8 +40,9 @@ def image(layer: bytes, name: str, created: str = "") -> Image:
 
 
 def push(site, tmp_path: Path, img: Image, repo: str, tag: str) -> None:
+    where = tmp_path / f"layout-{repo.replace('/', '-')}-{tag}-{digest_of(img.manifest)[7:19]}"
     skopeo("copy", "--dest-authfile", str(site.client / "auth.json"), "--dest-cert-dir", str(site.client),
-           layout(tmp_path / f"layout-{repo.replace('/', '-')}-{tag}", img, tag), f"docker://{site.server}/{repo}:{tag}")
+           layout(where, img, tag), f"docker://{site.server}/{repo}:{tag}")
 
 
 def stored(site) -> dict[str, int]:
@@ -205,7 +207,7 @@ def test_a_gc_killed_in_any_step_is_finished_by_a_rerun_read_write_with_every_im
 
 
 @pytest.mark.parametrize(("rule", "expected"), [
-    ({"repositories": "team/*"}, "give keep_newest or keep_tags"),
+    ({"repositories": "team/*"}, "give keep_newest or keep_tags (which tags stay), or untagged_older_than_days"),
     ({"repositories": "team/*", "keep_tags": "v(("}, "is not a regular expression"),
 ])
 def test_bad_retention_rules_get_one_line(crflow, make_site, rule, expected):
@@ -313,3 +315,39 @@ def test_the_usage_report_matches_the_storage_and_shows_growth(crflow, installed
     (second, previous, *_) = table()
     assert previous == first and second["growth bytes"] == added == second["stored bytes"] - first["stored bytes"]
     assert "| team/two | 1 |" in last_artifact(crflow.api, f"{key}-repositories")
+
+
+def test_untagged_manifests_go_only_past_their_age(crflow, make_site, tmp_path):
+    site = make_site(retention=[{"repositories": "team/*", "untagged_older_than_days": 7}],
+                     gc={"delete_untagged": False})
+    crflow("install", "-c", str(site.path))
+
+    def pushed_digest(name: str, tag: str) -> str:
+        push(site, tmp_path, image(f"{name} {tmp_path}".encode(), name), "team/app", tag)
+        raw = skopeo("inspect", "--raw", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
+                     f"docker://{site.server}/team/app:{tag}").stdout
+        return digest_of(raw.encode())
+
+    old, _, recent, _ = (pushed_digest("x", "t"), pushed_digest("y", "t"), pushed_digest("z", "u"),
+                         pushed_digest("w", "u"))  # x and z lose their tags
+    link = (site.state / "data/docker/registry/v2/repositories/team/app/_manifests/revisions/sha256"
+            / old.split(":")[1] / "link")
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(link, (ten_days_ago, ten_days_ago))  # the storage's record of when x was pushed, aged
+
+    def present(digest: str) -> bool:
+        return skopeo("inspect", "--raw", "--authfile", str(site.client / "auth.json"), "--cert-dir",
+                      str(site.client), f"docker://{site.server}/team/app@{digest}", check=False).returncode == 0
+
+    crflow("gc", "-c", str(site.path), "--dry-run")
+    from conftest import last_artifact
+    assert f"team/app@{old}" in last_artifact(crflow.api, "crflow-gc") and present(old)
+    crflow("gc", "-c", str(site.path))
+    assert not present(old) and present(recent)  # only the one past its age went
+    assert tags(site, "team/app") == ["t", "u"]
+
+
+def test_untagged_age_needs_delete_untagged_off(crflow, make_site):
+    site = make_site(retention=[{"repositories": "team/*", "untagged_older_than_days": 7}])
+    result = crflow("gc", "-c", str(site.path), check=False)
+    assert result.returncode == 1 and "set gc.delete_untagged: false" in result.stderr.strip().splitlines()[-1]
