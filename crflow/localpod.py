@@ -236,7 +236,8 @@ class LocalPod:
         return " | ".join((errors or logged)[-lines:])
 
     # --- volumes ---------------------------------------------------------------------------
-    def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path]) -> Path:
+    def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path],
+                owner: tuple[int, int] | None) -> Path:
         name = volume["name"]
         host = self.dir / "volumes" / name
         if "persistentVolumeClaim" in volume:
@@ -260,7 +261,9 @@ class LocalPod:
             mode = 0o600
         else:
             raise CrflowError(f"volume {name}: only configMap, secret, emptyDir and PVC volumes run locally")
-        self._write_items(host, volume, files, mode)
+        # Owned by the registry's user as each file lands: a file it cannot read for a moment
+        # would be read no more (the registry re-reads htpasswd only when its mtime changes).
+        self._write_items(host, volume, files, mode, owner)
         return host
 
     @staticmethod
@@ -351,11 +354,10 @@ class LocalPod:
         template = _find(manifests, "Deployment")["spec"]["template"]
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        host_dirs = {
-            v["name"]: self._volume(v, manifests, secrets, claims) for v in template["spec"].get("volumes") or []
-        }
-        mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
         run_as = RunAs.of(template, container)
+        host_dirs = {v["name"]: self._volume(v, manifests, secrets, claims, run_as and run_as.owner)
+                     for v in template["spec"].get("volumes") or []}
+        mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
         if run_as is not None:
             volumes = self.dir / "volumes"
             mounts.views = {volumes: JAIL / "volumes", **{
