@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-# Two workers, a test file each at a time (--dist loadfile): the tests mostly wait on the
-# processes they start, so two halve the wall time on a 2-CPU machine (13 min -> 7 min).
-exec .venv/bin/python -m pytest -n "${CRFLOW_TEST_WORKERS:-2}" --dist loadfile "$@"
+# Three workers, a test file each at a time (--dist loadfile): the tests mostly wait on the
+# processes they start (leases, rollouts, retries), so on a 2-CPU machine three beat two
+# (measured in fresh clones, same suite: 742 s with two, 638 s with three).
+exec .venv/bin/python -m pytest -n "${CRFLOW_TEST_WORKERS:-3}" --dist loadfile "$@"

@@ -51,6 +51,28 @@ def stored(site) -> dict[str, int]:
     return {f"sha256:{d.parent.name}": d.stat().st_size for d in root.glob("*/*/data")}
 
 
+def a_and_b(site, tmp_path: Path, repeat: int) -> tuple[Image, Image]:
+    """Images A and B that share a layer, pushed to team/app, then A deleted (skopeo deletes by
+    digest underneath: the registry refuses tags)."""
+    shared = f"shared layer {tmp_path}".encode() * repeat
+    a, b = image(shared, "a"), image(shared, "b")
+    push(site, tmp_path, a, "team/app", "a")
+    push(site, tmp_path, b, "team/app", "b")
+    skopeo("delete", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
+           f"docker://{site.server}/team/app:a")
+    return a, b
+
+
+def in_bucket(moto_s3: str, bucket: str) -> set[str]:
+    """The blobs in the bucket, listed with the S3 client of the test (the judge)."""
+    from minio import Minio
+
+    s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
+    prefix = "docker/registry/v2/blobs/sha256/"
+    return {"sha256:" + o.object_name[len(prefix):].split("/")[1]
+            for o in s3.list_objects(bucket, prefix=prefix, recursive=True) if o.object_name.endswith("/data")}
+
+
 def tags(site, repo: str) -> list[str]:
     out = skopeo("list-tags", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
                  f"docker://{site.server}/{repo}").stdout
@@ -102,12 +124,7 @@ class PullLoop:
 
 def test_gc_frees_what_no_manifest_references_keeps_shared_layers_and_loses_no_pull(crflow, installed, tmp_path):
     site = installed
-    shared = f"shared layer {tmp_path}".encode() * 1000
-    a, b = image(shared, "a"), image(shared, "b")
-    push(site, tmp_path, a, "team/app", "a")
-    push(site, tmp_path, b, "team/app", "b")
-    skopeo("delete", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
-           f"docker://{site.server}/team/app:a")  # by digest underneath: the registry refuses tags
+    a, b = a_and_b(site, tmp_path, 1000)
     a_only = {digest_of(a.config)}  # A's config (its manifest is its own too; skopeo rewrote it)
     assert a_only <= set(stored(site))
 
@@ -219,27 +236,13 @@ def test_bad_retention_rules_get_one_line(crflow, make_site, rule, expected):
 def test_gc_on_s3_frees_the_deleted_images_blobs_in_the_bucket(crflow, s3_site, moto_s3, tmp_path):
     """The same collection with the blobs in S3 (moto standing in for MinIO; the judge lists
     the bucket with its own client)."""
-    from minio import Minio
-
     site = s3_site
     crflow("install", "-c", str(site.path))
-    s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
-
-    def in_bucket() -> set[str]:
-        prefix = "docker/registry/v2/blobs/sha256/"
-        return {"sha256:" + o.object_name[len(prefix):].split("/")[1]
-                for o in s3.list_objects(site.bucket, prefix=prefix, recursive=True) if o.object_name.endswith("/data")}
-
-    shared = f"shared {tmp_path}".encode() * 100
-    a, b = image(shared, "a"), image(shared, "b")
-    push(site, tmp_path, a, "team/app", "a")
-    push(site, tmp_path, b, "team/app", "b")
-    skopeo("delete", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
-           f"docker://{site.server}/team/app:a")
-    assert digest_of(a.config) in in_bucket()
+    a, b = a_and_b(site, tmp_path, 100)
+    assert digest_of(a.config) in in_bucket(moto_s3, site.bucket)
     out = crflow("gc", "-c", str(site.path)).stdout.strip().splitlines()[-1]
     assert "blobs deleted" in out
-    left = in_bucket()
+    left = in_bucket(moto_s3, site.bucket)
     assert digest_of(a.config) not in left and digest_of(b.config) in left
     skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
            f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")
@@ -252,34 +255,20 @@ def test_gc_on_the_cluster_rolls_read_only_and_back_and_its_job_matches_no_servi
     registry binary and mounts mapped, and reports its exit and termination message). REAL:
     helm, the registry processes, the collection itself, skopeo, the bucket on moto."""
     from kubernetes import client
-    from minio import Minio
 
-    site = cluster_site
-    site.bucket = site.settings["storage"]["bucket"]
+    site, bucket = cluster_site, cluster_site.settings["storage"]["bucket"]
     crflow("install", "-c", str(site.path))
-    s3 = Minio(moto_s3.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
-    prefix = "docker/registry/v2/blobs/sha256/"
-
-    def in_bucket() -> set[str]:
-        return {"sha256:" + o.object_name[len(prefix):].split("/")[1]
-                for o in s3.list_objects(site.bucket, prefix=prefix, recursive=True) if o.object_name.endswith("/data")}
-
-    shared = f"shared {tmp_path}".encode() * 100
-    a, b = image(shared, "a"), image(shared, "b")
-    push(site, tmp_path, a, "team/app", "a")
-    push(site, tmp_path, b, "team/app", "b")
-    skopeo("delete", "--authfile", str(site.client / "auth.json"), "--cert-dir", str(site.client),
-           f"docker://{site.server}/team/app:a")
+    a, b = a_and_b(site, tmp_path, 100)
     serial = kubelet.serial
 
     dry = crflow("gc", "-c", str(site.path), "--dry-run").stdout.strip().splitlines()[-1]
     assert dry.startswith("dry run: 2 blobs") and kubelet.serial == serial  # nothing rolled, nothing deleted
-    assert digest_of(a.config) in in_bucket()
+    assert digest_of(a.config) in in_bucket(moto_s3, bucket)
 
     out = crflow("gc", "-c", str(site.path)).stdout.strip().splitlines()[-1]
     assert out.startswith("gc: 2 blobs deleted"), out
     assert kubelet.serial == serial + 2  # rolled to read-only, then back
-    left = in_bucket()
+    left = in_bucket(moto_s3, bucket)
     assert digest_of(a.config) not in left and digest_of(b.config) in left
     skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
            f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")
