@@ -77,7 +77,7 @@ def ensure_port_free(host: str, port: int, wait: float = 0) -> None:
         if time.monotonic() >= deadline:
             raise CrflowError(
                 f"port {port} on {host} is in use by another process; stop it or choose another registry.port")
-        time.sleep(0.1)
+        time.sleep(0.02)  # a bind attempt is cheap; a restart waits on this
 
 
 
@@ -203,7 +203,7 @@ class LocalPod:
         os.killpg(pid, signal.SIGTERM)  # it leads its own session (start_new_session)
         deadline = time.monotonic() + timeout
         while self.pid() is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.02)
         if self.pid() is not None:
             os.killpg(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
@@ -343,7 +343,7 @@ class LocalPod:
                 socket.create_connection((host, port), timeout=1).close()
                 return
             except OSError:
-                time.sleep(0.05)
+                time.sleep(0.02)
         self.stop()
         raise CrflowError(f"the registry did not start listening on {host}:{port}: {self.log_tail(log_start)}")
 

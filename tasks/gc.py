@@ -116,7 +116,7 @@ def wait_until_read_only(base_url: str, bundle_dir: Path, timeout: float) -> flo
             if time.monotonic() - started > timeout:
                 raise CrflowError(f"the registry at {base_url} still accepts pushes {timeout:.0f} s after it was "
                                   "set read-only; gc did not collect")
-            time.sleep(0.2)
+            time.sleep(0.05)
 
 
 @task(task_run_name="retention: untagged manifests past their age", retries=2, retry_delay_seconds=[2, 5],

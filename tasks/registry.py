@@ -42,7 +42,7 @@ def wait_until_ready(base_url: str, bundle_dir: Path, timeout: float = 30) -> fl
             except ConnectionError:
                 if time.monotonic() - started > timeout:
                     raise
-                time.sleep(0.2)
+                time.sleep(0.05)
 
 
 def login_accepted(base_url: str, bundle_dir: Path) -> bool:
