@@ -71,17 +71,18 @@ def gc(site_file: str, dry_run: bool = False) -> str:
         publish_summary("crflow-gc", f"Registry {site.release}: gc dry run", rows)
         return f"dry run: {plan.blob_count} blobs ({would_free} bytes) and {len(doomed)} tags would go"
 
-    started = time.monotonic()
     locked = read_only(values)
-    target.deploy(locked, render_chart(site.release, site.namespace, locked))
+    locked_manifests = render_chart(site.release, site.namespace, locked)  # before the window: it is kept short
+    started = time.monotonic()
+    target.deploy(locked, locked_manifests)
     try:
         wait_until_read_only(url, bundle, site.gc.timeout_seconds)
         collected = target.collect(manifests, dry_run=False, delete_untagged=site.gc.delete_untagged)
-        after = stored_blobs(site)  # before the proof push below adds its own
     finally:  # read-write again, whatever happened inside the window
         target.deploy(values, manifests)
         wait_until_ready(url, bundle)
         window = time.monotonic() - started
+    after = stored_blobs(site)  # before the proof push adds its own
     push_pull_check(url, bundle, SMOKE_REPO, "gc")
 
     freed = sum(before.values()) - sum(after.values()) if before is not None and after is not None else None
