@@ -80,7 +80,6 @@ def ensure_port_free(host: str, port: int, wait: float = 0) -> None:
         time.sleep(0.02)  # a bind attempt is cheap; a restart waits on this
 
 
-
 # Where a registry that runs as the pod's user finds its files: in a mount namespace of its
 # own, a small tmpfs here with the volumes directory and each claim bound into it. The
 # host's way to them, through a 0700 state_dir, stays closed to that user.

@@ -301,10 +301,6 @@ class RetentionRule(Strict):
                              "or untagged_older_than_days")
         return self
 
-    @property
-    def prunes_tags(self) -> bool:
-        return self.keep_newest is not None or self.keep_tags is not None
-
 
 class Gc(Strict):
     """`crflow gc`: garbage collection in a read-only window."""

@@ -25,9 +25,9 @@ from crflow.flows.verify import report_usage
 from crflow.oci import SMOKE_REPO
 from crflow.settings import S3Storage, load_site
 from crflow.targets import target_for
-from crflow.tasks.gc import delete_manifest, retention_plan, untagged_plan, wait_until_read_only
+from crflow.tasks.gc import retention_plan, untagged_plan, wait_until_read_only
 from crflow.tasks.helm import render_chart
-from crflow.tasks.registry import push_pull_check, wait_until_ready
+from crflow.tasks.registry import delete_by_digest, push_pull_check, wait_until_ready
 from crflow.tasks.report import publish_summary
 from crflow.tasks.storage import (
     manifest_revisions_in_bucket,
@@ -60,7 +60,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
              f"{d.repo}{':' + d.tag if d.tag else '@' + d.digest} ({d.rule})") for d in doomed]
     if not dry_run:
         for digest, repo in sorted({(d.digest, d.repo) for d in doomed}):
-            delete_manifest(url, bundle, repo, digest)
+            delete_by_digest(url, bundle, repo, digest)
 
     before = stored_blobs(site)
     plan = target.collect(manifests, dry_run=True, delete_untagged=site.gc.delete_untagged)

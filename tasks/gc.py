@@ -15,7 +15,6 @@ import re
 import time
 from pathlib import Path
 
-import requests
 from prefect import task
 from pydantic import BaseModel
 
@@ -89,20 +88,6 @@ def retention_plan(base_url: str, bundle_dir: Path, rules: list[dict]) -> list[D
             doomed += [Doomed(repo=repo, tag=tag, digest=digest, rule=name)
                        for digest, _, tag in dated if digest not in kept]
     return doomed
-
-
-@task(task_run_name="delete {repo}@{digest} (retention)", retries=2, retry_delay_seconds=[2, 5],
-      retry_condition_fn=transient_only)
-def delete_manifest(base_url: str, bundle_dir: Path, repo: str, digest: str) -> bool:
-    """DELETE the manifest by digest; False if it was already gone (a rerun)."""
-    with Registry.from_bundle(base_url, bundle_dir) as registry:
-        try:
-            registry.call(f"DELETE manifest {repo}@{digest}", registry.repo(repo).del_alias, digest)
-        except requests.exceptions.HTTPError as err:
-            if err.response is not None and err.response.status_code == 404:
-                return False
-            raise
-    return True
 
 
 @task(task_run_name="the registry refuses pushes", retries=0)
