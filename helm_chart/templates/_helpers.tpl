@@ -7,6 +7,18 @@
 {{- default .Release.Name .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
 {{- end }}
 
+{{- define "registry.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "registry.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "registry.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{- define "registry.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "registry.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -24,17 +36,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $config := deepCopy .Values.configData }}
 {{- $storage := deepCopy (default dict $config.storage) }}
 {{- if eq .Values.storage "s3" }}
-{{- $s3 := dict "region" .Values.s3.region "bucket" .Values.s3.bucket "encrypt" .Values.s3.encrypt "secure" .Values.s3.secure }}
+{{- /* Distribution's S3 options, by their config names; "" leaves the driver's default. */}}
+{{- $s3 := dict }}
+{{- range $key, $value := omit .Values.s3 "regionEndpoint" "disableRedirect" "caBundleSecretName" "skipVerify" }}
+{{- if not (eq (toString $value) "") }}{{ $_ := set $s3 $key $value }}{{ end }}
+{{- end }}
 {{- with .Values.s3.regionEndpoint }}{{ $_ := set $s3 "regionendpoint" . }}{{ end }}
-{{- with .Values.s3.rootdirectory }}{{ $_ := set $s3 "rootdirectory" . }}{{ end }}
 {{- $_ := set $storage "s3" $s3 }}
 {{- $_ := set $storage "redirect" (dict "disable" .Values.s3.disableRedirect) }}
 {{- else }}
 {{- $_ := set $storage "filesystem" (dict "rootdirectory" "/var/lib/registry") }}
 {{- end }}
 {{- $_ := set $config "storage" $storage }}
+{{- $http := deepCopy (default dict $config.http) }}
+{{- $_ := set $http "debug" (dict "addr" (printf ":%d" (int .Values.metrics.port)) "prometheus" (dict "enabled" .Values.metrics.enabled "path" .Values.metrics.path)) }}
+{{- $_ := set $config "http" $http }}
 {{- if .Values.tlsSecretName }}
-{{- $_ := set $config.http "tls" (dict "certificate" "/etc/ssl/docker/tls.crt" "key" "/etc/ssl/docker/tls.key") }}
+{{- $_ := set $http "tls" (dict "certificate" "/etc/ssl/docker/tls.crt" "key" "/etc/ssl/docker/tls.key") }}
 {{- end }}
 {{- if .Values.secrets.htpasswdSecretName }}
 {{- $_ := set $config "auth" (dict "htpasswd" (dict "realm" "Registry Realm" "path" "/auth/htpasswd")) }}
@@ -81,6 +99,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "registry.volumeMounts" -}}
 {{ include "registry.storageVolumeMounts" . }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- if .Values.tlsSecretName }}
 - name: tls
   mountPath: /etc/ssl/docker
@@ -110,6 +131,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "registry.volumes" -}}
 {{ include "registry.storageVolumes" . }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- with .Values.tlsSecretName }}
 - name: tls
   secret:
@@ -168,6 +192,11 @@ securityContext: {{- toYaml .Values.containerSecurityContext | nindent 2 }}
 {{- end }}
 
 {{- define "registry.podSpecCommon" -}}
+serviceAccountName: {{ include "registry.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -185,6 +214,15 @@ affinity: {{- toYaml . | nindent 2 }}
 
 {{- define "registry.podSpec" -}}
 {{ include "registry.podSpecCommon" . }}
+{{- with .Values.topologySpreadConstraints }}
+topologySpreadConstraints:
+{{- range . }}
+  - {{- toYaml (merge (deepCopy .) (dict "labelSelector" (dict "matchLabels" (fromYaml (include "registry.selectorLabels" $))))) | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- with .Values.initContainers }}
+initContainers: {{- toYaml . | nindent 2 }}
+{{- end }}
 volumes: {{- include "registry.volumes" . | nindent 2 }}
 {{- end }}
 
@@ -205,5 +243,46 @@ lists group/versions but no kinds, so there the version decides (batch/v1 from 1
 batch/v1
 {{- else -}}
 batch/v1beta1
+{{- end }}
+{{- end }}
+
+{{/*
+Mistakes caught at render time, each with what to do. First the names of the community
+chart (and near misses) that mean something else here; the schema lets exactly these through
+so that the message can name ours.
+*/}}
+{{- define "registry.validate" -}}
+{{- $v := .Values }}
+{{- $hints := list
+  (list $v "replicas" "replicas: use replicaCount")
+  (list $v "tlsSecret" "tlsSecret: use tlsSecretName (an existing kubernetes.io/tls Secret)")
+  (list $v "proxy" "proxy: crflow-registry is not a pull-through cache; remove proxy")
+  (list $v.persistence "enable" "persistence.enable: use persistence.enabled")
+  (list $v.persistence "storageclass" "persistence.storageclass: use persistence.storageClass")
+  (list $v.persistence "deleteEnabled" "persistence.deleteEnabled: use configData.storage.delete.enabled")
+  (list $v.service "loadBalancerIp" "service.loadBalancerIp: use service.loadBalancerIP")
+  (list $v.s3 "skipverify" "s3.skipverify: use s3.skipVerify")
+  (list $v.s3 "regionendpoint" "s3.regionendpoint: use s3.regionEndpoint")
+  (list $v.secrets "htpasswd" "secrets.htpasswd: crflow references an existing Secret: secrets.htpasswdSecretName (key htpasswd)")
+  (list $v.secrets "haSharedSecret" "secrets.haSharedSecret: crflow references an existing Secret: secrets.haSharedSecretName (key haSharedSecret)")
+  (list $v.secrets.s3 "accessKey" "secrets.s3.accessKey: crflow references an existing Secret: secrets.s3.secretRef (keys s3AccessKey, s3SecretKey)")
+  (list $v.secrets.s3 "secretKey" "secrets.s3.secretKey: crflow references an existing Secret: secrets.s3.secretRef (keys s3AccessKey, s3SecretKey)")
+}}
+{{- range $hints }}
+{{- if hasKey (index . 0) (index . 1) }}{{ fail (index . 2) }}{{ end }}
+{{- end }}
+{{- with $v.configData.storage }}{{ with .s3 }}
+{{- fail (printf "configData.storage.s3: set the S3 options as s3.<option> (%s); the keys come from secrets.s3.secretRef" (keys . | sortAlpha | join ", ")) }}
+{{- end }}{{ end }}
+{{- with $v.configData.http }}{{ with .debug }}
+{{- fail "configData.http.debug: the chart runs the debug server; set metrics.port and metrics.enabled" }}
+{{- end }}{{ end }}
+{{- if gt (int $v.replicaCount) 1 }}
+{{- if and (eq $v.storage "filesystem") (or (not $v.persistence.enabled) (ne $v.persistence.accessMode "ReadWriteMany")) }}
+{{- fail (printf "replicaCount: %d replicas on filesystem storage would each see different images; use storage s3, or a ReadWriteMany claim (persistence.enabled and persistence.accessMode ReadWriteMany), or replicaCount 1" (int $v.replicaCount)) }}
+{{- end }}
+{{- if not $v.secrets.haSharedSecretName }}
+{{- fail (printf "replicaCount: %d replicas need one http.secret, or an upload started on one pod fails on another; set secrets.haSharedSecretName (an existing Secret with key haSharedSecret)" (int $v.replicaCount)) }}
+{{- end }}
 {{- end }}
 {{- end }}
