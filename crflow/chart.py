@@ -72,6 +72,8 @@ CRFLOW_VALUES = {
     "tlsSecretName": "tls",
     "secretsChecksum": "nothing (the server certificate's fingerprint)",
     "nodeTrust": "node_trust",
+    "tests": "nothing (crflow names its CA and login Secrets for helm test)",
+    "namespaceOverride": "namespace",
 }
 
 
@@ -112,6 +114,9 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         values["nodeTrust"] = {"enabled": trust.enabled, "runtime": trust.runtime, "hostDir": trust.host_dir or "",
                                "addresses": address.servers, "caSecretName": secret_name(site.release, "ca"),
                                "resyncSeconds": trust.resync_seconds}
+        # `helm test` asks the address clients use, trusting the CA alone, with the login Secret.
+        values["tests"] = {"address": address.server, "caSecretName": secret_name(site.release, "ca"),
+                           "loginSecretName": secret_name(site.release, "login")}
     if address.ips and address.service_type == "LoadBalancer":
         values["service"]["loadBalancerIP"] = address.ips[0]
     if address.service_type == "NodePort":  # clients reach node:port, so the node port is the registry's port

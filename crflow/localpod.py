@@ -10,6 +10,9 @@ The runner plays kubelet for the Deployment's pod spec:
   that volume's host directory;
 - the environment is the container's own (`env`, `valueFrom.secretKeyRef`), not the caller's;
 - the Service address is where the process listens (REGISTRY_HTTP_ADDR), as a port-forward;
+  its debug server (the `debug` port: liveness, metrics) listens on 127.0.0.1 only, as it
+  also serves pprof;
+- the container's probes are asked as the kubelet asks them (`probe`), by `crflow status`;
 - the security context, where a process can: when crflow runs as root, the registry runs as
   the pod's runAsUser/runAsGroup with no capabilities and no_new_privs (RunAs below), its
   volumes and claims owned by that user as fsGroup would make them.
@@ -19,7 +22,8 @@ resolved env restarts the process; a change to mounted Secret content only refre
 files, which the registry re-reads (htpasswd) without a restart.
 
     pod = LocalPod(state_dir / "pod")
-    pod.apply(manifests, secrets, claims={"registry-data": data_dir}, listen=("127.0.0.1", 5000))
+    pod.apply(manifests, secrets, claims={"registry-data": data_dir}, listen=("127.0.0.1", 5000), debug_port=5001)
+    pod.probe("readiness")                       # True: the registry and its storage answer
     pod.stop()
 """
 
@@ -44,6 +48,7 @@ from crflow.chart import COMMAND, CONTAINER, SecretData
 from crflow.errors import CrflowError
 from crflow.files import write_atomic
 
+DEBUG_HOST = "127.0.0.1"
 BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
 
 
@@ -181,6 +186,7 @@ class LocalPod:
         self.specfile = pod_dir / "spec.sha256"
         self.manifestfile = pod_dir / "manifests.json"  # the rendered chart the process runs, as a release's manifest
         self.logfile = pod_dir / "registry.log"
+        self.portsfile = pod_dir / "ports.json"  # container port name -> where the process serves it
 
     # --- process state -------------------------------------------------------------------
     def pid(self) -> int | None:
@@ -233,6 +239,41 @@ class LocalPod:
             return ""
         errors = [line for line in logged if "error" in line.lower()]
         return " | ".join((errors or logged)[-lines:])
+
+    # --- probes ----------------------------------------------------------------------------
+    def probe(self, kind: str, timeout: float = 5) -> bool:
+        """The registry container's `kind` probe (liveness, readiness, startup) asked as the
+        kubelet asks an httpGet probe: True when it answers 200-399. HTTPS is not verified,
+        as the kubelet does not verify it."""
+        import httpx
+
+        if self.pid() is None:
+            return False
+        url = self._probe_url(kind)
+        try:
+            return 200 <= httpx.get(url, verify=False, timeout=timeout).status_code < 400
+        except httpx.HTTPError:
+            return False
+
+    def failing_checks(self, timeout: float = 5) -> str:
+        """What the registry's own health checks report failing (its storage driver, say), from
+        the debug server's /debug/health; "" when none or when it cannot be asked."""
+        import httpx
+
+        try:
+            ports = json.loads(self.portsfile.read_text())
+            answer = httpx.get(f"http://{DEBUG_HOST}:{ports['debug']}/debug/health", timeout=timeout)
+            return "; ".join(f"{name}: {why}" for name, why in answer.json().items())
+        except (OSError, ValueError, KeyError, httpx.HTTPError):
+            return ""
+
+    def _probe_url(self, kind: str) -> str:
+        (container,) = [c for c in _find(self.manifests(), "Deployment")["spec"]["template"]["spec"]["containers"]
+                        if c["name"] == CONTAINER]
+        get = container[f"{kind}Probe"]["httpGet"]
+        ports = json.loads(self.portsfile.read_text())
+        host = DEBUG_HOST if get["port"] == "debug" else ports["host"]
+        return f"{get.get('scheme', 'HTTP').lower()}://{host}:{ports[get['port']]}{get['path']}"
 
     # --- volumes ---------------------------------------------------------------------------
     def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path],
@@ -377,12 +418,18 @@ class LocalPod:
         return subprocess.run(argv, env=env, cwd=self.dir if run_as is None else "/", stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
 
-    def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]) -> str:
+    def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int],
+              debug_port: int) -> str:
         """Make the running process match the rendered pod; return "started", "unchanged", or
         "restarted; ..." with how long connections were refused."""
         template, argv, env, run_as = self._prepare(manifests, secrets, claims, listen[1])
         # The registry reads env values as YAML: an IPv6 "[::1]:5000" would be a list, so quote it.
         env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f'"[{listen[0]}]:{listen[1]}"'
+        env["REGISTRY_HTTP_DEBUG_ADDR"] = f"{DEBUG_HOST}:{debug_port}"
+        probe_host = "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0]
+        write_atomic(self.portsfile, json.dumps(
+            {"host": probe_host if ":" not in probe_host else f"[{probe_host}]", "registry": listen[1],
+             "debug": debug_port}).encode(), 0o644)
         spec = json.dumps([template, argv, env], sort_keys=True).encode()
         digest = hashlib.sha256(spec).hexdigest()
 
@@ -394,6 +441,7 @@ class LocalPod:
         if running is not None:
             self.stop()
         ensure_port_free(*listen, wait=10 if running is not None else 0)
+        ensure_port_free(DEBUG_HOST, debug_port, wait=10 if running is not None else 0)
         # The process writes its own pid before it becomes the registry: a crflow killed right
         # after starting it leaves no registry that no pidfile names.
         pid_first = ["/bin/sh", "-c", 'umask 022; echo $$ > "$0.new" && mv -f "$0.new" "$0" && umask 077 && exec "$@"',
@@ -408,8 +456,7 @@ class LocalPod:
             )
         write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
         write_atomic(self.specfile, digest.encode(), 0o644)
-        self._wait_listening(process, "127.0.0.1" if listen[0] in ("0.0.0.0", "::") else listen[0], listen[1],
-                             log_start)
+        self._wait_listening(process, probe_host, listen[1], log_start)
         if running is None:
             return "started"
         # One process per port: between the old one's stop and the new one's listen, connections are refused.

@@ -41,6 +41,9 @@ class Address(Strict):
     ips: list[str] = ["127.0.0.1"]
     dns_names: list[Annotated[str, Field(pattern=HOSTNAME, max_length=253)]] = []
     port: Port = 5000
+    # The local target's debug server (liveness, /metrics), on 127.0.0.1 only: it also serves
+    # pprof. On the cluster it is the chart's metrics.port.
+    metrics_port: Port = 5001
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "LoadBalancer"
 
     @field_validator("ips")
@@ -57,6 +60,8 @@ class Address(Strict):
     def _some_name(self) -> Address:
         if not self.ips and not self.dns_names:
             raise ValueError("give at least one of registry.ips or registry.dns_names")
+        if self.metrics_port == self.port:
+            raise ValueError(f"registry.metrics_port: {self.port} is the registry's own port; pick another")
         if self.service_type == "NodePort" and not 30000 <= self.port <= 32767:
             raise ValueError("registry.port: with service_type NodePort the port is the node port, 30000-32767")
         return self

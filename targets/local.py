@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from crflow.chart import SecretData, data_claim, secret_name
 from crflow.health import Health, Status, registry_health
-from crflow.localpod import LocalPod
+from crflow.localpod import DEBUG_HOST, LocalPod
 from crflow.settings import Site
 from crflow.targets import Check, Release, Target
 
@@ -32,7 +32,7 @@ class LocalTarget(Target):
     def check_host(self) -> None:
         from crflow.tasks.localpod import check_local_host
 
-        check_local_host(self.pod_dir, self.site.registry.listen)
+        check_local_host(self.pod_dir, self.site.registry.listen, self.site.registry.metrics_port)
 
     def prepare(self) -> None:
         from crflow.tasks.storage import ensure_directory
@@ -59,7 +59,8 @@ class LocalTarget(Target):
 
         if self.contents is None:
             raise RuntimeError("put_secrets before deploy: the pod mounts them")
-        run_local_pod(self.pod_dir, manifests, self.contents, self.claims, self.site.registry.listen)
+        run_local_pod(self.pod_dir, manifests, self.contents, self.claims, self.site.registry.listen,
+                      self.site.registry.metrics_port)
         return Release(None, manifests)
 
     def deployed(self) -> Release:
@@ -93,6 +94,15 @@ class LocalTarget(Target):
         pid = pod.pid()
         if pid is None:
             return Health(Status.UNHEALTHY, "the local registry process is not running; crflow install starts it")
+        # The chart's probes, as a kubelet asks them: live is the process, ready includes its storage.
+        if not pod.probe("liveness"):
+            return Health(Status.UNHEALTHY, f"registry process {pid} does not answer its liveness probe (the debug "
+                                            f"server on {DEBUG_HOST}:{self.site.registry.metrics_port}); restart "
+                                            "it with crflow down and crflow install")
+        if not pod.probe("readiness"):
+            why = pod.failing_checks() or "it does not answer its readiness probe"
+            return Health(Status.UNHEALTHY, f"registry process {pid} is live but not ready: {why}; it serves again "
+                                            "once its storage answers, with no restart")
         health = registry_health(self.url, self.bundle)
         if health.status is Status.HEALTHY and self.site.storage.kind == "filesystem":
             free = shutil.disk_usage(self.site.data_dir).free

@@ -9,26 +9,28 @@ from pydantic import SecretStr
 
 from crflow.chart import SecretData
 from crflow.errors import CrflowError, transient_only
-from crflow.localpod import LocalPod, ensure_port_free, registry_binary
+from crflow.localpod import DEBUG_HOST, LocalPod, ensure_port_free, registry_binary
 from crflow.tasks.helm import helm_executable
 from crflow.undo import undo, undoable
 
 
 @task(task_run_name="port {listen[1]} on {listen[0]}")
-def check_local_host(pod_dir: Path, listen: tuple[str, int]) -> None:
-    """Before anything is made: the registry binary and helm are here, and the port is ours or free."""
+def check_local_host(pod_dir: Path, listen: tuple[str, int], debug_port: int) -> None:
+    """Before anything is made: the registry binary and helm are here, and the ports are ours or free."""
     registry_binary()
     helm_executable()
     if LocalPod(pod_dir).pid() is None:
         ensure_port_free(*listen)
+        ensure_port_free(DEBUG_HOST, debug_port)
 
 
 @task(task_run_name="registry process", retries=1, retry_condition_fn=transient_only)
 def run_local_pod(
-    pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int]
+    pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int],
+    debug_port: int,
 ) -> str:
     """Run (or leave running) the registry pod from `manifests` as a local process."""
-    outcome = LocalPod(pod_dir).apply(manifests, secrets, claims, listen)
+    outcome = LocalPod(pod_dir).apply(manifests, secrets, claims, listen, debug_port)
     get_run_logger().info("local registry %s", outcome)
     return outcome
 

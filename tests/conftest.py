@@ -74,8 +74,10 @@ class Crflow:
         return result
 
     def popen(self, *args: str) -> subprocess.Popen:
+        # Wide: Prefect's console wraps at COLUMNS, and a wrapped line (a long tmp path) would
+        # hide the "Finished in state" a test waits for.
         return subprocess.Popen([str(BIN / "crflow"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=self.env, stdin=subprocess.DEVNULL)
+                                text=True, env={**self.env, "COLUMNS": "1000"}, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -97,6 +99,8 @@ class Site:
             "storage": {"kind": "filesystem"},
         }
         self.settings.update(overrides)
+        # Its own debug port too: the default 5001 would be shared by every test's registry.
+        self.settings["registry"].setdefault("metrics_port", free_port())
         self.path = tmp_path / "site.yaml"
         self.write()
 

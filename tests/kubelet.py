@@ -215,7 +215,7 @@ class Kubelet:
                     secrets[ref["name"]] = self._secret(namespace, ref["name"], fresh=not running)
 
         if running:
-            pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]))  # Secret files refreshed
+            pod["pod"].apply(manifests, secrets, claims, ("127.0.0.1", pod["port"]), pod["debug"])  # Secret files refreshed
             return self._ready(pod["port"])
         if self.failed.get(key, (None,))[0] == generation:
             return False  # CrashLoopBackOff: this template does not come up; the old pod keeps serving
@@ -223,9 +223,9 @@ class Kubelet:
         # until the new one is ready; then the Service switches over and the old one stops).
         self.serial += 1
         new = {"pod": LocalPod(self.work / f"{namespace}-{name}-{self.serial}"), "port": free_port(),
-               "generation": generation}
+               "debug": free_port(), "generation": generation}
         try:
-            new["pod"].apply(manifests, secrets, claims, ("127.0.0.1", new["port"]))
+            new["pod"].apply(manifests, secrets, claims, ("127.0.0.1", new["port"]), new["debug"])
             deadline = time.monotonic() + 20
             while not self._ready(new["port"]):
                 if time.monotonic() > deadline:

@@ -236,6 +236,14 @@ volumes: {{- include "registry.storageVolumes" . | nindent 2 }}
 CronJob's API: what the cluster lists, else what its version implies. Offline `helm template`
 lists group/versions but no kinds, so there the version decides (batch/v1 from 1.21 on).
 */}}
+{{- define "registry.pdbApiVersion" -}}
+{{- if or (.Capabilities.APIVersions.Has "policy/v1/PodDisruptionBudget") (semverCompare ">=1.21-0" .Capabilities.KubeVersion.Version) -}}
+policy/v1
+{{- else -}}
+policy/v1beta1
+{{- end }}
+{{- end }}
+
 {{- define "registry.cronJobApiVersion" -}}
 {{- $v1 := .Capabilities.APIVersions.Has "batch/v1/CronJob" -}}
 {{- $onlyBeta := .Capabilities.APIVersions.Has "batch/v1beta1/CronJob" -}}
