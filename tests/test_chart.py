@@ -208,3 +208,244 @@ def test_the_garbage_collect_cronjob_refuses_an_emptydir():
     result = subprocess.run([helm_executable(), "template", "r", str(CHART_DIR), "--set", "garbageCollect.enabled=true"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "the storage is an emptyDir" in result.stderr
+
+
+# --- what a platform engineer reaches for: every option on --------------------------------
+MONITORING = ["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor",
+              "--api-versions", "monitoring.coreos.com/v1/PrometheusRule"]
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+EVERY_OPTION = chart.merged(values_for("microk8s-minio.yaml"), {
+    "replicaCount": 3,
+    "namespaceOverride": "registry-system",
+    "deploymentAnnotations": {"example.com/owner": "platform"},
+    "service": {"labels": {"team": "platform"}, "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}},
+    "ingress": {"enabled": True, "className": "nginx", "hosts": ["registry.example.com"],
+                "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": "HTTPS",
+                                "nginx.ingress.kubernetes.io/proxy-body-size": "0"},
+                "tls": [{"secretName": "registry-ingress-tls", "hosts": ["registry.example.com"]}]},
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/registry"}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway"}],
+    "priorityClassName": "system-cluster-critical",
+    "extraVolumes": [{"name": "scratch", "emptyDir": {}}],
+    "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+    "initContainers": [{"name": "wait", "image": "registry:2.8.3", "command": ["/bin/true"],
+                        "securityContext": RESTRICTED_CONTAINER}],
+    "sidecars": [{"name": "sidecar", "image": "registry:2.8.3", "command": ["/bin/sleep", "infinity"],
+                  "securityContext": RESTRICTED_CONTAINER}],
+    "s3": {"chunksize": 20971520, "storageclass": "REDUCED_REDUNDANCY", "v4auth": True, "keyid": "kms-key",
+           "encrypt": True, "multipartcopythresholdsize": 67108864, "useragent": "crflow"},
+    "metrics": {"serviceMonitor": {"labels": {"release": "prometheus"}},
+                "prometheusRule": {"labels": {"release": "prometheus"}}},
+    "garbageCollect": {"enabled": True},
+})
+SETUPS["every option on"] = EVERY_OPTION
+
+
+def every_option(*extra: str, version: str = NEWEST) -> list[dict]:
+    return template(EVERY_OPTION, "--kube-version", version, *MONITORING, *extra)
+
+
+def strict(schema: dict) -> dict:
+    """A CRD schema as an API server with strict field validation applies it: a field the
+    schema does not declare is an error (metadata excepted: the API server checks it itself)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) if k != "metadata" else v for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    return schema
+
+
+def test_every_option_on_lints_and_validates_with_the_cluster_and_crd_schemas(tmp_path):
+    import jsonschema
+
+    out = helm("lint", "--strict", str(CHART_DIR), values=EVERY_OPTION)  # lint takes no --api-versions
+    assert "0 chart(s) failed" in out
+    for version in (OLDEST, NEWEST):
+        manifests = every_option(version=version)
+        validate([m for m in manifests if not m["apiVersion"].startswith("monitoring.coreos.com/")], version, tmp_path)
+    kinds = {m["kind"]: m for m in manifests}
+    assert {"Ingress", "ServiceAccount", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "Pod",
+            "CronJob"} <= set(kinds)
+    for kind, file in (("ServiceMonitor", "servicemonitor.v1.yaml"), ("PrometheusRule", "prometheusrule.v1.yaml")):
+        schema = strict(yaml.safe_load((ROOT / "tests" / "crds" / file).read_text()))
+        # Not checked against the metaschema: the CRDs' patterns are Go's (`(?i)` inside).
+        jsonschema.Draft7Validator(schema).validate(kinds[kind])
+    # Strictness is real: a field the CRD lacks is refused.
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(strict(yaml.safe_load((ROOT / "tests" / "crds" / "servicemonitor.v1.yaml").read_text()))
+                                   ).validate({**kinds["ServiceMonitor"], "spec": {**kinds["ServiceMonitor"]["spec"],
+                                                                                    "endpoint": []}})
+
+
+def test_every_option_lands_where_the_community_chart_puts_it():
+    manifests = every_option()
+    kinds = {m["kind"]: m for m in manifests}
+    assert {m["metadata"]["namespace"] for m in manifests} == {"registry-system"}  # namespaceOverride, everywhere
+    deployment = kinds["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["metadata"]["annotations"] == {"example.com/owner": "platform"}
+    assert pod["serviceAccountName"] == "registry" and pod["automountServiceAccountToken"] is False
+    assert kinds["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("role/registry")
+    assert kinds["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    assert [c["name"] for c in pod["containers"]] == ["registry", "sidecar"]
+    assert {"name": "scratch", "mountPath": "/scratch"} in pod["containers"][0]["volumeMounts"]
+    assert {"name": "scratch", "emptyDir": {}} in pod["volumes"]
+    assert kinds["PodDisruptionBudget"]["spec"] == {"minAvailable": 1, "selector": deployment["spec"]["selector"]}
+
+    service = kinds["Service"]
+    assert service["metadata"]["labels"]["team"] == "platform"
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"registry": "registry", "metrics": "debug"}
+    rule = kinds["Ingress"]["spec"]["rules"][0]
+    assert rule["host"] == "registry.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "registry", "port": {"number": 9005}}
+    assert kinds["Ingress"]["spec"]["ingressClassName"] == "nginx"
+
+    config_map = next(m for m in manifests if m["metadata"]["name"] == "registry-config")
+    s3 = yaml.safe_load(config_map["data"]["config.yml"])["storage"]["s3"]
+    assert (s3["chunksize"], s3["storageclass"], s3["keyid"], s3["multipartcopythresholdsize"]) == (
+        20971520, "REDUCED_REDUNDANCY", "kms-key", 67108864)
+    assert not {"accesskey", "secretkey"} & set(s3)  # the keys come from the Secret, as env
+
+    monitor = kinds["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "30s"}]
+    alerts = {r["alert"]: r["expr"] for r in kinds["PrometheusRule"]["spec"]["groups"][0]["rules"]}
+    assert set(alerts) == {"RegistryDown", "RegistryErrors", "RegistryStorageErrors"}
+    assert all('namespace="registry-system", service="registry"' in expr for expr in alerts.values())
+    assert 'code=~"5.."' in alerts["RegistryErrors"] and 'code="503"' in alerts["RegistryStorageErrors"]
+
+
+def test_monitoring_objects_only_where_the_cluster_serves_their_api():
+    kinds = [m["kind"] for m in template(EVERY_OPTION)]
+    assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    off = chart.merged(EVERY_OPTION, {"metrics": {"enabled": False}})
+    manifests = template(off, *MONITORING)
+    assert not {"ServiceMonitor", "PrometheusRule"} & {m["kind"] for m in manifests}
+    (service,) = [m for m in manifests if m["kind"] == "Service"]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["registry"]
+
+
+def test_probes_leave_the_storage_to_readiness():
+    """Distribution answers / through its storage health check: only readiness may ask it.
+    Liveness and startup ask the debug server, which answers while the process serves."""
+    (deployment,) = [m for m in template(values_for("microk8s-minio.yaml")) if m["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"registry": 5000, "debug": 5001}
+    for kind in ("livenessProbe", "startupProbe"):
+        assert container[kind]["httpGet"] == {"path": "/debug/vars", "port": "debug", "scheme": "HTTP"}
+        assert container[kind]["timeoutSeconds"] == 5
+    assert container["readinessProbe"]["httpGet"] == {"path": "/", "port": "registry", "scheme": "HTTPS"}
+    assert container["readinessProbe"]["timeoutSeconds"] == 5
+    config = yaml.safe_load(next(m for m in template(values_for("microk8s-minio.yaml"))
+                                 if m["kind"] == "ConfigMap")["data"]["config.yml"])
+    assert config["http"]["debug"] == {"addr": ":5001", "prometheus": {"enabled": True, "path": "/metrics"}}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The Pod Security Standards' "restricted" profile (Kubernetes' own list of checks), for
+    one pod spec: which checks fail."""
+    found = []
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= allowed_volumes:
+            found.append(f"volume {volume['name']}: {kinds - allowed_volumes}")
+    if any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")):
+        found.append("host namespaces")
+    pod_context = pod.get("securityContext") or {}
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        context, name = container.get("securityContext") or {}, container["name"]
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot is not true")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile {seccomp}")
+        capabilities = context.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            found.append(f"{name}: capabilities not dropped")
+        if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds {capabilities['add']}")
+        if any(p.get("hostPort") for p in container.get("ports") or []):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+def test_the_registry_gc_and_test_pods_pass_the_restricted_profile():
+    manifests = every_option()
+    pods = {"Deployment": next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"],
+            "CronJob": next(m for m in manifests if m["kind"] == "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            "helm test Pod": next(m for m in manifests if m["kind"] == "Pod")["spec"]}
+    assert {what: restricted_violations(pod) for what, pod in pods.items()} == {what: [] for what in pods}
+    # The check can fail: the node-trust DaemonSet needs a hostPath and root, and it says so.
+    node_trust = next(m for m in manifests if m["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert any("hostPath" in v for v in restricted_violations(node_trust))
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("replicas=2", "replicas: use replicaCount"),
+    ("tlsSecret=x", "tlsSecret: use tlsSecretName"),
+    ("persistence.enable=true", "persistence.enable: use persistence.enabled"),
+    ("persistence.storageclass=fast", "persistence.storageclass: use persistence.storageClass"),
+    ("service.loadBalancerIp=192.168.86.201", "service.loadBalancerIp: use service.loadBalancerIP"),
+    ("s3.skipverify=true", "s3.skipverify: use s3.skipVerify"),
+    ("secrets.htpasswd=user:hash", "crflow references an existing Secret: secrets.htpasswdSecretName"),
+    ("secrets.haSharedSecret=x", "crflow references an existing Secret: secrets.haSharedSecretName"),
+    ("secrets.s3.accessKey=x", "crflow references an existing Secret: secrets.s3.secretRef"),
+    ("configData.storage.s3.chunksize=1", "configData.storage.s3: set the S3 options as s3.<option> (chunksize)"),
+    ("service.nodePort=80", "nodePort"),
+    ("garbageCollect.schedule=bogus", "garbageCollect"),
+    ("resources.limit.cpu=1", "limit"),
+    ("ingres.enabled=true", "ingres"),
+])
+def test_a_typo_or_a_community_name_fails_with_the_key_named(setting, named):
+    for binary in (helm_executable(), str(ROOT / ".bin" / "helm3")):
+        result = subprocess.run([binary, "template", "r", str(CHART_DIR), "--set", setting], capture_output=True, text=True)
+        assert result.returncode == 1 and named in result.stderr, (binary, result.stderr)
+        assert len(result.stderr.strip().splitlines()) <= 4, result.stderr  # the one message, not a template dump
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    ({"replicaCount": 2, "secrets": {"haSharedSecretName": "h"}},
+     "replicaCount: 2 replicas on filesystem storage would each see different images; use storage s3, or a "
+     "ReadWriteMany claim"),
+    ({"replicaCount": 2, "secrets": {"haSharedSecretName": "h"}, "persistence": {"enabled": True}},
+     "2 replicas on filesystem storage"),
+    ({"replicaCount": 2, "storage": "s3", "s3": {"bucket": "b"}},
+     "replicaCount: 2 replicas need one http.secret, or an upload started on one pod fails on another; set "
+     "secrets.haSharedSecretName"),
+])
+def test_an_ha_mistake_fails_with_what_to_do(values, says):
+    result = subprocess.run([helm_executable(), "template", "r", str(CHART_DIR), "--values", "-"],
+                            input=json.dumps(values), capture_output=True, text=True)
+    assert result.returncode == 1 and says in result.stderr, result.stderr
+
+
+def test_two_replicas_on_a_readwritemany_claim_render_with_a_disruption_budget():
+    manifests = template({"replicaCount": 2, "secrets": {"haSharedSecretName": "h"},
+                          "persistence": {"enabled": True, "accessMode": "ReadWriteMany"}})
+    assert "PodDisruptionBudget" in {m["kind"] for m in manifests}
+    assert "PodDisruptionBudget" not in {m["kind"] for m in template({})}  # one replica: no budget to block drains
+
+
+def test_a_recreate_strategy_renders_without_rolling_update(tmp_path):
+    manifests = template({"updateStrategy": {"type": "Recreate"}})
+    (deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    validate(manifests, NEWEST, tmp_path)
