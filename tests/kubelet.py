@@ -27,7 +27,11 @@ EMULATED, and every test that uses it says so. It polls the emulated API and:
     pulled: it is reported created, not run.
 - runs each Job's pod once, on the first node, the same way (the image's /bin/registry is this
   machine's docker-registry, its /dev/termination-log a file), and reports its exit code and
-  termination message on the pod and the Job's succeeded/failed count.
+  termination message on the pod and the Job's succeeded/failed count;
+- runs each Pod created on its own (a `helm test` hook) once on the first node, the same way,
+  and reports its phase. An image with no registry host (Docker Hub's, such as curl's) counts
+  as present on every node, since nothing can be pulled from the Internet here: its `/bin/sh`
+  command runs with this machine's tools.
 """
 
 from __future__ import annotations
@@ -53,7 +57,13 @@ from crflow.localpod import LocalPod, registry_binary
 from servers import free_port
 
 NODES = ("node-1", "node-2")
-REGISTRY_IMAGE = "registry:"  # the chart's image: the emulated nodes have it (the registry binary runs it)
+
+
+def registry_host(image: str) -> str | None:
+    """The registry an image is pulled from, or None for Docker Hub's (the chart's own
+    `registry:` image, curl's), which the emulated nodes count as present."""
+    first = image.split("/")[0]
+    return first if "/" in image and ("." in first or ":" in first or first == "localhost") else None
 
 
 class Node:
@@ -145,6 +155,7 @@ class Kubelet:
         self.ds_pods: dict[tuple[str, str], dict] = {}  # ("ns/name", node) -> the pod running there
         self.job_pods: dict[tuple[str, str], dict] = {}  # ("ns/name", uid) -> the Job's pod
         self.job_history: list[dict] = []  # every Job pod started, also after its Job is gone
+        self.bare_pods: dict[tuple[str, str], dict] = {}  # ("ns/name", uid) -> a Pod made on its own (helm test)
         self.running = True
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -166,6 +177,7 @@ class Kubelet:
         ready = [d for d in self.apps.list_deployment_for_all_namespaces().items if self._run(d)]
         self._daemonsets()
         self._jobs()
+        self._bare_pods()
         for service in self.core.list_service_for_all_namespaces().items:
             self._forward(service)
         for deployment in ready:  # only once its Services reach the new pod, as endpoints follow readiness
@@ -354,24 +366,57 @@ class Kubelet:
         for gone in [k for k in self.job_pods if k[1] not in {j.metadata.uid for j in batch.list_job_for_all_namespaces().items}]:
             self._stop_ds_pod(self.job_pods.pop(gone))
 
+    # --- Pods on their own (helm test hooks) ------------------------------------------------
+    def _bare_pods(self) -> None:
+        """Each Pod no controller of ours made runs once on the first node; its phase follows its exit."""
+        pods = self.core.list_pod_for_all_namespaces().items
+        for found in pods:
+            key = (f"{found.metadata.namespace}/{found.metadata.name}", found.metadata.uid)
+            if found.spec.node_name or key in self.bare_pods:
+                continue
+            spec = self.api.sanitize_for_serialization(found.spec)
+            self.ds_serial += 1
+            pod = self.bare_pods[key] = self._pod_record(found.metadata.name, found.metadata.namespace, self.nodes[0],
+                                                          spec, found.metadata.labels or {}, None)
+            self._start(pod)
+        for key, pod in self.bare_pods.items():
+            if pod.get("done") or pod["process"] is None or pod["process"].poll() is None:
+                continue
+            code = pod["process"].returncode
+            pod["done"], pod["ready"] = True, False
+            pod["state"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
+            self._get(lambda p=pod, c=code: self._pod_status(p, phase="Succeeded" if c == 0 else "Failed"))
+        alive = {(f"{p.metadata.namespace}/{p.metadata.name}", p.metadata.uid) for p in pods}
+        for gone in [k for k in self.bare_pods if k not in alive]:
+            self._stop_ds_pod(self.bare_pods.pop(gone))
+
+    def _pod_record(self, name: str, namespace: str, node: Node, spec: dict, labels: dict, generation) -> dict:
+        pod = {"name": name, "namespace": namespace, "node": node, "labels": labels, "generation": generation,
+               "spec": spec, "process": None, "ready": False, "state": {},
+               "dir": self.work / f"{namespace}-{name}-{node.name}-{self.ds_serial}"}
+        pod["dir"].mkdir(parents=True)
+        return pod
+
     def _start_ds_pod(self, ds, node: Node) -> dict:
         namespace = ds.metadata.namespace
         template = self.api.sanitize_for_serialization(ds.spec.template)
-        spec, container = template["spec"], template["spec"]["containers"][0]
+        spec = template["spec"]
         self.ds_serial += 1
-        pod = {"name": f"{ds.metadata.name}-{node.name}", "namespace": namespace, "node": node,
-               "labels": (template.get("metadata") or {}).get("labels") or {},
-               "generation": ds.metadata.generation, "spec": spec, "process": None, "ready": False,
-               "dir": self.work / f"{namespace}-{ds.metadata.name}-{node.name}-{self.ds_serial}", "state": {}}
-        pod["dir"].mkdir(parents=True)
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        pod = self._pod_record(f"{ds.metadata.name}-{node.name}", namespace, node, spec, labels, ds.metadata.generation)
         core = self.core
         if self._get(lambda: core.read_namespaced_pod(pod["name"], namespace)) is not None:
             core.delete_namespaced_pod(pod["name"], namespace, _preload_content=False)
         core.create_namespaced_pod(namespace, {
-            "metadata": {"name": pod["name"], "labels": (template.get("metadata") or {}).get("labels") or {}},
-            "spec": {**spec, "nodeName": node.name}})
+            "metadata": {"name": pod["name"], "labels": labels}, "spec": {**spec, "nodeName": node.name}})
+        return self._start(pod)
+
+    def _start(self, pod: dict) -> dict:
+        """Pull the pod's image on its node, then run its container (a `/bin/sh` command) here."""
+        namespace, node, spec = pod["namespace"], pod["node"], pod["spec"]
+        container = spec["containers"][0]
         image = container["image"]
-        if not image.startswith(REGISTRY_IMAGE):
+        if registry_host(image) is not None:
             user, password = self._login(namespace, spec, image.split("/")[0])
             why = node.runtime.pull(image, user, password)
             if why is not None:
@@ -497,10 +542,10 @@ class Kubelet:
         for pod in [*self.retired, *(p["pod"] for p in self.pods.values() if "pod" in p)]:
             pod.stop()
         try:
-            for pod in [*self.ds_pods.values(), *self.job_pods.values()]:
+            for pod in [*self.ds_pods.values(), *self.job_pods.values(), *self.bare_pods.values()]:
                 self._stop_ds_pod(pod)
         finally:  # whatever the API says, no process outlives the test
-            for pod in [*self.ds_pods.values(), *self.job_pods.values()]:
+            for pod in [*self.ds_pods.values(), *self.job_pods.values(), *self.bare_pods.values()]:
                 if pod["process"] is not None and pod["process"].poll() is None:
                     pod["process"].kill()
             for node in self.nodes:

@@ -193,3 +193,21 @@ def test_no_secret_reaches_prefect_on_the_cluster_target(crflow, cluster_site, p
     assert rotated["password"] != secrets["password"]
     secrets.update({f"{name} after rotation": value for name, value in rotated.items()})
     assert_nowhere(secrets, runs, cluster_site, prefect_api, prefect_home)
+
+
+def test_helm_test_asks_the_registry_over_tls_with_the_login(crflow, cluster_site, kube_api):
+    """`helm test` (real helm 4) creates the chart's test Pod; the test kubelet runs its curl
+    command on this machine (EMULATED: curl's image is not pulled) with the CA and login Secrets
+    mounted and mapped, against the Service address. curl is the judge."""
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+    out = kube_api.run("helm", "test", "registry", "-n", "container-registry", "--timeout", "90s")
+    assert "Phase:          Succeeded" in out or "Phase: Succeeded" in out, out
+
+    # The test can fail: with a login the registry does not know, curl gets 401 and the Pod fails.
+    core = site.core
+    core.patch_namespaced_secret("registry-login", "container-registry",
+                                 {"data": {"password": base64.b64encode(b"not-the-password").decode()}})
+    # (helm 4 waits for a failed test Pod until its timeout, as it waits for any resource to become ready.)
+    failed = kube_api.run("helm", "test", "registry", "-n", "container-registry", "--timeout", "10s", returncode=1)
+    assert "Phase:          Failed" in failed, failed
