@@ -90,6 +90,7 @@ def _send_what_prefect_holds() -> None:
 @app.command()
 def install(config: Path = SiteFile) -> None:
     """Install the registry described by the site file, or bring it back to that state."""
+    from crflow.chart import chart_reference
     from crflow.flows.install import install as install_flow
     from crflow.oci import SMOKE_REPO
 
@@ -99,6 +100,8 @@ def install(config: Path = SiteFile) -> None:
     typer.echo(f"Registry ready at {url}")
     typer.echo(f"  client files: crflow export-client -c {config} --out DIR   (CA and login for skopeo/podman/docker)")
     typer.echo(f"  try: skopeo inspect --authfile {client}/auth.json --cert-dir {client} docker://{site.registry.server}/{SMOKE_REPO}:install")
+    typer.echo(f"  chart: helm pull {chart_reference(site.registry.server)} --ca-file {client}/ca.crt "
+               f"--registry-config {client}/auth.json")
 
 
 @app.command()

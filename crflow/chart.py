@@ -52,6 +52,23 @@ def secret_type(role: str) -> str:
     return SECRETS[role][1]
 
 
+CHART_REPOSITORY = "charts"  # where crflow publishes the chart in the registry it runs
+
+
+def chart_package() -> tuple[str, str]:
+    """(name, version) of the chart, from its Chart.yaml."""
+    import yaml
+
+    meta = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    return meta["name"], str(meta["version"])
+
+
+def chart_reference(server: str) -> str:
+    """What `helm pull` takes for the chart crflow publishes into the registry at `server`."""
+    name, version = chart_package()
+    return f"oci://{server}/{CHART_REPOSITORY}/{name} --version {version}"
+
+
 def node_trust_name(release: str) -> str:
     """The node-trust DaemonSet (and its script's ConfigMap)."""
     return f"{release}-node-trust"

@@ -16,7 +16,7 @@ from crflow.flows.steps import site_secrets, storage_and_secrets
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
 from crflow.targets import target_for
-from crflow.tasks.helm import render_chart
+from crflow.tasks.helm import publish_chart, render_chart
 from crflow.tasks.registry import push_pull_check, wait_until_ready
 from crflow.tasks.report import certificate_rows, publish_summary
 from crflow.vault import open_vault
@@ -42,11 +42,13 @@ def install(site_file: str) -> str:
     target.publish_login(secrets.ca.cert_pem, secrets.creds)
     wait_until_ready(target.url, target.bundle)
     digest = push_pull_check(target.url, target.bundle, SMOKE_REPO, "install")
+    # The chart itself, as an OCI artifact in the registry it runs: others pull it from here.
+    chart = publish_chart(site.registry.server, target.bundle)
 
     publish_summary(
         "crflow-install",
         f"Registry {site.release} installed",
         [("Address", target.url), ("Target", site.target), ("Storage", site.storage.kind),
-         ("Checked image", f"{SMOKE_REPO}@{digest}"), *certificate_rows(secrets.ca, secrets.server_cert)],
+         ("Checked image", f"{SMOKE_REPO}@{digest}"), ("Chart", f"helm pull {chart}"), *certificate_rows(secrets.ca, secrets.server_cert)],
     )
     return target.url

@@ -21,7 +21,7 @@ from pyhelm3.command import Command
 from pyhelm3.errors import Error as HelmError
 from pyhelm3.errors import ReleaseNotFoundError
 
-from crflow.chart import CHART_DIR
+from crflow.chart import CHART_DIR, CHART_REPOSITORY, chart_package, chart_reference
 from crflow.errors import CrflowError, transient_only
 
 if TYPE_CHECKING:  # the local target renders the chart without loading the Kubernetes client
@@ -166,3 +166,28 @@ def uninstall_release(kube: KubeAccess, release: str, namespace: str, timeout_se
         return asyncio.run(_uninstall(kube, release, namespace, timeout_seconds))
     except HelmError as err:
         raise CrflowError(f"helm could not uninstall release {namespace}/{release}: {_reason(err)}") from None
+
+
+@task(task_run_name="publish the chart to oci://{server}/" + CHART_REPOSITORY, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=transient_only)
+def publish_chart(server: str, bundle: Path) -> str:
+    """`helm package` our chart and `helm push` it into the registry it installed, trusting only
+    crflow's CA and logging in with the client files (their path, never their content, is in
+    helm's arguments). Returns what `helm pull` takes."""
+    import subprocess
+    import tempfile
+
+    name, version = chart_package()
+    helm = helm_executable()
+    with tempfile.TemporaryDirectory(prefix="crflow-chart-") as out:
+        def run(*args: str) -> None:
+            result = subprocess.run([helm, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+            if result.returncode != 0:
+                lines = [line for line in result.stderr.splitlines() if line.strip()]
+                raise CrflowError(f"helm {args[0]} of the chart failed: "
+                                  f"{lines[-1].removeprefix('Error: ') if lines else f'exit {result.returncode}'}")
+
+        run("package", str(CHART_DIR), "--destination", out)
+        run("push", str(Path(out) / f"{name}-{version}.tgz"), f"oci://{server}/{CHART_REPOSITORY}",
+            "--ca-file", str(bundle / "ca.crt"), "--registry-config", str(bundle / "auth.json"))
+    return chart_reference(server)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import ssl
+import subprocess
 import time
 
 import httpx
@@ -118,7 +119,7 @@ def test_down_stops_and_install_restarts(crflow, installed):
 
 VAULT_TASKS = ["make_ca", "make_credentials", "make_htpasswd", "make_server_cert", "make_http_secret"]
 ALL_TASKS = ["check_local_host", *VAULT_TASKS, "ensure_directory", "render_chart", "run_local_pod",
-             "save_client_bundle", "wait_until_ready", "push_pull_check", "publish_summary"]
+             "save_client_bundle", "wait_until_ready", "push_pull_check", "publish_chart", "publish_summary"]
 
 
 @pytest.mark.parametrize("killed_after", ALL_TASKS)
@@ -143,3 +144,29 @@ def test_killing_the_flow_after_any_task_then_rerunning_converges(crflow, make_s
     assert registry_health(site.url, site.client).healthy
     crflow("install", "-c", str(site.path))
     assert cached_tasks(crflow.api, site.path) == sorted(VAULT_TASKS)
+
+
+def test_install_publishes_the_chart_and_helm_pulls_it_with_the_client_files(crflow, installed, tmp_path):
+    """helm (an independent OCI client) pulls the chart crflow pushed, trusting only the CA."""
+    import yaml
+
+    from crflow.chart import CHART_DIR
+    from crflow.tasks.helm import helm_executable
+
+    version = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["version"]
+    env = {**os.environ, "HOME": str(tmp_path)}  # no helm config of this machine's
+
+    def pull(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([helm_executable(), "pull", f"oci://{installed.server}/charts/crflow-registry",
+                               "--version", version, "--destination", str(tmp_path), *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    pulled = pull("--ca-file", str(installed.client / "ca.crt"), "--registry-config", str(installed.client / "auth.json"))
+    assert pulled.returncode == 0, pulled.stderr
+    assert subprocess.run(["tar", "-xzf", str(tmp_path / f"crflow-registry-{version}.tgz"), "-C", str(tmp_path)]).returncode == 0
+    assert (tmp_path / "crflow-registry" / "values.yaml").read_text() == (CHART_DIR / "values.yaml").read_text()
+    # Neither without the CA nor without the login.
+    assert "certificate" in pull("--registry-config", str(installed.client / "auth.json")).stderr
+    unauthorized = pull("--ca-file", str(installed.client / "ca.crt"))
+    assert unauthorized.returncode != 0 and "basic credential not found" in unauthorized.stderr, unauthorized.stderr
+    assert "helm pull oci://" in crflow("install", "-c", str(installed.path)).stdout  # a rerun publishes the same
