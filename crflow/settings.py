@@ -42,8 +42,8 @@ class Address(Strict):
     dns_names: list[Annotated[str, Field(pattern=HOSTNAME, max_length=253)]] = []
     port: Port = 5000
     # The local target's debug server (liveness, /metrics), on 127.0.0.1 only: it also serves
-    # pprof. On the cluster it is the chart's metrics.port.
-    metrics_port: Port = 5001
+    # pprof. None: the port after `port`. On the cluster it is the chart's metrics.port.
+    metrics_port: Port | None = None
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "LoadBalancer"
 
     @field_validator("ips")
@@ -73,6 +73,13 @@ class Address(Strict):
             return self.dns_names[0]
         ip = ipaddress.ip_address(self.ips[0])
         return f"[{ip}]" if ip.version == 6 else str(ip)
+
+    @property
+    def debug_port(self) -> int:
+        """The local registry's debug server port: metrics_port, else the port after the registry's."""
+        if self.metrics_port is not None:
+            return self.metrics_port
+        return self.port + 1 if self.port < 65535 else self.port - 1
 
     @property
     def listen(self) -> tuple[str, int]:

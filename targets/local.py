@@ -32,7 +32,7 @@ class LocalTarget(Target):
     def check_host(self) -> None:
         from crflow.tasks.localpod import check_local_host
 
-        check_local_host(self.pod_dir, self.site.registry.listen, self.site.registry.metrics_port)
+        check_local_host(self.pod_dir, self.site.registry.listen, self.site.registry.debug_port)
 
     def prepare(self) -> None:
         from crflow.tasks.storage import ensure_directory
@@ -60,7 +60,7 @@ class LocalTarget(Target):
         if self.contents is None:
             raise RuntimeError("put_secrets before deploy: the pod mounts them")
         run_local_pod(self.pod_dir, manifests, self.contents, self.claims, self.site.registry.listen,
-                      self.site.registry.metrics_port)
+                      self.site.registry.debug_port)
         return Release(None, manifests)
 
     def deployed(self) -> Release:
@@ -97,7 +97,7 @@ class LocalTarget(Target):
         # The chart's probes, as a kubelet asks them: live is the process, ready includes its storage.
         if not pod.probe("liveness"):
             return Health(Status.UNHEALTHY, f"registry process {pid} does not answer its liveness probe (the debug "
-                                            f"server on {DEBUG_HOST}:{self.site.registry.metrics_port}); restart "
+                                            f"server on {DEBUG_HOST}:{self.site.registry.debug_port}); restart "
                                             "it with crflow down and crflow install")
         if not pod.probe("readiness"):
             why = pod.failing_checks() or "it does not answer its readiness probe"

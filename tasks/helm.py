@@ -49,7 +49,8 @@ async def _render(release: str, namespace: str, values: dict) -> list[dict]:
     # pyhelm3's Command, not its Client: the Client first runs `helm version` and `helm show
     # chart`, which cost every install ~0.1 s and add nothing to a local template.
     resources = await Command(executable=helm_executable()).template(release, CHART_DIR, values, namespace=namespace)
-    return [r for r in resources if r]
+    # Hooks (the `helm test` Pod) are not part of a release's manifest, as `helm get manifest` shows it.
+    return [r for r in resources if r and "helm.sh/hook" not in ((r.get("metadata") or {}).get("annotations") or {})]
 
 
 @task(task_run_name="helm template {release}", retries=1)

@@ -295,7 +295,8 @@ def test_the_usage_report_matches_the_storage_and_shows_growth(crflow, installed
 
     (first, *_) = table()
     assert first["stored bytes"] == sum(stored(site).values()), (first, sum(stored(site).values()))
-    assert first["repositories"] == 2 and first["tags"] == 3  # team/one:v1, crflow-smoke:install and :gc
+    # team/one:v1, crflow-smoke:install and :gc, and the chart install published (charts/crflow-registry)
+    assert first["repositories"] == 3 and first["tags"] == 4
 
     layer = f"two {tmp_path}".encode() * 80
     push(site, tmp_path, image(layer, "two"), "team/two", "v1")

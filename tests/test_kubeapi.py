@@ -78,7 +78,7 @@ def test_helm_install_upgrade_rollback_uninstall_through_pyhelm3(kube_api, helm_
         chart = await helm.get_chart(CHART_DIR)
         first = await helm.install_or_upgrade_release("registry", chart, {}, namespace="container-registry",
                                                       create_namespace=True)
-        second = await helm.install_or_upgrade_release("registry", chart, {"replicaCount": 2},
+        second = await helm.install_or_upgrade_release("registry", chart, {"podAnnotations": {"revision": "2"}},
                                                        namespace="container-registry")
         releases = await helm.list_releases(all_namespaces=True)
         rolled_back = await second.release.rollback(first.revision)
