@@ -79,6 +79,7 @@ class Vault:
     """Applies the encrypted result store to a task: `vault(task)(...)`."""
 
     def __init__(self, results_dir: Path, key_file: Path):
+        self.results_dir = results_dir
         self.options = dict(
             persist_result=True,
             result_storage=results_dir,
@@ -87,6 +88,10 @@ class Vault:
 
     def __call__(self, task):
         return task.with_options(**self.options)
+
+    def is_empty(self) -> bool:
+        """Nothing cached yet (a new or lost state directory)."""
+        return not any(p.name != KEYCHECK for p in self.results_dir.iterdir())
 
 
 def _new_key_file(key_file: Path) -> bytes:

@@ -76,7 +76,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     started = dt.datetime.now(dt.timezone.utc)
 
     # 1. The new login (cached: a rerun gets the same one), and both logins as client files.
-    ca = site_ca(site, vault)
+    ca = site_ca(site, vault, target)
     old, old_line = login(site, vault, gens.credentials)
     new, new_line = login(site, vault, gens.rotating_to)
     url, workdir = target.url, site.state_dir / "rotation"
@@ -133,7 +133,7 @@ def rotate_cert(site_file: str) -> str:
         gens.save(site.state_dir)
     url = install(site_file)  # the registry converged onto the new certificate, push/pull checked
     vault = open_vault(site.state_dir)
-    ca = site_ca(site, vault)
+    ca = site_ca(site, vault, target_for(site))
     cert = server_cert(site, vault, ca, gens.server_cert)
     check_served_certificate(site.registry.host, site.registry.port, cert.fingerprint)
     gens.model_copy(update={"renewing_cert": False}).save(site.state_dir)

@@ -10,11 +10,11 @@ from pydantic import SecretStr
 from crflow.chart import registry_secrets
 from crflow.errors import CrflowError
 from crflow.generations import Generations
-from crflow.identity import guard
+from crflow.identity import Identity, guard
 from crflow.settings import S3Storage, Site
 from crflow.targets import Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
-from crflow.tasks.pki import KeyPair, make_ca, make_server_cert
+from crflow.tasks.pki import KeyPair, fingerprint_of_pem, make_ca, make_server_cert
 from crflow.tasks.storage import ensure_bucket
 from crflow.vault import Vault
 
@@ -32,8 +32,18 @@ class SiteSecrets:
 
 # Each of these checks what the cache gave against the site's identity record before it is
 # used: a damaged cache or another key must stop the run, never make a second CA or login.
-def site_ca(site: Site, vault: Vault) -> KeyPair:
+def site_ca(site: Site, vault: Vault, target: Target) -> KeyPair:
+    held = target.held_ca() if Identity.load(site.state_dir).ca is None else None
+    if held is not None and vault.is_empty():  # a lost or new state_dir beside a live registry
+        raise CrflowError(
+            f"the cluster already holds the CA of {site.release} (fingerprint {fingerprint_of_pem(held)}) but "
+            f"{site.state_dir} has none: a new CA would be one no node or client trusts; restore {site.state_dir} "
+            "(crflow restore) or run crflow from where it was installed")
     ca = vault(make_ca)(f"crflow {site.release} CA", days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm)
+    if held is not None and fingerprint_of_pem(held) != ca.fingerprint:
+        raise CrflowError(
+            f"the CA in {site.state_dir} ({ca.fingerprint}) is not the one the cluster holds for {site.release} "
+            f"({fingerprint_of_pem(held)}); restore the state_dir that installed it (crflow restore)")
     guard(site.state_dir, "ca", "", ca.fingerprint)
     return ca
 
@@ -55,7 +65,7 @@ def login(site: Site, vault: Vault, generation: int) -> tuple[Credentials, Secre
     return creds, vault(make_htpasswd)(creds, cost=site.auth.bcrypt_cost)
 
 
-def site_secrets(site: Site, vault: Vault) -> SiteSecrets:
+def site_secrets(site: Site, vault: Vault, target: Target) -> SiteSecrets:
     """The registry's secrets, made once and cached: a long-lived CA, a server certificate for
     the addresses clients use, a login (user, random password, bcrypt in htpasswd) and the
     http.secret. Rotations move the generations on; every later run keeps what they made."""
@@ -63,7 +73,7 @@ def site_secrets(site: Site, vault: Vault) -> SiteSecrets:
     if gens.rotating_to is not None and not gens.rotation_undone:  # its new login may be in consumers' hands
         raise CrflowError(f"a login rotation to generation {gens.rotating_to} is under way; finish it first with "
                           "crflow rotate-credentials (this run would hand out the older login again)")
-    ca = site_ca(site, vault)
+    ca = site_ca(site, vault, target)
     creds, htpasswd = login(site, vault, gens.credentials)
     return SiteSecrets(ca=ca, server_cert=server_cert(site, vault, ca, gens.server_cert), creds=creds,
                        htpasswd=htpasswd, http_secret=vault(make_http_secret)())

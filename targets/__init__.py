@@ -55,6 +55,11 @@ class Target(ABC):
         """Before anything is made: what this target needs from the machine is there."""
 
     @abstractmethod
+    def held_ca(self) -> str | None:
+        """The CA certificate (PEM) this target already hands out apart from state_dir (the
+        cluster's CA Secret), or None: a run whose state_dir is empty must not make another."""
+
+    @abstractmethod
     def prepare(self) -> None:
         """The namespace, and where blobs go when storage is not S3 (a directory or a volume)."""
 

@@ -29,6 +29,13 @@ class KubernetesTarget(Target):
 
         helm_executable()
 
+    def held_ca(self) -> str | None:
+        from crflow.tasks.secrets import read_held_ca
+
+        site = self.site
+        # The CA Secret; a release installed before it existed has the CA in its TLS Secret.
+        return read_held_ca(self.kube, site.namespace, [secret_name(site.release, "ca"), secret_name(site.release, "tls")])
+
     def prepare(self) -> None:
         from crflow.tasks.kubeapi import create_namespace
         from crflow.tasks.volumes import create_hostpath_volume

@@ -34,6 +34,9 @@ class LocalTarget(Target):
 
         check_local_host(self.pod_dir, self.site.registry.listen, self.site.registry.debug_port)
 
+    def held_ca(self) -> str | None:
+        return None  # the local registry's files live in state_dir: an empty one has no registry either
+
     def prepare(self) -> None:
         from crflow.tasks.storage import ensure_directory
 

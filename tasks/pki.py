@@ -30,6 +30,10 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+def fingerprint_of_pem(pem: str) -> str:
+    return fingerprint(x509.load_pem_x509_certificate(pem.encode()))
+
+
 class KeyPair(BaseModel):
     """A certificate and its private key. The key is a SecretStr: Prefect's cache keys,
     reprs and logs see only asterisks; the encrypted result store keeps the real value."""

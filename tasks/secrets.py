@@ -121,3 +121,17 @@ def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: 
                     lambda: core.delete_namespaced_secret(n, namespace, _preload_content=False)))
                 deleted.append(f"Secret {namespace}/{name}")
     return deleted
+
+
+@task(task_run_name="the CA the cluster holds ({namespace})", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def read_held_ca(kube: KubeAccess, namespace: str, names: list[str]) -> str | None:
+    """ca.crt from the first of `names` that holds one (a public certificate), or None."""
+    with api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        for name in names:
+            found = retrying(f"read Secret {namespace}/{name}",
+                             lambda n=name: get_or_none(lambda: core.read_namespaced_secret(n, namespace)))
+            if found is not None and "ca.crt" in (found.data or {}):
+                return base64.b64decode(found.data["ca.crt"]).decode()
+    return None
