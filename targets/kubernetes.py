@@ -161,7 +161,8 @@ class KubernetesTarget(Target):
             removed.append(f"the node-trust files on {nodes} nodes")
         if uninstall_release(self.kube, site.release, site.namespace, timeout):
             removed.append(f"helm release {site.namespace}/{site.release}")
-        removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release)]
+        removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release,
+                                                                           site.pull_secrets.name)]
         if purge:
             removed += delete_secrets(self.kube, site.namespace, [secret_name(site.release, r) for r in SECRETS],
                                       site.release)

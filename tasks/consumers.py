@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 from prefect import task
 from pydantic import SecretStr
 
@@ -48,13 +49,10 @@ def _set_default_account_secret(api: client.ApiClient, namespace: str, secret: s
 
     def attempt() -> bool:
         account = get_or_none(lambda: core.read_namespaced_service_account("default", namespace))
-        if account is None:  # the ServiceAccount controller has not made it yet: make it as it would
+        if account is None:  # the ServiceAccount controller makes it moments after the namespace
             if not listed:
                 return False
-            core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
-                metadata=client.V1ObjectMeta(name="default"),
-                image_pull_secrets=[client.V1LocalObjectReference(name=secret)]))
-            return True
+            raise ApiException(status=503, reason=f"ServiceAccount {namespace}/default does not exist yet")
         refs = account.image_pull_secrets or []
         if any(r.name == secret for r in refs) == listed:
             return False
@@ -104,18 +102,25 @@ def _unlist(kube: KubeAccess, namespace: str, name: str) -> Callable[[], None]:
 
 @task(task_run_name="remove the pull Secrets of {release}", retries=1, retry_delay_seconds=5,
       retry_condition_fn=transient_only)
-def remove_pull_secrets(kube: KubeAccess, release: str) -> list[str]:
-    """Delete every pull Secret crflow made for `release` (found by crflow's labels, never by
-    name alone: a Secret someone else made stays) and unlist it from the namespace's default
-    ServiceAccount; returns them as "namespace/name"."""
-    selector = ",".join(f"{k}={v}" for k, v in managed_labels(release).items())
+def remove_pull_secrets(kube: KubeAccess, release: str, name: str) -> list[str]:
+    """Delete the pull Secret `name` crflow made for `release` in every namespace (found by
+    crflow's labels, never by name alone: a Secret someone else made stays) and unlist it from
+    the namespace's default ServiceAccount; returns them as "namespace/name". It reads each
+    namespace's Secret by name, not a cluster-wide list: RBAC can then limit crflow to that
+    one name outside the registry's namespace (deployments/worker-rbac.yaml)."""
+    labels = managed_labels(release)
+    removed = []
     with api_client(kube) as api:
         core = client.CoreV1Api(api)
-        found = retrying("list crflow's Secrets", lambda: core.list_secret_for_all_namespaces(label_selector=selector))
-        pulls = sorted((s.metadata.namespace, s.metadata.name) for s in found.items
-                       if s.type == "kubernetes.io/dockerconfigjson")
-        for namespace, name in pulls:
+        namespaces = retrying("list namespaces", lambda: core.list_namespace()).items
+        for namespace in sorted(ns.metadata.name for ns in namespaces):
+            found = retrying(f"read Secret {namespace}/{name}",
+                             lambda n=namespace: get_or_none(lambda: core.read_namespaced_secret(name, n)))
+            if found is None or found.type != "kubernetes.io/dockerconfigjson" or \
+                    not labels.items() <= (found.metadata.labels or {}).items():
+                continue
             _set_default_account_secret(api, namespace, name, listed=False)
-            retrying(f"delete Secret {namespace}/{name}", lambda n=namespace, s=name: get_or_none(
-                lambda: core.delete_namespaced_secret(s, n, _preload_content=False)))
-    return [f"{namespace}/{name}" for namespace, name in pulls]
+            retrying(f"delete Secret {namespace}/{name}", lambda n=namespace: get_or_none(
+                lambda: core.delete_namespaced_secret(name, n, _preload_content=False)))
+            removed.append(f"{namespace}/{name}")
+    return removed

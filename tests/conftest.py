@@ -228,7 +228,8 @@ class KubeApi:
     EMULATED: no scheduler, kubelet, admission, RBAC or defaulting (see tests/kubeapi/server.py)."""
 
     def __init__(self, tmp_path: Path, *options: str):
-        self.kubeconfig = tmp_path / "kubeconfig"
+        self.kubeconfig = tmp_path / "kubeconfig"  # crflow's: its requests are checked against deployments/ RBAC
+        self.admin_kubeconfig = tmp_path / "admin-kubeconfig"  # the tests', helm's and kubectl's in tests, the kubelet's
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = start_server([str(BIN / "python"), str(ROOT / "tests" / "kubeapi" / "server.py"),
@@ -238,7 +239,7 @@ class KubeApi:
         # helm and kubectl get a HOME of their own, so no cache or config leaks between runs.
         self.home = tmp_path / "kube-home"
         self.home.mkdir()
-        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HOME": str(self.home)}
+        self.env = {**os.environ, "KUBECONFIG": str(self.admin_kubeconfig), "HOME": str(self.home)}
 
     def fault(self, **rule) -> None:
         """Make the next matching requests fail: fault(method="POST", path="/secrets", status=500, count=3)."""
@@ -262,7 +263,23 @@ class KubeApi:
 def kube_api(tmp_path) -> KubeApi:
     api = KubeApi(tmp_path)
     yield api
+    requests = api.requests()
     stop_server(api.process)
+    # Least privilege, checked on every test: each API call crflow (and the helm it runs) made
+    # is one deployments/worker-rbac.yaml allows its worker.
+    from rbac import denied
+
+    refused = denied(requests)
+    assert not refused, f"deployments/worker-rbac.yaml does not allow what crflow did: {refused}"
+    if log := os.environ.get("CRFLOW_RBAC_LOG"):  # what crflow asked for, to review deployments/ RBAC against
+        from rbac import attributes
+
+        with open(log, "a") as out:
+            for entry in requests:
+                attrs = attributes(entry["method"], entry["path"], entry.get("query", "")) \
+                    if entry.get("user") == "crflow-worker" else None
+                if attrs is not None:
+                    out.write(f"{attrs.verb}\t{attrs.group}\t{attrs.resource}\t{attrs.namespace}\t{attrs.name}\n")
 
 
 @pytest.fixture
@@ -272,7 +289,7 @@ def kubelet(kube_api, tmp_path):
     from kubelet import Kubelet
 
     try:
-        node = Kubelet(kube_api.kubeconfig, tmp_path / "node")
+        node = Kubelet(kube_api.admin_kubeconfig, tmp_path / "node")
     except Unavailable as why:  # its nodes pull with a real containerd, or the test would prove nothing
         pytest.skip(f"the emulated nodes need a real containerd: {why}")
     yield node
@@ -287,7 +304,7 @@ MINIO_KEYS = {"accesskey": "crflow-test-access", "secretkey": "crflow-test-secre
 @pytest.fixture
 def cluster_site(kube_api, kubelet, make_site, moto_s3, crflow):
     """A kubernetes site on the emulated cluster, with MinIO's secret where the runbook has it."""
-    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.admin_kubeconfig)))
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="minio")))
     core.create_namespaced_secret("minio", client.V1Secret(
         metadata=client.V1ObjectMeta(name="minio-access-secret"), string_data=MINIO_KEYS))

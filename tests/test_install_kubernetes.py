@@ -56,7 +56,7 @@ def test_install_on_the_emulated_cluster_serves_skopeo_from_the_bucket(crflow, c
 
 def all_objects(kube_api) -> dict[str, str]:
     """Every object crflow or helm made, as kind/namespace/name -> resourceVersion."""
-    api = config.new_client_from_config(str(kube_api.kubeconfig))
+    api = config.new_client_from_config(str(kube_api.admin_kubeconfig))
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     found = {}
     for kind, items in [("Secret", core.list_secret_for_all_namespaces().items),
@@ -134,7 +134,7 @@ def test_pvc_storage_on_a_hostpath_volume(crflow, kube_api, kubelet, make_site, 
                      cluster={"kubeconfig": str(kube_api.kubeconfig), "helm_timeout_seconds": 60})
     crflow.env["HOME"] = str(kube_api.home)
     crflow("install", "-c", str(site.path))
-    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.admin_kubeconfig)))
     pv = core.read_persistent_volume("container-registry-registry-data")
     assert pv.spec.host_path.path == str(disk)
     terms = pv.spec.node_affinity.required.node_selector_terms[0].match_expressions[0]
@@ -157,7 +157,7 @@ def test_unreachable_api_gives_the_runbooks_hint(crflow, make_site, tmp_path):
                      cluster={"kubeconfig": str(kubeconfig)})
     result = crflow("install", "-c", str(site.path), check=False)
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and "Kubernetes API unreachable during create namespace" in last
+    assert result.returncode == 1 and "Kubernetes API unreachable during " in last
     assert "kubectl config view --raw > ~/.kube/config" in last
 
 

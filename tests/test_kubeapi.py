@@ -19,7 +19,7 @@ pytestmark = pytest.mark.kubernetes
 
 
 def core(kube_api) -> client.CoreV1Api:
-    return client.CoreV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    return client.CoreV1Api(config.new_client_from_config(str(kube_api.admin_kubeconfig)))
 
 
 def test_python_client_crud_conflicts_selectors_and_watch(kube_api):
@@ -74,7 +74,7 @@ def test_helm_install_upgrade_rollback_uninstall_through_pyhelm3(kube_api, helm_
     executable = helm_executable() if helm_binary == "helm" else str(CHART_DIR.parent / ".bin" / "helm3")
 
     async def scenario():
-        helm = Helm(executable=executable, kubeconfig=kube_api.kubeconfig)
+        helm = Helm(executable=executable, kubeconfig=kube_api.admin_kubeconfig)
         chart = await helm.get_chart(CHART_DIR)
         first = await helm.install_or_upgrade_release("registry", chart, {}, namespace="container-registry",
                                                       create_namespace=True)
@@ -121,7 +121,7 @@ def test_faults_on_demand_errors_and_slow_responses(kube_api):
 
 
 def test_status_subresource_updates_status_only_and_every_time(kube_api):
-    apps = client.AppsV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    apps = client.AppsV1Api(config.new_client_from_config(str(kube_api.admin_kubeconfig)))
     apps.create_namespaced_deployment("default", {
         "metadata": {"name": "d"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "b"}},

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 from aiohttp import web
+from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -93,6 +94,11 @@ class Emulator:
 
     # --- the handler ---------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        user = ""
+        if request.path.startswith("/as/"):  # the kubeconfig's server URL names who asks (see kubeconfig())
+            _, _, user, rest = request.path.split("/", 3)
+            request = request.clone(rel_url=URL.build(path=f"/{rest}", query_string=request.rel_url.raw_query_string,
+                                                      encoded=True))
         path = request.path
         if path.startswith("/_emulator/"):
             return await self.control(request)
@@ -109,7 +115,7 @@ class Emulator:
         except (ValueError, KeyError, yaml.YAMLError) as err:
             response = _json(ApiError(400, "BadRequest", f"cannot decode the request: {err}").status(), 400)
         self.requests.append({"method": request.method, "path": path, "query": request.query_string,
-                              "status": response.status})
+                              "status": response.status, "user": user})
         return response
 
     def fault_for(self, method: str, path: str) -> dict | None:
@@ -229,10 +235,13 @@ class Emulator:
         return response
 
 
-def kubeconfig(server: str) -> dict:
+def kubeconfig(server: str, user: str = "crflow-worker") -> dict:
+    """A kubeconfig for the emulated server. Its server URL's path (/as/USER) names who asks, in
+    the request log: crflow runs as "crflow-worker" (checked against deployments/ RBAC), tests
+    and the test kubelet as "test-admin". (Not a token: client-go sends none over plain HTTP.)"""
     return {
         "apiVersion": "v1", "kind": "Config", "current-context": "emulated",
-        "clusters": [{"name": "emulated", "cluster": {"server": server}}],
+        "clusters": [{"name": "emulated", "cluster": {"server": f"{server}/as/{user}"}}],
         "users": [{"name": "emulated", "user": {"token": "emulated-cluster-no-auth"}}],
         "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "emulated",
                                                       "namespace": "default"}}],
@@ -258,6 +267,9 @@ def main() -> None:
     app.on_startup.append(lambda _: _seed(emulator))
     args.kubeconfig.write_text(yaml.safe_dump(kubeconfig(f"http://{args.host}:{args.port}")))
     args.kubeconfig.chmod(0o600)
+    admin = args.kubeconfig.with_name("admin-kubeconfig")
+    admin.write_text(yaml.safe_dump(kubeconfig(f"http://{args.host}:{args.port}", "test-admin")))
+    admin.chmod(0o600)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5)
 
 

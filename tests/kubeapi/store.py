@@ -243,7 +243,13 @@ class Store:
         if dry_run:
             return obj
         self.objects[key] = obj
-        return await self._record("ADDED", resource, obj)
+        recorded = await self._record("ADDED", resource, obj)
+        if resource.kind == "Namespace":  # what the ServiceAccount controller does for every new namespace
+            from resources import RESOURCES
+
+            accounts = next(r for r in RESOURCES if r.plural == "serviceaccounts")
+            await self.create(accounts, name, {"metadata": {"name": "default"}})
+        return recorded
 
     async def replace(self, resource: Resource, namespace: str | None, name: str, obj: dict,
                       subresource: str | None = None, dry_run: bool = False) -> dict:
