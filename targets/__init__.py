@@ -15,11 +15,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from crflow.chart import SecretData
+from crflow.errors import NotInstalled
 from crflow.health import Health
 from crflow.settings import Site
 
@@ -53,6 +55,12 @@ class Target(ABC):
     @abstractmethod
     def check_host(self) -> None:
         """Before anything is made: what this target needs from the machine is there."""
+
+    def client_bundle(self) -> Path:
+        """The directory with ca.crt and auth.json for this site's clients."""
+        if not (self.bundle / "auth.json").exists():
+            raise NotInstalled(f"no client files in {self.bundle}: run crflow install first")
+        return self.bundle
 
     @abstractmethod
     def held_ca(self) -> str | None:

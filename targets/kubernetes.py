@@ -7,11 +7,13 @@ Task modules are imported in the methods that run them, as in targets/local.py, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import SecretStr
 
 from crflow.chart import SECRETS, SecretData, data_claim, node_trust_name, secret_name, secret_type
-from crflow.errors import CrflowError
-from crflow.health import Health, registry_health
+from crflow.errors import CrflowError, NotInstalled
+from crflow.health import Health, Status, registry_health
 from crflow.settings import Site
 from crflow.targets import Check, Release, Target
 
@@ -123,8 +125,47 @@ class KubernetesTarget(Target):
                                        SecretStr(creds.auth_json(site.registry.servers)),
                                        pulls.default_service_account, site.release))
 
+    def client_bundle(self) -> Path:
+        """The local client files, or, on a machine that has none (a fresh worker, a laptop
+        with kubectl access), ca.crt and auth.json written from the cluster's CA and login
+        Secrets into a private temporary directory removed when crflow exits."""
+        if (self.bundle / "auth.json").exists():
+            return self.bundle
+        import atexit
+        import shutil
+        import tempfile
+
+        from crflow.tasks.client import write_client_bundle
+        from crflow.tasks.credentials import Credentials
+        from crflow.tasks.kubeapi import api_client, get_or_none
+        from crflow.tasks.secrets import read_secret
+
+        site = self.site
+        ca_name, login_name = secret_name(site.release, "ca"), secret_name(site.release, "login")
+        with api_client(self.kube) as api:
+            from kubernetes import client
+
+            core = client.CoreV1Api(api)
+            if any(get_or_none(lambda n=n: core.read_namespaced_secret(n, site.namespace)) is None
+                   for n in (ca_name, login_name)):
+                raise NotInstalled(f"no client files in {self.bundle} and no Secrets {ca_name}, {login_name} in "
+                                   f"{site.namespace}: run crflow install")
+            ca = read_secret(api, site.namespace, ca_name, ["ca.crt"])["ca.crt"].get_secret_value()
+            login = read_secret(api, site.namespace, login_name, ["username", "password"])
+        out = Path(tempfile.mkdtemp(prefix="crflow-client-"))  # 0700, this user's
+        atexit.register(shutil.rmtree, out, True)
+        creds = Credentials(user=login["username"].get_secret_value(), password=login["password"], id="from-cluster")
+        return write_client_bundle(out, site.registry.servers, ca, creds)
+
     def status(self) -> Health:
-        return registry_health(self.url, self.bundle)
+        try:
+            bundle = self.client_bundle()
+        except NotInstalled as err:
+            return Health(Status.NOT_INSTALLED, str(err))
+        except CrflowError as err:  # nothing here, and the cluster cannot say either
+            return Health(Status.NOT_INSTALLED, f"no client files in {self.bundle}, and the cluster could not be "
+                                                f"asked for them ({err}); run crflow install, or fix the kubeconfig")
+        return registry_health(self.url, bundle)
 
     def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool):
         from crflow.tasks.gc import parse_collection

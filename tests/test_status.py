@@ -19,7 +19,7 @@ def test_status_of_a_never_installed_local_site_is_4(crflow, make_site):
 
 
 def test_status_of_a_never_installed_kubernetes_site_is_4(crflow, make_site, tmp_path):
-    # No cluster is needed to know there is nothing installed: no client files (EMULATED: nothing)
+    # No client files here, and no cluster to read them from (EMULATED: nothing)
     site = make_site(target="kubernetes", storage={"kind": "pvc", "existing_claim": "data"},
                      cluster={"kubeconfig": str(tmp_path / "no-kubeconfig")})
     result = crflow("status", "-c", str(site.path), check=False)
@@ -63,3 +63,25 @@ def test_the_venv_cannot_import_generic_top_level_names(name, tmp_path):
                             cwd=tmp_path, timeout=60)
     assert result.returncode != 0 and "No module named" in result.stderr
     assert subprocess.run([str(BIN / "python"), "-c", f"import crflow.{name}"], cwd=tmp_path, timeout=60).returncode == 0
+
+
+def test_status_and_export_client_read_the_cluster_where_no_client_files_are(crflow, cluster_site, tmp_path):
+    """A machine with the site file and kubectl access but not the state_dir that installed it
+    (EMULATED cluster: tests/kubeapi and the test kubelet; skopeo, independent, is the judge)."""
+    import shutil
+
+    from conftest import skopeo
+
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+    ca = (site.client / "ca.crt").read_text()
+    user = site.login()[0]
+    shutil.rmtree(site.client)
+
+    status = crflow("status", "-c", str(site.path))
+    assert f"login of user {user} accepted" in status.stdout
+    out = tmp_path / "exported"
+    crflow("export-client", "-c", str(site.path), "--out", str(out))
+    assert (out / "ca.crt").read_text() == ca and (out / "auth.json").stat().st_mode & 0o077 == 0
+    skopeo("inspect", "--authfile", str(out / "auth.json"), "--cert-dir", str(out),
+           f"docker://{site.server}/crflow-smoke:install")
