@@ -33,17 +33,18 @@ class SiteSecrets:
 # Each of these checks what the cache gave against the site's identity record before it is
 # used: a damaged cache or another key must stop the run, never make a second CA or login.
 def site_ca(site: Site, vault: Vault, target: Target) -> KeyPair:
-    held = target.held_ca() if Identity.load(site.state_dir).ca is None else None
+    held_pem = target.held_ca() if Identity.load(site.state_dir).ca is None else None
+    held = fingerprint_of_pem(held_pem) if held_pem is not None else None
     if held is not None and vault.is_empty():  # a lost or new state_dir beside a live registry
         raise CrflowError(
-            f"the cluster already holds the CA of {site.release} (fingerprint {fingerprint_of_pem(held)}) but "
+            f"the cluster already holds the CA of {site.release} (fingerprint {held}) but "
             f"{site.state_dir} has none: a new CA would be one no node or client trusts; restore {site.state_dir} "
             "(crflow restore) or run crflow from where it was installed")
     ca = vault(make_ca)(f"crflow {site.release} CA", days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm)
-    if held is not None and fingerprint_of_pem(held) != ca.fingerprint:
+    if held is not None and held != ca.fingerprint:
         raise CrflowError(
             f"the CA in {site.state_dir} ({ca.fingerprint}) is not the one the cluster holds for {site.release} "
-            f"({fingerprint_of_pem(held)}); restore the state_dir that installed it (crflow restore)")
+            f"({held}); restore the state_dir that installed it (crflow restore)")
     guard(site.state_dir, "ca", "", ca.fingerprint)
     return ca
 

@@ -137,25 +137,21 @@ class KubernetesTarget(Target):
 
         from crflow.tasks.client import write_client_bundle
         from crflow.tasks.credentials import Credentials
-        from crflow.tasks.kubeapi import api_client, get_or_none
+        from crflow.tasks.kubeapi import api_client
         from crflow.tasks.secrets import read_secret
 
         site = self.site
         ca_name, login_name = secret_name(site.release, "ca"), secret_name(site.release, "login")
         with api_client(self.kube) as api:
-            from kubernetes import client
-
-            core = client.CoreV1Api(api)
-            if any(get_or_none(lambda n=n: core.read_namespaced_secret(n, site.namespace)) is None
-                   for n in (ca_name, login_name)):
-                raise NotInstalled(f"no client files in {self.bundle} and no Secrets {ca_name}, {login_name} in "
-                                   f"{site.namespace}: run crflow install")
-            ca = read_secret(api, site.namespace, ca_name, ["ca.crt"])["ca.crt"].get_secret_value()
-            login = read_secret(api, site.namespace, login_name, ["username", "password"])
+            ca = read_secret(api, site.namespace, ca_name, ["ca.crt"], missing_ok=True)
+            login = read_secret(api, site.namespace, login_name, ["username", "password"], missing_ok=True)
+        if ca is None or login is None:
+            raise NotInstalled(f"no client files in {self.bundle} and no Secrets {ca_name}, {login_name} in "
+                               f"{site.namespace}: run crflow install")
         out = Path(tempfile.mkdtemp(prefix="crflow-client-"))  # 0700, this user's
         atexit.register(shutil.rmtree, out, True)
         creds = Credentials(user=login["username"].get_secret_value(), password=login["password"], id="from-cluster")
-        return write_client_bundle(out, site.registry.servers, ca, creds)
+        return write_client_bundle(out, site.registry.servers, ca["ca.crt"].get_secret_value(), creds)
 
     def status(self) -> Health:
         try:

@@ -39,10 +39,14 @@ def helm_executable() -> str:
     raise CrflowError(f"helm not found: {HELM_HINT}")
 
 
-def _reason(err: HelmError) -> str:
+def _said(stderr: str, otherwise: str) -> str:
     """helm's own one-line reason ("Error: UPGRADE FAILED: ..."), without the lines before it."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1].removeprefix("Error: ") if lines else type(err).__name__
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix("Error: ") if lines else otherwise
+
+
+def _reason(err: HelmError) -> str:
+    return _said(str(err), type(err).__name__)
 
 
 async def _render(release: str, namespace: str, values: dict) -> list[dict]:
@@ -184,9 +188,8 @@ def publish_chart(server: str, bundle: Path) -> str:
         def run(*args: str) -> None:
             result = subprocess.run([helm, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
             if result.returncode != 0:
-                lines = [line for line in result.stderr.splitlines() if line.strip()]
                 raise CrflowError(f"helm {args[0]} of the chart failed: "
-                                  f"{lines[-1].removeprefix('Error: ') if lines else f'exit {result.returncode}'}")
+                                  f"{_said(result.stderr, f'exit {result.returncode}')}")
 
         run("package", str(CHART_DIR), "--destination", out)
         run("push", str(Path(out) / f"{name}-{version}.tgz"), f"oci://{server}/{CHART_REPOSITORY}",

@@ -75,9 +75,15 @@ def write_secret_undoably(kube: KubeAccess, api: client.ApiClient, namespace: st
     return outcome
 
 
-def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str]) -> dict[str, SecretStr]:
+def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str],
+                missing_ok: bool = False) -> dict[str, SecretStr] | None:
+    """Those `keys` of Secret namespace/name, decoded; None if the Secret is absent and `missing_ok`."""
     core = client.CoreV1Api(api)
-    secret = retrying(f"read Secret {namespace}/{name}", lambda: core.read_namespaced_secret(name, namespace))
+    read = (lambda: get_or_none(lambda: core.read_namespaced_secret(name, namespace))) if missing_ok else \
+        (lambda: core.read_namespaced_secret(name, namespace))
+    secret = retrying(f"read Secret {namespace}/{name}", read)
+    if secret is None:
+        return None
     missing = [k for k in keys if k not in (secret.data or {})]
     if missing:
         raise CrflowError(f"Secret {namespace}/{name} has no key {', '.join(missing)}")

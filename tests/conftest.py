@@ -271,15 +271,6 @@ def kube_api(tmp_path) -> KubeApi:
 
     refused = denied(requests)
     assert not refused, f"deployments/worker-rbac.yaml does not allow what crflow did: {refused}"
-    if log := os.environ.get("CRFLOW_RBAC_LOG"):  # what crflow asked for, to review deployments/ RBAC against
-        from rbac import attributes
-
-        with open(log, "a") as out:
-            for entry in requests:
-                attrs = attributes(entry["method"], entry["path"], entry.get("query", "")) \
-                    if entry.get("user") == "crflow-worker" else None
-                if attrs is not None:
-                    out.write(f"{attrs.verb}\t{attrs.group}\t{attrs.resource}\t{attrs.namespace}\t{attrs.name}\n")
 
 
 @pytest.fixture

@@ -348,23 +348,31 @@ class Kubelet:
         """Each Job's pod runs once on the first node; its exit and termination message are
         reported as the kubelet and the Job controller would."""
         batch = client.BatchV1Api(self.api)
-        for job in batch.list_job_for_all_namespaces().items:
+        jobs = batch.list_job_for_all_namespaces().items
+        for job in jobs:
             key = (f"{job.metadata.namespace}/{job.metadata.name}", job.metadata.uid)
             pod = self.job_pods.get(key)
             if pod is None:
                 pod = self.job_pods[key] = self._start_ds_pod(job, self.nodes[0])
                 self.job_history.append(pod)
-            if pod.get("done") or pod["process"] is None or pod["process"].poll() is None:
-                continue
-            code, message = pod["process"].returncode, pod["dir"] / "termination-log"
-            pod["done"], pod["ready"] = True, False
-            pod["state"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                           "message": message.read_text()[:4096] if message.exists() else ""}}
-            self._pod_status(pod, phase="Succeeded" if code == 0 else "Failed")
-            batch.patch_namespaced_job_status(job.metadata.name, job.metadata.namespace, {"status": {
-                "succeeded": 1 if code == 0 else 0, "failed": 0 if code == 0 else 1}})
-        for gone in [k for k in self.job_pods if k[1] not in {j.metadata.uid for j in batch.list_job_for_all_namespaces().items}]:
+            code = self._finished(pod)
+            if code is not None:
+                batch.patch_namespaced_job_status(job.metadata.name, job.metadata.namespace, {"status": {
+                    "succeeded": 1 if code == 0 else 0, "failed": 0 if code == 0 else 1}})
+        for gone in [k for k in self.job_pods if k[1] not in {j.metadata.uid for j in jobs}]:
             self._stop_ds_pod(self.job_pods.pop(gone))
+
+    def _finished(self, pod: dict) -> int | None:
+        """A run-once pod whose process just ended: its exit code and termination message
+        reported as the kubelet would (phase Succeeded or Failed); None until then, and after."""
+        if pod.get("done") or pod["process"] is None or pod["process"].poll() is None:
+            return None
+        code, message = pod["process"].returncode, pod["dir"] / "termination-log"
+        pod["done"], pod["ready"] = True, False
+        pod["state"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                       "message": message.read_text()[:4096] if message.exists() else ""}}
+        self._get(lambda: self._pod_status(pod, phase="Succeeded" if code == 0 else "Failed"))  # 404: deleted meanwhile
+        return code
 
     # --- Pods on their own (helm test hooks) ------------------------------------------------
     def _bare_pods(self) -> None:
@@ -379,13 +387,8 @@ class Kubelet:
             pod = self.bare_pods[key] = self._pod_record(found.metadata.name, found.metadata.namespace, self.nodes[0],
                                                           spec, found.metadata.labels or {}, None)
             self._start(pod)
-        for key, pod in self.bare_pods.items():
-            if pod.get("done") or pod["process"] is None or pod["process"].poll() is None:
-                continue
-            code = pod["process"].returncode
-            pod["done"], pod["ready"] = True, False
-            pod["state"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
-            self._get(lambda p=pod, c=code: self._pod_status(p, phase="Succeeded" if c == 0 else "Failed"))
+        for pod in self.bare_pods.values():
+            self._finished(pod)
         alive = {(f"{p.metadata.namespace}/{p.metadata.name}", p.metadata.uid) for p in pods}
         for gone in [k for k in self.bare_pods if k not in alive]:
             self._stop_ds_pod(self.bare_pods.pop(gone))
