@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 from crflow.errors import CrflowError
 from crflow.files import write_atomic
 from crflow.identity import Identity
-
-FILE = "generations.json"
+from crflow.state import GENERATIONS_FILE as FILE
+from crflow.state import written
 
 
 class Generations(BaseModel):
@@ -48,4 +48,5 @@ class Generations(BaseModel):
         record.generations = self.model_dump()
         record.save(state_dir)  # first: a crash between the two leaves the record ahead, never behind
         write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o600)
+        written()
         return self

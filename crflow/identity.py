@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from crflow.errors import CrflowError
 from crflow.files import write_atomic
-
-FILE = "identity.json"
+from crflow.state import IDENTITY_FILE as FILE
+from crflow.state import written
 
 
 class Identity(BaseModel):
@@ -43,6 +43,7 @@ class Identity(BaseModel):
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o600)
+        written()
 
 
 def guard(state_dir: Path, kind: str, key: str, found: str) -> None:

@@ -337,6 +337,20 @@ class Chart(Strict):
         return values
 
 
+class ResultKey(Strict):
+    """Where the key of the encrypted cache comes from when CRFLOW_RESULT_KEY is not set. Neither:
+    `<state_dir>/result.key`, made on first use. A key named here is never made: missing is an error."""
+
+    file: Path | None = None  # a file holding it, such as a Kubernetes Secret mounted into the job
+    prefect_secret: str | None = None  # the name of a Prefect Secret block holding it
+
+    @model_validator(mode="after")
+    def _one(self) -> ResultKey:
+        if self.file is not None and self.prefect_secret is not None:
+            raise ValueError("give one of result_key.file and result_key.prefect_secret, not both")
+        return self
+
+
 class Site(Strict):
     target: Literal["local", "kubernetes"] = "local"
     state_dir: Path
@@ -358,6 +372,7 @@ class Site(Strict):
     retention: list[RetentionRule] = []
     gc: Gc = Gc()
     chart: Chart = Chart()
+    result_key: ResultKey = ResultKey()
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:
@@ -406,6 +421,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     cluster = raw.get("cluster")
     if isinstance(cluster, dict) and isinstance(cluster.get("kubeconfig"), str):
         cluster["kubeconfig"] = fix(cluster["kubeconfig"])
+    result_key = raw.get("result_key")
+    if isinstance(result_key, dict) and isinstance(result_key.get("file"), str):
+        result_key["file"] = fix(result_key["file"])
     storage = raw.get("storage")
     if isinstance(storage, dict):
         for key in ("path", "ca_bundle"):

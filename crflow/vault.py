@@ -1,32 +1,39 @@
 """Where generated certificates and credentials are kept between runs: Prefect's result
 cache, encrypted with Fernet, under the site's state directory.
 
-    vault = open_vault(state_dir)
+    vault = open_vault(state_dir, site.result_key)
     ca = vault(make_ca)("crflow registry CA", days=3650, key_algorithm="ecdsa-p256")
 
 A rerun with the same inputs loads the cached value instead of making a new one. The key
-comes from CRFLOW_RESULT_KEY or from `<state_dir>/result.key` (0600, made on first use).
-A missing or wrong key is an error, never a silent new CA or password: Prefect would
-otherwise treat an unreadable result as a cache miss and generate everything again.
+comes from CRFLOW_RESULT_KEY, else the site file's `result_key` (a file, such as a mounted
+Kubernetes Secret, or a Prefect Secret block), else `<state_dir>/result.key` (0600, made on
+first use). A missing or wrong key is an error, never a silent new CA or password: Prefect
+would otherwise treat an unreadable result as a cache miss and generate everything again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
 from typing import Literal
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from prefect.serializers import Serializer
 from prefect.utilities.hashing import hash_objects
 
 from crflow.errors import CrflowError
 from crflow.files import private_dir
+from crflow.settings import ResultKey
 
 KEY_ENV = "CRFLOW_RESULT_KEY"
 KEYCHECK = ".keycheck"
 KEYCHECK_TEXT = b"crflow result key check"
+# Every result key a vault was opened with in this process, by id. Records name their key by
+# id, never by path: the cache may be read from another directory (a worker's, after the
+# cluster's copy was fetched), where a path written into the record would mean nothing.
+_keys: dict[str, bytes] = {}
 
 
 def read_key(key_file: Path) -> bytes | None:
@@ -39,32 +46,42 @@ def read_key(key_file: Path) -> bytes | None:
         return None
 
 
+def key_id(key: bytes) -> str:
+    """A name for a key that says nothing about it (a prefix of its SHA-256)."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
 def _fernet(key: bytes) -> Fernet:
     try:
         return Fernet(key)
     except ValueError:
-        raise CrflowError(f"the result key (from {KEY_ENV} or result.key) is not a Fernet key") from None
+        raise CrflowError("the result key is not a Fernet key (32 url-safe base64 bytes, as "
+                          "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key())'` makes)") \
+            from None
 
 
 class FernetSerializer(Serializer):
-    """Pickle inside Fernet (AES-128-CBC + HMAC-SHA256). Only the key file's *path* is a
-    field: Prefect writes every field into the result's metadata."""
+    """Pickle inside Fernet (AES-128-CBC + HMAC-SHA256). Only the key's id is a field:
+    Prefect writes every field into the result's metadata."""
 
     type: Literal["crflow-fernet"] = "crflow-fernet"
-    key_file: str
-
-    def _cipher(self) -> Fernet:
-        key = read_key(Path(self.key_file))
-        if key is None:
-            raise CrflowError(f"no result key: set {KEY_ENV} or restore {self.key_file}")
-        return _fernet(key)
+    key_id: str | None = None
+    key_file: str | None = None  # how records written before key ids named their key
 
     def dumps(self, obj) -> bytes:
-        return self._cipher().encrypt(pickle.dumps(obj))
+        if self.key_id not in _keys:
+            raise CrflowError("no result key is open in this process: open the site's vault first")
+        return _fernet(_keys[self.key_id]).encrypt(pickle.dumps(obj))
 
     def loads(self, blob: bytes):
+        keys = [_keys[self.key_id]] if self.key_id in _keys else list(_keys.values())
+        if not keys and self.key_file and (old := read_key(Path(self.key_file))):
+            keys = [old]
+        if not keys:
+            raise CrflowError("no result key to read a cached result with: set CRFLOW_RESULT_KEY or the site's "
+                              "result_key")
         try:
-            return pickle.loads(self._cipher().decrypt(blob))
+            return pickle.loads(MultiFernet([_fernet(k) for k in keys]).decrypt(blob))
         except InvalidToken:
             raise CrflowError("a cached result does not decrypt with the result key") from None
 
@@ -78,12 +95,13 @@ def identity_key(**identity) -> str:
 class Vault:
     """Applies the encrypted result store to a task: `vault(task)(...)`."""
 
-    def __init__(self, results_dir: Path, key_file: Path):
+    def __init__(self, results_dir: Path, key: bytes):
         self.results_dir = results_dir
+        _keys[key_id(key)] = key
         self.options = dict(
             persist_result=True,
             result_storage=results_dir,
-            result_serializer=FernetSerializer(key_file=str(key_file)),
+            result_serializer=FernetSerializer(key_id=key_id(key)),
         )
 
     def __call__(self, task):
@@ -115,19 +133,45 @@ def _new_key_file(key_file: Path) -> bytes:
     return key_file.read_bytes().strip()
 
 
-def open_vault(state_dir: Path) -> Vault:
+def _configured_key(source: ResultKey) -> bytes | None:
+    """The key from the site file's result_key; None if it names none. Named but absent is an
+    error: a job whose Secret was not mounted must stop, not make a key of its own."""
+    if source.file is not None:
+        try:
+            return source.file.read_bytes().strip() or None
+        except FileNotFoundError:
+            raise CrflowError(f"result_key.file: {source.file} does not exist; mount the result-key Secret there "
+                              f"or set {KEY_ENV}") from None
+    if source.prefect_secret is not None:
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(source.prefect_secret).get().strip().encode()
+        except ValueError:  # Prefect's word for a block it does not have
+            raise CrflowError(f"result_key.prefect_secret: no Prefect Secret block named {source.prefect_secret!r}; "
+                              "create it with the site's result key") from None
+    return None
+
+
+def open_vault(state_dir: Path, source: ResultKey = ResultKey()) -> Vault:
     """Check (or on first use, create) the result key for this state directory."""
     results_dir, key_file = state_dir / "results", state_dir / "result.key"
     private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
     results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keycheck = results_dir / KEYCHECK
-    key = read_key(key_file) or None  # an empty file is a key never written (a run killed making it)
+    configured = source.file is not None or source.prefect_secret is not None
+    if configured and not os.environ.get(KEY_ENV):
+        key = _configured_key(source)
+        if key is None:
+            raise CrflowError("result_key: the key it names is empty; put the site's result key there")
+    else:
+        key = read_key(key_file) or None  # an empty file is a key never written (a run killed making it)
     if key is None:
         if keycheck.exists():
             raise CrflowError(
-                f"missing result key for {results_dir}: set {KEY_ENV} or restore {key_file} from a backup "
-                f"(removing {state_dir} would also remove the stored images and every login clients hold)"
-            )
+                f"missing result key for {results_dir}: set {KEY_ENV} or the site's result_key, or restore {key_file} "
+                f"from a backup (removing {state_dir} would also remove the stored images and every login clients "
+                "hold)")
         key = _new_key_file(key_file)
     cipher = _fernet(key)
     if keycheck.exists():
@@ -136,8 +180,8 @@ def open_vault(state_dir: Path) -> Vault:
         except InvalidToken:
             raise CrflowError(
                 f"wrong result key for {results_dir}: it is not the key that encrypted the cached "
-                f"certificates and credentials; set {KEY_ENV} to that key or restore {key_file}"
-            ) from None
+                f"certificates and credentials; set {KEY_ENV} or the site's result_key to that key, or restore "
+                f"{key_file}") from None
     else:
         keycheck.write_bytes(cipher.encrypt(KEYCHECK_TEXT))
-    return Vault(results_dir, key_file)
+    return Vault(results_dir, key)

@@ -45,7 +45,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     site = load_site(Path(site_file))
     target = target_for(site)
     url, bundle = target.url, target.bundle
-    secrets = site_secrets(site, open_vault(site.state_dir), target)
+    secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
     storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values)

@@ -29,7 +29,7 @@ def install(site_file: str) -> str:
     site = load_site(Path(site_file))
     target = target_for(site)
     target.check_host()
-    secrets = site_secrets(site, open_vault(site.state_dir), target)
+    secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
 
     # Storage and the registry's Secrets, then the chart: run here as a pod, or released by helm.
     storage_and_secrets(site, target, secrets)

@@ -69,7 +69,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     target = target_for(site)
     grace = site.rotation.grace_seconds if grace_seconds is None else grace_seconds
     timeout = site.rotation.propagation_timeout_seconds
-    vault = open_vault(site.state_dir)
+    vault = open_vault(site.state_dir, site.result_key)
     gens = Generations.load(site.state_dir)
     gens = gens.model_copy(update={"rotating_to": gens.rotating_to or gens.credentials + 1,
                                    "rotation_undone": False}).save(site.state_dir)
@@ -132,7 +132,7 @@ def rotate_cert(site_file: str) -> str:
         gens = gens.model_copy(update={"server_cert": gens.server_cert + 1, "renewing_cert": True})
         gens.save(site.state_dir)
     url = install(site_file)  # the registry converged onto the new certificate, push/pull checked
-    vault = open_vault(site.state_dir)
+    vault = open_vault(site.state_dir, site.result_key)
     ca = site_ca(site, vault, target_for(site))
     cert = server_cert(site, vault, ca, gens.server_cert)
     check_served_certificate(site.registry.host, site.registry.port, cert.fingerprint)

@@ -1,5 +1,6 @@
 """One run per site at a time: every crflow flow holds the site's Prefect global concurrency
-limit (limit 1) while it runs.
+limit (limit 1) while it runs, and, holding it, fetches the site's state from where its target
+keeps it (the cluster) and pushes every change back.
 
 Two runs that overlap break logins: an install during a rotation's grace period hands out
 the old login again; two rotations at once leave a retired login valid. So a second run for
@@ -37,10 +38,12 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_run_logger
 
 from crflow.errors import CrflowError
 from crflow.files import write_atomic
 from crflow.settings import Site, load_site
+from crflow.state import kept_by
 
 LEASE_SECONDS = 60  # the server refuses shorter leases; a killed holder elsewhere blocks at most this long
 LOCK_FILE = "site.lock"  # this machine's holder: its lease, pid and boot
@@ -163,6 +166,26 @@ def _holders(site: Site) -> str:
     return ", ".join(names) or "a run that ended without releasing it (its lease runs out within a minute)"
 
 
+@contextlib.contextmanager
+def _state_held(site: Site) -> Iterator[None]:
+    """The site's state fetched from where its target holds it, and every change pushed back at
+    once (and once more at the end, for cache records no change of generation announced)."""
+    from crflow.targets import target_for
+
+    target = target_for(site)
+    target.fetch_state()
+    with kept_by(target.keep_state):
+        try:
+            yield
+        except BaseException:
+            try:
+                target.keep_state()
+            except Exception as err:  # the run's own error is the one to report; this one is logged
+                get_run_logger().warning("the site's state was not pushed after the failure: %s", err)
+            raise
+    target.keep_state()
+
+
 def one_run_per_site(flow_function):
     """Run the flow holding its site's slot (the first parameter is the site file)."""
     @functools.wraps(flow_function)
@@ -180,7 +203,8 @@ def one_run_per_site(flow_function):
                               f"after {site.runs.wait_seconds} s (runs.wait_seconds); try again later") from None
         token = _held.set(_held.get() | {name})
         try:
-            return flow_function(site_file, *args, **kwargs)
+            with _state_held(site):
+                return flow_function(site_file, *args, **kwargs)
         finally:
             _held.reset(token)
             slot.__exit__(None, None, None)

@@ -49,7 +49,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
     """Upgrade the registry of `site_file` to what the file and helm_chart/ say; verify; roll back if it breaks."""
     site = load_site(Path(site_file))
     target = target_for(site)
-    secrets = site_secrets(site, open_vault(site.state_dir), target)
+    secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
     values = values_for(site, secrets.server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values)
 

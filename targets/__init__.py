@@ -68,6 +68,15 @@ class Target(ABC):
         cluster's CA Secret), or None: a run whose state_dir is empty must not make another."""
 
     @abstractmethod
+    def fetch_state(self) -> None:
+        """Bring state_dir up to date from where this target holds the site's state apart from
+        this machine (a run's first step, under the site's lock)."""
+
+    @abstractmethod
+    def keep_state(self) -> None:
+        """Hold state_dir's state where `fetch_state` finds it (after every change)."""
+
+    @abstractmethod
     def prepare(self) -> None:
         """The namespace, and where blobs go when storage is not S3 (a directory or a volume)."""
 

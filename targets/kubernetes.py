@@ -15,6 +15,7 @@ from crflow.chart import SECRETS, SecretData, data_claim, node_trust_name, secre
 from crflow.errors import CrflowError, NotInstalled
 from crflow.health import Health, Status, registry_health
 from crflow.settings import Site
+from crflow.state import secret_name as state_secret_name
 from crflow.targets import Check, Release, Target
 
 
@@ -37,6 +38,21 @@ class KubernetesTarget(Target):
         site = self.site
         # The CA Secret; a release installed before it existed has the CA in its TLS Secret.
         return read_held_ca(self.kube, site.namespace, [secret_name(site.release, "ca"), secret_name(site.release, "tls")])
+
+    def fetch_state(self) -> None:
+        from crflow.state import merge
+        from crflow.tasks.secrets import read_state
+
+        site, name = self.site, state_secret_name(self.site.release)
+        held = read_state(self.kube, site.namespace, name)
+        if held is not None:
+            merge(site.state_dir, held, f"Secret {site.namespace}/{name}")
+
+    def keep_state(self) -> None:
+        from crflow.tasks.secrets import keep_state
+
+        site = self.site
+        keep_state(self.kube, site.namespace, state_secret_name(site.release), site.state_dir, site.release)
 
     def prepare(self) -> None:
         from crflow.tasks.kubeapi import create_namespace
@@ -181,7 +197,8 @@ class KubernetesTarget(Target):
         if site.node_trust.enabled:
             plan.insert(0, f"the node-trust files on every node ({', '.join(site.registry.servers)})")
         if purge:
-            plan.append(f"the registry's Secrets in {site.namespace} (CA, certificate, htpasswd, login)")
+            plan.append(f"the registry's Secrets in {site.namespace} (CA, certificate, htpasswd, login) and crflow's "
+                        "record of them (a later install makes a new CA)")
             if getattr(site.storage, "host_path", None) is not None:
                 plan.append(f"the claim {data_claim(site.release)} and its PersistentVolume (the node's directory stays)")
         return plan
@@ -201,8 +218,8 @@ class KubernetesTarget(Target):
         removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release,
                                                                            site.pull_secrets.name)]
         if purge:
-            removed += delete_secrets(self.kube, site.namespace, [secret_name(site.release, r) for r in SECRETS],
-                                      site.release)
+            held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
+            removed += delete_secrets(self.kube, site.namespace, held, site.release)
             if getattr(site.storage, "host_path", None) is not None:
                 removed += delete_hostpath_volume(self.kube, site.namespace, data_claim(site.release))
         return removed

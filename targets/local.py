@@ -37,6 +37,12 @@ class LocalTarget(Target):
     def held_ca(self) -> str | None:
         return None  # the local registry's files live in state_dir: an empty one has no registry either
 
+    def fetch_state(self) -> None:
+        pass  # the local registry runs from state_dir: its state lives nowhere else
+
+    def keep_state(self) -> None:
+        pass
+
     def prepare(self) -> None:
         from crflow.tasks.storage import ensure_directory
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from pathlib import Path
 
 from kubernetes import client
 from prefect import task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
-from crflow.tasks.kubeapi import KubeAccess, api_client, get_or_none, managed_labels, retrying
+from crflow.state import to_hold
+from crflow.tasks.kubeapi import KubeAccess, api_client, ensure_namespace, get_or_none, managed_labels, retrying
 from crflow.tasks.storage import S3Keys
 from crflow.undo import undo, undoable
 
@@ -141,3 +143,32 @@ def read_held_ca(kube: KubeAccess, namespace: str, names: list[str]) -> str | No
             if found is not None and "ca.crt" in (found.data or {}):
                 return base64.b64decode(found.data["ca.crt"]).decode()
     return None
+
+
+def _decoded(secret: client.V1Secret | None) -> dict[str, bytes] | None:
+    return None if secret is None else {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+
+@task(task_run_name="the site's state from Secret {namespace}/{name}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def read_state(kube: KubeAccess, namespace: str, name: str) -> dict[str, bytes] | None:
+    """What the state Secret holds (file name -> content), or None if there is none yet."""
+    with api_client(kube) as api:
+        return _decoded(snapshot_secret(api, namespace, name))
+
+
+@task(task_run_name="the site's state to Secret {namespace}/{name}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def keep_state(kube: KubeAccess, namespace: str, name: str, state_dir: Path, release: str) -> str:
+    """The state Secret brought up to date with state_dir: "created", "updated", "unchanged",
+    or "nothing to hold" before the site has a CA."""
+    with api_client(kube) as api:
+        held = _decoded(snapshot_secret(api, namespace, name))
+        data = to_hold(state_dir, held or {})
+        if data is None:
+            return "nothing to hold"
+        if held is None:  # the site's first state comes before the install step that makes the namespace
+            ensure_namespace(api, namespace, managed_labels(release))
+        # Every file held is text: JSON records and Fernet tokens.
+        return apply_secret(api, namespace, name, "Opaque", {k: SecretStr(v.decode()) for k, v in data.items()},
+                            managed_labels(release))

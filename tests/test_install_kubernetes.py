@@ -113,7 +113,9 @@ def test_a_permanent_fault_fails_clearly_and_leaves_no_half_written_secret(crflo
     result = crflow("install", "-c", str(cluster_site.path), check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("crflow: error: Kubernetes API: write Secret container-registry/registry-s3 failed with 403")
+    # The first Secret written is crflow's record of the new CA, before the registry's own.
+    assert last.startswith("crflow: error: Kubernetes API: write Secret container-registry/registry-crflow-state "
+                           "failed with 403")
     assert cluster_site.core.list_namespaced_secret("container-registry").items == []
     assert MINIO_KEYS["secretkey"] not in result.stderr + result.stdout
 
@@ -213,14 +215,52 @@ def test_helm_test_asks_the_registry_over_tls_with_the_login(crflow, cluster_sit
     assert "Phase:          Failed" in failed, failed
 
 
-def test_an_empty_state_dir_never_makes_a_second_ca_on_a_cluster_that_has_one(crflow, cluster_site, kube_api):
-    """The disk crflow ran from is lost (or a fresh machine runs it): the cluster's CA Secret
-    says a CA exists, so the run stops before writing anything. (That a restored state_dir
-    converges is tests/test_faults.py's backup and restore test.)"""
+def test_an_empty_state_dir_changes_nothing_on_the_cluster_and_a_missing_or_wrong_key_makes_nothing(
+        crflow, cluster_site, kube_api):
+    """The disk crflow ran from is lost (or a fresh worker runs it): the run fetches the site's
+    state from the cluster's state Secret. Without the result key, or with another one, it stops
+    before writing anything; with the key it converges and writes nothing (every Secret's
+    resourceVersion, and helm's revision, stay as they were)."""
+    import shutil
+
+    from cryptography.fernet import Fernet
+
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+
+    def secrets() -> dict[str, str]:
+        return {s.metadata.name: s.metadata.resource_version
+                for s in site.core.list_namespaced_secret("container-registry").items}
+
+    def revision() -> int:
+        return json.loads(kube_api.run("helm", "history", "registry", "-n", "container-registry", "-o", "json"))[-1][
+            "revision"]
+
+    before, key = secrets(), (site.state / "result.key").read_text().strip()
+    assert "registry-crflow-state" in before
+    shutil.rmtree(site.state)
+
+    missing = crflow("install", "-c", str(site.path), check=False)
+    assert missing.returncode == 1 and "missing result key" in missing.stderr.splitlines()[-1]
+    shutil.rmtree(site.state)
+    wrong = crflow("install", "-c", str(site.path), check=False, env={"CRFLOW_RESULT_KEY": Fernet.generate_key().decode()})
+    assert wrong.returncode == 1 and "wrong result key" in wrong.stderr.splitlines()[-1]
+    assert secrets() == before and revision() == 1  # nothing written, nothing made
+
+    shutil.rmtree(site.state)
+    crflow("install", "-c", str(site.path), env={"CRFLOW_RESULT_KEY": key})
+    assert secrets() == before and revision() == 1  # the same CA, certificate and login: nothing to write
+
+
+def test_a_lost_state_dir_of_a_site_installed_before_the_state_secret_never_makes_a_second_ca(
+        crflow, cluster_site, kube_api):
+    """A site installed by an earlier crflow has no state Secret: when its disk is lost, the
+    cluster's CA Secret still says a CA exists, so the run stops before writing anything."""
     import shutil
 
     site = cluster_site
     crflow("install", "-c", str(site.path))
+    site.core.delete_namespaced_secret("registry-crflow-state", "container-registry")  # the earlier layout
     before = {s.metadata.name: s.metadata.resource_version
               for s in site.core.list_namespaced_secret("container-registry").items}
     shutil.rmtree(site.state)
