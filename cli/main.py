@@ -156,7 +156,12 @@ def rotate_cert(config: Path = SiteFile) -> None:
 @app.command()
 def deploy(
     config: Path = SiteFile,
-    pool: str = typer.Option("crflow", "--pool", help="The work pool (a process pool is made if missing)."),
+    pool: str = typer.Option("crflow", "--pool", help="The work pool (made if missing)."),
+    pool_type: str = typer.Option("process", "--pool-type",
+                                  help="process: a worker on this machine; kubernetes: each run a Job in the cluster."),
+    job_template: Path = typer.Option(None, "--job-template",
+                                      help="The kubernetes pool's base job template (default: deployments/ here)."),
+    image: str = typer.Option(None, "--image", help="The flow image the kubernetes pool's Jobs run."),
     remove: bool = typer.Option(False, "--remove", help="Delete this site's deployments and automations."),
 ) -> None:
     """Register this site's deployments (install, verify, rotations, upgrade) and alerts on the Prefect server."""
@@ -168,12 +173,20 @@ def deploy(
         deployments, automations = remove_site(site)
         typer.echo(f"Removed {deployments} deployments and {automations} automations of {site.registry.server}")
         return
-    done = deploy_site(site, config, pool)
-    typer.echo(f"Deployed to work pool {done.pool}, bound to {config.resolve()}:")
+    if pool_type not in ("process", "kubernetes"):
+        raise CrflowError(f"--pool-type {pool_type}: use process or kubernetes")
+    done = deploy_site(site, config, pool, pool_type, job_template, image)
+    typer.echo(f"Deployed to {pool_type} work pool {done.pool}, bound to {done.site_file}:")
     for line in done.deployments:
         typer.echo(f"  {line}")
     typer.echo(f"Alerts: {done.automations} automations" if done.automations else
                "Alerts: none (set alerts.webhook or alerts.block in the site file)")
+    if pool_type == "kubernetes":
+        typer.echo(f"Each run is a Job in the cluster. Give it the site file and the result key, once:\n"
+                   f"  kubectl -n crflow create configmap crflow-sites --from-file={done.site_file}={config.resolve()}\n"
+                   f"  kubectl -n crflow create secret generic crflow-result-key --from-file=result.key=RESULT_KEY_FILE\n"
+                   f"and run the worker: kubectl apply -f deployments/worker.yaml   (UI: {runtime.ui_url()})")
+        return
     typer.echo(f"Start a worker: prefect worker start --pool {done.pool}   (UI: {runtime.ui_url()})")
 
 

@@ -7,6 +7,7 @@ plain values. Errors name the key, what is wrong with it and the fix, in one lin
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -470,8 +471,19 @@ def _plain_yaml(path: Path, text: str) -> None:
                               "write the values out")
 
 
+SITES_ENV = "CRFLOW_SITES"  # where a relative site file is found: a worker's job mounts its site files there
+
+
+def site_path(path: Path) -> Path:
+    """A site file's path; a relative one is under $CRFLOW_SITES when that is set (a deployment
+    for a Kubernetes work pool names its site file so: the job template mounts them there)."""
+    sites = os.environ.get(SITES_ENV)
+    return Path(sites) / path if sites and not path.is_absolute() else path
+
+
 def load_site(path: Path) -> Site:
     """Read and validate the site file; raise CrflowError naming every bad key."""
+    path = site_path(path)
     try:
         if path.stat().st_size > MAX_SITE_FILE:
             raise CrflowError(f"{path} is larger than {MAX_SITE_FILE // 1024} KiB; is it really a site file?")

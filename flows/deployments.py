@@ -7,12 +7,20 @@ Each deployment is named after the site (`install/registry@192.168.86.201:9005`)
 its tag, so two sites on one Prefect server stay apart. The flows are found by module path
 (`crflow.flows.install.install`): a worker needs crflow installed, not this checkout at the
 path it was deployed from.
+
+A `process` pool's runs read the site file at its absolute path on the worker's machine. A
+`kubernetes` pool's runs are Jobs from deployments/base-job-template.json: each names its site
+file by its file name, found under $CRFLOW_SITES, where the job mounts the `crflow-sites`
+ConfigMap; the state comes from the cluster and the result key from the `crflow-result-key`
+Secret, so any Job carries on where the last run stopped.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -21,6 +29,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.types.entrypoint import EntrypointType
 
+from crflow.errors import CrflowError
 from crflow.flows.alerts import apply_alerts, remove_alerts
 from crflow.flows.gc import gc
 from crflow.flows.install import install
@@ -30,31 +39,54 @@ from crflow.flows.upgrade import upgrade
 from crflow.flows.verify import verify
 from crflow.settings import Site
 
+PoolType = Literal["process", "kubernetes"]
+JOB_TEMPLATE = Path(__file__).resolve().parents[1] / "deployments" / "base-job-template.json"  # in a checkout
+
 
 @dataclass(frozen=True)
 class Deployed:
     pool: str
     deployments: list[str]  # FLOW/NAME, with their schedules
     automations: int
+    site_file: str  # as the runs name it
 
 
 def _schedule(cron: str | None, timezone: str) -> list[CronSchedule]:
     return [CronSchedule(cron=cron, timezone=timezone)] if cron else []
 
 
-def ensure_pool(pool: str) -> None:
-    """A process work pool named `pool`, made if missing (an existing pool of any type is kept)."""
+def job_template(path: Path | None) -> dict:
+    """The kubernetes pool's base job template: `path`, else the one in this checkout's deployments/."""
+    path = path or JOB_TEMPLATE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CrflowError(f"no job template at {path}: pass --job-template deployments/base-job-template.json "
+                          "from crflow's source") from None
+    except ValueError:
+        raise CrflowError(f"{path} is not JSON: it should be a Prefect base job template") from None
+
+
+def ensure_pool(pool: str, pool_type: PoolType = "process", template: dict | None = None) -> None:
+    """A work pool named `pool` of `pool_type`, made if missing. An existing pool of that type is
+    kept as it is (its template may have been edited); one of another type is an error."""
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template or {}))
+            return
         except ObjectAlreadyExists:
-            pass
+            found = client.read_work_pool(pool).type
+    if found != pool_type:
+        raise CrflowError(f"work pool {pool} is a {found} pool, not {pool_type}; name another with --pool")
 
 
-def deploy_site(site: Site, site_file: Path, pool: str) -> Deployed:
-    ensure_pool(pool)
+def deploy_site(site: Site, site_file: Path, pool: str, pool_type: PoolType = "process",
+                template: Path | None = None, image: str | None = None) -> Deployed:
+    kubernetes = pool_type == "kubernetes"
+    ensure_pool(pool, pool_type, job_template(template) if kubernetes else None)
     name, every = site_name(site), site.schedules
-    bound = {"site_file": str(site_file.resolve())}
+    # A Job finds the site file by its name in the mounted ConfigMap; a process worker by its path here.
+    bound = {"site_file": site_file.name if kubernetes else str(site_file.resolve())}
     plan = [  # (flow, extra parameters, schedules, what it is for)
         (install, {}, [], "Install the registry, or bring it back to the site file (on demand)."),
         (verify, {}, _schedule(every.verify, every.timezone),
@@ -70,10 +102,11 @@ def deploy_site(site: Site, site_file: Path, pool: str) -> Deployed:
     for flow, extra, schedules, description in plan:
         deployment = flow.to_deployment(
             name=name, parameters={**bound, **extra}, schedules=schedules, description=description,
-            tags=["crflow", site_tag(site)], entrypoint_type=EntrypointType.MODULE_PATH)
+            tags=["crflow", site_tag(site)], entrypoint_type=EntrypointType.MODULE_PATH,
+            job_variables={"image": image} if image else None)
         deployment.apply(work_pool_name=pool)
         names.append(f"{flow.name}/{name}" + (f" ({schedules[0].cron} {every.timezone})" if schedules else ""))
-    return Deployed(pool, names, apply_alerts(site))
+    return Deployed(pool, names, apply_alerts(site), bound["site_file"])
 
 
 def remove_site(site: Site) -> tuple[int, int]:

@@ -44,7 +44,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     """Collect the registry's unreferenced blobs in a read-only window; return a one-line summary."""
     site = load_site(Path(site_file))
     target = target_for(site)
-    url, bundle = target.url, target.bundle
+    url, bundle = target.url, target.client_bundle()
     secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
     storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)

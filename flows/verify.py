@@ -40,7 +40,7 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
     With `source_image` (host/repo:tag), first copy that image from its registry and check it too."""
     site = load_site(Path(site_file))
     target, storage = target_for(site), site.storage
-    url, bundle = target.url, target.bundle
+    url, bundle = target.url, target.client_bundle()
     with Checks(f"Registry {site.release} verified", site.registry.server, verify_table_key(site)) as checks:
         server_days, ca_days = certificate_days(site.registry.host.strip("[]"), site.registry.port, bundle / "ca.crt")
         checks.figures.update({"server cert days left": "not served" if server_days is None else str(server_days),

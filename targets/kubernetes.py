@@ -128,7 +128,7 @@ class KubernetesTarget(Target):
 
         image = f"{self.site.registry.server}/{pushed.repo}@{pushed.digest}"
         return [("a pod on every node pulls it with a pull secret", pull_with_secret,
-                 (self.kube, image, self.bundle / "auth.json", self.site.release))]
+                 (self.kube, image, self.client_bundle() / "auth.json", self.site.release))]
 
     def publish_login(self, ca_pem: str, creds) -> list[str]:
         from crflow.tasks.client import save_client_bundle

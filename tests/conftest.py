@@ -251,6 +251,13 @@ class KubeApi:
     def requests(self) -> list[dict]:
         return httpx.get(f"{self.url}/_emulator/requests").json()
 
+    def kubeconfig_as(self, user: str) -> Path:
+        """A kubeconfig whose requests the server logs as `user` (one of tests/rbac.py's SUBJECTS)."""
+        path = self.admin_kubeconfig.with_name(f"{user}-kubeconfig")
+        path.write_text(self.admin_kubeconfig.read_text().replace("/as/test-admin", f"/as/{user}"))
+        path.chmod(0o600)
+        return path
+
     def run(self, tool: str, *args: str, returncode: int = 0) -> str:
         """kubectl or helm from .bin/, against this API server; its stdout."""
         result = subprocess.run([str(ROOT / ".bin" / tool), *args], env=self.env, capture_output=True, text=True,
@@ -266,11 +273,13 @@ def kube_api(tmp_path) -> KubeApi:
     requests = api.requests()
     stop_server(api.process)
     # Least privilege, checked on every test: each API call crflow (and the helm it runs) made
-    # is one deployments/worker-rbac.yaml allows its worker.
-    from rbac import denied
+    # is one deployments/worker-rbac.yaml allows its worker; each the Prefect worker made, one
+    # deployments/worker.yaml allows it.
+    from rbac import SUBJECTS, denied
 
-    refused = denied(requests)
-    assert not refused, f"deployments/worker-rbac.yaml does not allow what crflow did: {refused}"
+    for user, (manifest, _) in SUBJECTS.items():
+        refused = denied(requests, user)
+        assert not refused, f"deployments/{manifest.name} does not allow what {user} did: {refused}"
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ EMULATED, and every test that uses it says so. It polls the emulated API and:
     namespace). Its exec readiness probe runs the same way. Any other container is only
     pulled: it is reported created, not run.
 - runs each Job's pod once, on the first node, the same way (the image's /bin/registry is this
-  machine's docker-registry, its /dev/termination-log a file), and reports its exit code and
+  machine's docker-registry, its /dev/termination-log a file, its PATH starts with this
+  virtualenv's bin, as crflow's flow image has its own), and reports its exit code and
   termination message on the pod and the Job's succeeded/failed count;
 - runs each Pod created on its own (a `helm test` hook) once on the first node, the same way,
   and reports its phase. An image with no registry host (Docker Hub's, such as curl's) counts
@@ -54,7 +55,7 @@ from pydantic import SecretStr
 
 from crflow.chart import COMMAND
 from crflow.localpod import LocalPod, registry_binary
-from servers import free_port
+from servers import BIN, free_port
 
 NODES = ("node-1", "node-2")
 
@@ -437,7 +438,8 @@ class Kubelet:
         # The image's files this machine has: the registry binary, and the termination-message file.
         pod["mounts"].update({COMMAND: Path(registry_binary()), "/dev/termination-log": pod["dir"] / "termination-log"})
         pod["log"] = (pod["dir"] / "log").open("wb")
-        env = {**os.environ}
+        # The image's PATH: crflow's flow image (deployments/Dockerfile) has its venv first; here, this one.
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         for var in container.get("env") or []:
             ref = (var.get("valueFrom") or {}).get("secretKeyRef")
             env[var["name"]] = (self._secret(namespace, ref["name"], fresh=True)[ref["key"]].get_secret_value() if ref

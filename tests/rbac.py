@@ -18,7 +18,11 @@ from urllib.parse import parse_qs
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ("crflow", "crflow-worker")  # the ServiceAccount the manifests bind: namespace, name
+# Who asks (the emulated server's /as/USER) -> the manifest binding its ServiceAccount (namespace, name).
+SUBJECTS = {
+    "crflow-worker": (ROOT / "deployments" / "worker-rbac.yaml", ("crflow", "crflow-worker")),  # the flows' Jobs
+    "prefect-worker": (ROOT / "deployments" / "worker.yaml", ("crflow", "prefect-worker")),  # the Prefect worker
+}
 
 
 @dataclass(frozen=True)
@@ -71,18 +75,18 @@ def _rule_allows(rule: dict, request: Attributes) -> bool:
 
 @dataclass
 class Policy:
-    """The rules bound to the worker's ServiceAccount: (namespace or None, rules)."""
+    """The rules bound to one ServiceAccount: (namespace or None, rules)."""
 
     grants: list[tuple[str | None, list[dict]]]
 
     @classmethod
-    def load(cls, *files: Path) -> Policy:
+    def load(cls, *files: Path, subject: tuple[str, str]) -> Policy:
         docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d]
         roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("rules") or []
                  for d in docs if d["kind"] in ("Role", "ClusterRole")}
         grants = []
         for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
-            if not any((s.get("namespace"), s["name"]) == WORKER for s in binding["subjects"]
+            if not any((s.get("namespace"), s["name"]) == subject for s in binding["subjects"]
                        if s["kind"] == "ServiceAccount"):
                 continue
             ref, where = binding["roleRef"], binding["metadata"].get("namespace")
@@ -95,13 +99,14 @@ class Policy:
                    for scope, rules in self.grants)
 
 
-def worker_policy() -> Policy:
-    return Policy.load(ROOT / "deployments" / "worker-rbac.yaml")
+def worker_policy(user: str = "crflow-worker") -> Policy:
+    manifest, subject = SUBJECTS[user]
+    return Policy.load(manifest, subject=subject)
 
 
 def denied(requests: list[dict], user: str = "crflow-worker") -> list[str]:
-    """What `user` asked for that the worker's RBAC does not allow (each once)."""
-    policy, found = worker_policy(), {}
+    """What `user` asked for that its manifest's RBAC does not allow (each once)."""
+    policy, found = worker_policy(user), {}
     for entry in requests:
         if entry.get("user") != user:
             continue

@@ -1,0 +1,137 @@
+"""Flows that run on any worker: the cluster holds the site's state, so runs from fresh working
+directories and from a Kubernetes work pool's Job carry on the same site.
+
+EMULATED: the cluster (tests/kubeapi and the test kubelet). The Prefect worker is the real
+prefect-kubernetes 0.8.0 one, with its kopf observer off (the emulated server's watches are
+not what kopf needs); it makes the Job from deployments/base-job-template.json. The test
+kubelet runs the Job's pod: its command and env, in this virtualenv, with the ConfigMap and
+emptyDir mounts mapped to directories; the flow image is neither built nor pulled. The site
+file in that ConfigMap names paths on this machine (state_dir, the kubeconfig), since the pod
+runs here. skopeo and openssl, independent of crflow, are the judges.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from kubernetes import client
+
+from conftest import MINIO_KEYS, oci_layout, skopeo
+from servers import BIN
+
+pytestmark = pytest.mark.kubernetes
+REGISTRY_NS = "container-registry"
+
+
+def secret_text(core, namespace: str, name: str, key: str) -> str:
+    return base64.b64decode(core.read_namespaced_secret(name, namespace).data[key]).decode()
+
+
+def fingerprint(pem: str) -> str:
+    """The CA's SHA-256 fingerprint, as openssl computes it."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256"], input=pem, capture_output=True,
+                         text=True, check=True).stdout
+    return out.strip().split("=", 1)[1]
+
+
+def generations(core) -> dict:
+    """The generations the cluster's state Secret holds (none saved yet: generation 0)."""
+    data = core.read_namespaced_secret("registry-crflow-state", REGISTRY_NS).data
+    return json.loads(base64.b64decode(data["generations.json"])) if "generations.json" in data else {"credentials": 0}
+
+
+def wait_for_run(api: str, run_id: str, seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).raise_for_status().json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
+        crflow, cluster_site, kube_api, kubelet, tmp_path, prefect_api, prefect_home):
+    from test_secrets import assert_nowhere
+
+    site, core = cluster_site, cluster_site.core
+    runs = [crflow("install", "-c", str(site.path))]
+    key = (site.state / "result.key").read_text().strip()
+    ca = fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt"))
+    first_login = secret_text(core, REGISTRY_NS, "registry-login", "password")
+    assert generations(core)["credentials"] == 0
+
+    def elsewhere(name: str) -> Path:
+        """The same site file, with a state_dir nothing has run from."""
+        folder = tmp_path / name
+        folder.mkdir()
+        path = folder / "site.yaml"
+        path.write_text(yaml.safe_dump({**site.settings, "state_dir": str(folder / "state")}))
+        return path
+
+    # A second working directory, with no state: rotate, then verify, with the result key only.
+    second, with_key = elsewhere("second"), {"CRFLOW_RESULT_KEY": key}
+    runs.append(crflow("rotate-credentials", "-c", str(second), "--grace", "0", env=with_key))
+    runs.append(crflow("verify", "-c", str(second), env=with_key))
+    assert generations(core)["credentials"] == 1
+
+    # A third run, through a Kubernetes work pool: the worker makes a Job; the Job runs verify.
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="crflow")))
+    core.create_namespaced_secret("crflow", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="crflow-result-key"), string_data={"result.key": key}))
+    third = elsewhere("third")
+    core.create_namespaced_config_map("crflow", client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name="crflow-sites"), data={"site.yaml": third.read_text()}))
+    deployed = crflow("deploy", "-c", str(third), "--pool", "crflow-k8s", "--pool-type", "kubernetes")
+    assert "bound to site.yaml" in deployed.stdout
+    started = subprocess.run([str(BIN / "prefect"), "deployment", "run", f"verify-push-pull/registry@{site.server}"],
+                             env=crflow.env, capture_output=True, text=True, timeout=120, check=True)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    worker = subprocess.run(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "crflow-k8s", "--type", "kubernetes", "--run-once"],
+        env={**crflow.env, "KUBECONFIG": str(kube_api.kubeconfig_as("prefect-worker")),
+             "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "worker"),
+             "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert "Kubernetes job" in worker.stderr + worker.stdout, worker.stderr[-3000:]
+    run = wait_for_run(prefect_api, run_id, 300)
+    job_pods = [p for p in kubelet.job_history if p["namespace"] == "crflow"]
+    log = (job_pods[0]["dir"] / "log").read_text() if job_pods else "(no Job pod ran)"
+    assert run["state"]["type"] == "COMPLETED", log[-4000:]
+    assert run["parameters"] == {"site_file": "site.yaml"}  # the file's name in the mounted ConfigMap, nothing more
+
+    # The Job as the worker made it: the key only by reference; no secret in it.
+    job = client.BatchV1Api(core.api_client).list_namespaced_job("crflow").items[0]
+    manifest = core.api_client.sanitize_for_serialization(job)
+    env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "CRFLOW_RESULT_KEY", "valueFrom": {"secretKeyRef": {"name": "crflow-result-key",
+                                                                       "key": "result.key"}}} in env
+    assert manifest["spec"]["template"]["spec"]["serviceAccountName"] == "crflow-worker"
+
+    # The same CA; the login moved on by exactly one generation, and it pushes and pulls.
+    assert fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt")) == ca
+    assert generations(core) == {**generations(core), "credentials": 1, "rotating_to": None}
+    exported = tmp_path / "exported"
+    crflow("export-client", "-c", str(elsewhere("fourth")), "--out", str(exported))
+    rotated = json.loads((exported / "auth.json").read_text())["auths"][site.server]["auth"]
+    assert base64.b64decode(rotated).decode().split(":", 1)[1] != first_login
+    layout = tmp_path / "layout"
+    oci_layout(layout)
+    image = f"docker://{site.server}/workers/check:1"
+    skopeo("copy", "--dest-authfile", str(exported / "auth.json"), "--dest-cert-dir", str(exported),
+           f"oci:{layout}:latest", image)
+    skopeo("copy", "--src-authfile", str(exported / "auth.json"), "--src-cert-dir", str(exported), image,
+           f"oci:{tmp_path / 'pulled'}:latest")
+
+    secrets = {"result key": key, "MinIO secret key": MINIO_KEYS["secretkey"], "first password": first_login,
+               "rotated password": secret_text(core, REGISTRY_NS, "registry-login", "password")}
+    assert_nowhere(secrets, runs, site, prefect_api, prefect_home)
+    dumped = json.dumps(manifest)
+    assert not any(value in dumped for value in secrets.values())
