@@ -473,3 +473,12 @@ def test_chart_metadata_is_complete():
     assert {"home", "sources", "maintainers", "icon", "kubeVersion"} <= set(meta)
     shown = yaml.safe_load(helm("show", "chart", str(CHART_DIR)))
     assert shown["kubeVersion"] == meta["kubeVersion"] and shown["sources"]
+
+
+def test_the_work_pools_job_and_the_prefect_worker_pass_the_restricted_profile():
+    """deployments/: the Job each flow run becomes, and the worker's own pod."""
+    template = json.loads((ROOT / "deployments" / "base-job-template.json").read_text())
+    job = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    worker = next(d for d in yaml.safe_load_all((ROOT / "deployments" / "worker.yaml").read_text())
+                  if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert {"job": restricted_violations(job), "worker": restricted_violations(worker)} == {"job": [], "worker": []}
