@@ -310,7 +310,7 @@ def backup(config: Path = SiteFile, out: Path = typer.Option(..., "--out", help=
     from crflow.backup import write_backup
 
     site = load_site(config)
-    held = write_backup(site.state_dir, out, _passphrase(confirm=True))
+    held = write_backup(site.state_dir, out, _passphrase(confirm=True), site.result_key)
     typer.echo(f"Wrote {out}: {', '.join(held)} (stored images stay where they are; keep the passphrase apart)")
 
 

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from crflow.errors import CrflowError
 from crflow.files import private_dir, write_atomic
-from crflow.vault import read_key
+from crflow.settings import ResultKey
+from crflow.vault import find_key
 
 MAGIC = b"crflow-backup-1\n"
 SALT_BYTES = 16
@@ -39,18 +40,20 @@ def _cipher(passphrase: str, salt: bytes) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
-def write_backup(state_dir: Path, out: Path, passphrase: str) -> list[str]:
-    """Write the backup; returns what it holds (paths relative to state_dir)."""
+def write_backup(state_dir: Path, out: Path, passphrase: str, source: ResultKey = ResultKey()) -> list[str]:
+    """Write the backup (with the result key from wherever the site keeps it); returns what it
+    holds (paths relative to state_dir)."""
     if not (state_dir / "identity.json").exists() and not (state_dir / "results").exists():
         raise CrflowError(f"nothing to back up in {state_dir}: run crflow install first")
-    key = read_key(state_dir / "result.key")
+    key = find_key(state_dir, source)
     if key is None:
-        raise CrflowError(f"no result key for {state_dir}: set CRFLOW_RESULT_KEY, or the backup could not be read")
+        raise CrflowError(f"no result key for {state_dir}: set CRFLOW_RESULT_KEY or the site's result_key, or the "
+                          "backup could not be read")
     buffer, held = io.BytesIO(), []
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name in KEPT:
             path = state_dir / name
-            if name == "result.key" and not path.exists():  # the key came from CRFLOW_RESULT_KEY
+            if name == "result.key" and not path.exists():  # the key came from CRFLOW_RESULT_KEY or result_key
                 info = tarfile.TarInfo(name)
                 info.size, info.mode = len(key) + 1, 0o600
                 tar.addfile(info, io.BytesIO(key + b"\n"))

@@ -352,6 +352,20 @@ class ResultKey(Strict):
         return self
 
 
+class ResultStorage(Strict):
+    """Where the encrypted cache of the CA and the logins lives instead of state_dir (and the
+    kubernetes target's state Secret): a bucket and prefix on the site's S3 storage, with its
+    endpoint, keys and CA."""
+
+    bucket: str
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]+$")] = "crflow-results"
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, bucket: str) -> str:
+        return S3Storage._bucket(bucket)
+
+
 class Site(Strict):
     target: Literal["local", "kubernetes"] = "local"
     state_dir: Path
@@ -374,6 +388,7 @@ class Site(Strict):
     gc: Gc = Gc()
     chart: Chart = Chart()
     result_key: ResultKey = ResultKey()
+    result_storage: ResultStorage | None = None
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:
@@ -387,6 +402,8 @@ class Site(Strict):
                 raise ValueError("pull_secrets: namespaces need target: kubernetes; local clients use crflow export-client")
         elif isinstance(storage, FilesystemStorage):
             raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
+        if self.result_storage is not None and not isinstance(storage, S3Storage):
+            raise ValueError("result_storage uses the S3 endpoint and keys of storage: it needs storage.kind: s3")
         if any(rule.untagged_older_than_days is not None for rule in self.retention):
             if self.gc.delete_untagged:
                 raise ValueError("retention.untagged_older_than_days: gc.delete_untagged removes every untagged "

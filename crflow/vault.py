@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
 from prefect.utilities.hashing import hash_objects
 
@@ -93,14 +94,15 @@ def identity_key(**identity) -> str:
 
 
 class Vault:
-    """Applies the encrypted result store to a task: `vault(task)(...)`."""
+    """Applies the encrypted result store to a task: `vault(task)(...)`. The records go to
+    `results_dir`, or to `remote` (a Prefect file system block, such as the site's S3 bucket)."""
 
-    def __init__(self, results_dir: Path, key: bytes):
-        self.results_dir = results_dir
+    def __init__(self, results_dir: Path, key: bytes, remote: WritableFileSystem | None = None):
+        self.results_dir, self.remote = results_dir, remote
         _keys[key_id(key)] = key
         self.options = dict(
             persist_result=True,
-            result_storage=results_dir,
+            result_storage=remote or results_dir,
             result_serializer=FernetSerializer(key_id=key_id(key)),
         )
 
@@ -108,8 +110,9 @@ class Vault:
         return task.with_options(**self.options)
 
     def is_empty(self) -> bool:
-        """Nothing cached yet (a new or lost state directory)."""
-        return not any(p.name != KEYCHECK for p in self.results_dir.iterdir())
+        """Nothing cached yet (a new or lost state directory). A remote cache may hold records
+        whatever this directory holds: the CA check against the cluster's decides then."""
+        return self.remote is None and not any(p.name != KEYCHECK for p in self.results_dir.iterdir())
 
 
 def _new_key_file(key_file: Path) -> bytes:
@@ -153,19 +156,25 @@ def _configured_key(source: ResultKey) -> bytes | None:
     return None
 
 
-def open_vault(state_dir: Path, source: ResultKey = ResultKey()) -> Vault:
-    """Check (or on first use, create) the result key for this state directory."""
+def find_key(state_dir: Path, source: ResultKey) -> bytes | None:
+    """The site's result key: CRFLOW_RESULT_KEY, else what `source` names (an error if that is
+    missing or empty), else `<state_dir>/result.key`; None if there is none yet."""
+    if (source.file is not None or source.prefect_secret is not None) and not os.environ.get(KEY_ENV):
+        key = _configured_key(source)
+        if key is None:
+            raise CrflowError("result_key: the key it names is empty; put the site's result key there")
+        return key
+    return read_key(state_dir / "result.key") or None  # an empty file is a key never written (a run killed making it)
+
+
+def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: WritableFileSystem | None = None) -> Vault:
+    """Check (or on first use, create) the result key for this state directory (whose
+    results/ keeps the key check even when the records are `remote`)."""
     results_dir, key_file = state_dir / "results", state_dir / "result.key"
     private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
     results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keycheck = results_dir / KEYCHECK
-    configured = source.file is not None or source.prefect_secret is not None
-    if configured and not os.environ.get(KEY_ENV):
-        key = _configured_key(source)
-        if key is None:
-            raise CrflowError("result_key: the key it names is empty; put the site's result key there")
-    else:
-        key = read_key(key_file) or None  # an empty file is a key never written (a run killed making it)
+    key = find_key(state_dir, source)
     if key is None:
         if keycheck.exists():
             raise CrflowError(
@@ -184,4 +193,4 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey()) -> Vault:
                 f"{key_file}") from None
     else:
         keycheck.write_bytes(cipher.encrypt(KEYCHECK_TEXT))
-    return Vault(results_dir, key)
+    return Vault(results_dir, key, remote)

@@ -20,7 +20,7 @@ from prefect import flow
 
 from crflow.chart import read_only, values_for
 from crflow.flows.site_lock import one_run_per_site
-from crflow.flows.steps import site_secrets, storage_and_secrets
+from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.flows.verify import report_usage
 from crflow.oci import SMOKE_REPO
 from crflow.settings import S3Storage, load_site
@@ -35,7 +35,6 @@ from crflow.tasks.storage import (
     stored_blobs_in_bucket,
     stored_blobs_in_directory,
 )
-from crflow.vault import open_vault
 
 
 @flow(name="gc")
@@ -45,7 +44,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     site = load_site(Path(site_file))
     target = target_for(site)
     url, bundle = target.url, target.client_bundle()
-    secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
+    secrets = site_secrets(site, site_vault(site, target), target)
     storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values)

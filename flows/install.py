@@ -12,14 +12,13 @@ from prefect import flow
 
 from crflow.chart import values_for
 from crflow.flows.site_lock import one_run_per_site
-from crflow.flows.steps import site_secrets, storage_and_secrets
+from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
 from crflow.targets import target_for
 from crflow.tasks.helm import publish_chart, render_chart
 from crflow.tasks.registry import push_pull_check, wait_until_ready
 from crflow.tasks.report import certificate_rows, publish_summary
-from crflow.vault import open_vault
 
 
 @flow(name="install")
@@ -29,7 +28,7 @@ def install(site_file: str) -> str:
     site = load_site(Path(site_file))
     target = target_for(site)
     target.check_host()
-    secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
+    secrets = site_secrets(site, site_vault(site, target), target)
 
     # Storage and the registry's Secrets, then the chart: run here as a pod, or released by helm.
     storage_and_secrets(site, target, secrets)

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from crflow.flows.alerts import emit_rotation_rolled_back
 from crflow.flows.install import install
 from crflow.flows.site_lock import one_run_per_site
-from crflow.flows.steps import login, server_cert, site_ca
+from crflow.flows.steps import login, server_cert, site_ca, site_vault
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
@@ -41,7 +41,6 @@ from crflow.tasks.client import save_client_bundle
 from crflow.tasks.pki import days_left
 from crflow.tasks.registry import check_served_certificate, login_accepted, push_pull_check, wait_for_login
 from crflow.tasks.report import certificate_rows, publish_summary
-from crflow.vault import open_vault
 
 
 @task(task_run_name="grace period ({seconds} s)")
@@ -69,7 +68,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     target = target_for(site)
     grace = site.rotation.grace_seconds if grace_seconds is None else grace_seconds
     timeout = site.rotation.propagation_timeout_seconds
-    vault = open_vault(site.state_dir, site.result_key)
+    vault = site_vault(site, target)
     gens = Generations.load(site.state_dir)
     gens = gens.model_copy(update={"rotating_to": gens.rotating_to or gens.credentials + 1,
                                    "rotation_undone": False}).save(site.state_dir)
@@ -132,8 +131,9 @@ def rotate_cert(site_file: str) -> str:
         gens = gens.model_copy(update={"server_cert": gens.server_cert + 1, "renewing_cert": True})
         gens.save(site.state_dir)
     url = install(site_file)  # the registry converged onto the new certificate, push/pull checked
-    vault = open_vault(site.state_dir, site.result_key)
-    ca = site_ca(site, vault, target_for(site))
+    target = target_for(site)
+    vault = site_vault(site, target)
+    ca = site_ca(site, vault, target)
     cert = server_cert(site, vault, ca, gens.server_cert)
     check_served_certificate(site.registry.host, site.registry.port, cert.fingerprint)
     gens.model_copy(update={"renewing_cert": False}).save(site.state_dir)

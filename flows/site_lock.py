@@ -177,7 +177,7 @@ def _state_held(site: Site) -> Iterator[None]:
     with kept_by(target.keep_state):
         try:
             yield
-        except BaseException:
+        except Exception:  # (not on SIGTERM or ^C: every change was pushed as it was made; end promptly)
             try:
                 target.keep_state()
             except Exception as err:  # the run's own error is the one to report; this one is logged

@@ -9,14 +9,15 @@ from pydantic import SecretStr
 
 from crflow.chart import registry_secrets
 from crflow.errors import CrflowError
+from crflow.flows.site_lock import site_slug
 from crflow.generations import Generations
 from crflow.identity import Identity, guard
 from crflow.settings import S3Storage, Site
 from crflow.targets import Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
 from crflow.tasks.pki import KeyPair, fingerprint_of_pem, make_ca, make_server_cert
-from crflow.tasks.storage import ensure_bucket
-from crflow.vault import Vault
+from crflow.tasks.storage import ensure_bucket, results_in_bucket
+from crflow.vault import Vault, open_vault
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,17 @@ class SiteSecrets:
     creds: Credentials
     htpasswd: SecretStr
     http_secret: SecretStr
+
+
+def site_vault(site: Site, target: Target) -> Vault:
+    """The site's encrypted cache: under state_dir, or in the bucket `result_storage` names."""
+    remote, storage, results = None, site.storage, site.result_storage
+    if results is not None and isinstance(storage, S3Storage):
+        keys = target.s3_keys()
+        ensure_bucket(storage.endpoint, results.bucket, storage.region, keys, storage.ca_bundle, storage.skip_verify)
+        remote = results_in_bucket(f"crflow-results-{site_slug(site)}", storage.endpoint, results.bucket,
+                                   results.prefix, storage.region, keys, storage.ca_bundle, storage.skip_verify)
+    return open_vault(site.state_dir, site.result_key, remote)
 
 
 # Each of these checks what the cache gave against the site's identity record before it is

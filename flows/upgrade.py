@@ -22,14 +22,13 @@ from prefect.artifacts import create_markdown_artifact
 from crflow.chart import values_for
 from crflow.errors import CrflowError, NotInstalled
 from crflow.flows.site_lock import one_run_per_site
-from crflow.flows.steps import site_secrets, storage_and_secrets
+from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.flows.verify import verify
 from crflow.settings import load_site
 from crflow.targets import target_for
 from crflow.tasks.helm import render_chart
 from crflow.tasks.manifests import diff_manifests
 from crflow.tasks.report import publish_summary
-from crflow.vault import open_vault
 
 
 @task(task_run_name="diff of {release}")
@@ -49,7 +48,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
     """Upgrade the registry of `site_file` to what the file and helm_chart/ say; verify; roll back if it breaks."""
     site = load_site(Path(site_file))
     target = target_for(site)
-    secrets = site_secrets(site, open_vault(site.state_dir, site.result_key), target)
+    secrets = site_secrets(site, site_vault(site, target), target)
     values = values_for(site, secrets.server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values)
 

@@ -1,5 +1,6 @@
 """Where do the registry's blobs go? A directory on this machine, or a bucket in MinIO (S3);
-and where does a running registry pod really keep them?
+and where does a running registry pod really keep them? (And, with `result_storage:`, the
+bucket that holds crflow's encrypted cache.)
 
     keys = read_s3_keys_file(Path("minio-keys.yaml"), "accesskey", "secretkey")
     ensure_bucket("https://minio.local:9000", "container-registry", "us-east-1", keys,
@@ -9,12 +10,14 @@ and where does a running registry pod really keep them?
 from __future__ import annotations
 
 import contextlib
+import io
 import ssl
 from pathlib import Path
 
 import urllib3
 import yaml
 from prefect import get_run_logger, task
+from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, SecretStr
 
 from crflow.chart import CONFIG_FILE, CONFIG_VOLUME, CONTAINER
@@ -92,6 +95,70 @@ def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Key
             return False
         client.make_bucket(bucket, location=region)
         return True
+
+
+# The S3 keys of each endpoint that holds a result cache, in this process only: Prefect stores
+# a result storage block's fields on its server, so the keys are never one of them.
+_result_keys: dict[str, S3Keys] = {}
+
+
+class S3Results(WritableFileSystem):
+    """Prefect's result storage in an S3 bucket, under a prefix: where a site's encrypted cache
+    lives with `result_storage:` in the site file. Each record is written once and never
+    replaced (runs hold the site's lock): a run with a wrong key that made a record anew cannot
+    overwrite the good one."""
+
+    _block_type_name = "crflow S3 results"
+    endpoint: str
+    bucket: str
+    prefix: str
+    region: str
+    ca_bundle: Path | None = None
+    skip_verify: bool = False
+
+    def _object(self, path: str) -> str:
+        return f"{self.prefix.strip('/')}/{Path(path).name}"  # Prefect may pass the key as a path
+
+    def _client(self):
+        keys = _result_keys.get(self.endpoint)
+        if keys is None:
+            raise CrflowError(f"no S3 keys for {self.endpoint} in this process: the site's vault opens the cache")
+        return _minio(self.endpoint, self.region, keys, self.ca_bundle, self.skip_verify)
+
+    def read_path(self, path: str, **_) -> bytes:
+        client = self._client()
+        with s3_errors(self.endpoint, self.bucket):
+            response = client.get_object(self.bucket, self._object(path))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def write_path(self, path: str, content: bytes, **_) -> str:
+        from minio.error import S3Error
+
+        client, name = self._client(), self._object(path)
+        with s3_errors(self.endpoint, self.bucket):
+            try:
+                client.stat_object(self.bucket, name)
+                return name  # held already: never replaced
+            except S3Error as err:
+                if err.code not in ("NoSuchKey", "NoSuchObject"):
+                    raise
+            client.put_object(self.bucket, name, io.BytesIO(content), len(content))
+        return name
+
+
+def results_in_bucket(name: str, endpoint: str, bucket: str, prefix: str, region: str, keys: S3Keys,
+                      ca_bundle: Path | None, skip_verify: bool) -> S3Results:
+    """The result storage for a bucket and prefix, saved as the block `name` (Prefect stores a
+    task's result storage by reference; the block holds no key)."""
+    _result_keys[endpoint] = keys
+    storage = S3Results(endpoint=endpoint, bucket=bucket, prefix=prefix, region=region, ca_bundle=ca_bundle,
+                        skip_verify=skip_verify)
+    storage.save(name, overwrite=True)
+    return storage
 
 
 @task(task_run_name="storage directory {path}")

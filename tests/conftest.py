@@ -213,6 +213,18 @@ def curl_status(site, user: str, password: str) -> int:
     return int(out.stdout or 0)
 
 
+def secret_text(core, namespace: str, name: str, key: str) -> str:
+    """One key of a Secret on the emulated cluster, decoded."""
+    return base64.b64decode(core.read_namespaced_secret(name, namespace).data[key]).decode()
+
+
+def fingerprint(pem: str) -> str:
+    """A certificate's SHA-256 fingerprint, as openssl (not crflow) computes it."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256"], input=pem, capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    return out.strip().split("=", 1)[1]
+
+
 def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """skopeo, the independent client. --insecure-policy skips image *signature* policy only;
     TLS verification stays on (no --tls-verify=false anywhere in these tests)."""

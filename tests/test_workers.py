@@ -1,5 +1,6 @@
 """Flows that run on any worker: the cluster holds the site's state, so runs from fresh working
-directories and from a Kubernetes work pool's Job carry on the same site.
+directories and from a Kubernetes work pool's Job carry on the same site. (The state's own
+rules, the earlier layout's migration and the cache in a bucket: tests/test_cluster_state.py.)
 
 EMULATED: the cluster (tests/kubeapi and the test kubelet). The Prefect worker is the real
 prefect-kubernetes 0.8.0 one, with its kopf observer off (the emulated server's watches are
@@ -24,22 +25,11 @@ import pytest
 import yaml
 from kubernetes import client
 
-from conftest import MINIO_KEYS, oci_layout, skopeo
+from conftest import MINIO_KEYS, fingerprint, oci_layout, secret_text, skopeo
 from servers import BIN
 
 pytestmark = pytest.mark.kubernetes
 REGISTRY_NS = "container-registry"
-
-
-def secret_text(core, namespace: str, name: str, key: str) -> str:
-    return base64.b64decode(core.read_namespaced_secret(name, namespace).data[key]).decode()
-
-
-def fingerprint(pem: str) -> str:
-    """The CA's SHA-256 fingerprint, as openssl computes it."""
-    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256"], input=pem, capture_output=True,
-                         text=True, check=True).stdout
-    return out.strip().split("=", 1)[1]
 
 
 def generations(core) -> dict:
@@ -136,36 +126,3 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
     dumped = json.dumps(manifest)
     assert not any(value in dumped for value in secrets.values())
 
-
-def test_a_site_installed_with_the_earlier_layout_moves_into_the_cluster_unchanged(crflow, cluster_site, tmp_path):
-    """The earlier crflow kept the state in state_dir only: no state Secret, and cache records
-    that named their key by file ({"type": "crflow-fernet", "key_file": PATH}). The test makes
-    that layout from an install (the state Secret deleted, each record's serializer written back
-    as the earlier code wrote it), then runs the new code from that directory, then from an
-    empty one: the same CA and login throughout, and nothing written the second time."""
-    site, core = cluster_site, cluster_site.core
-    crflow("install", "-c", str(site.path))
-    core.delete_namespaced_secret("registry-crflow-state", REGISTRY_NS)
-    for record in (site.state / "results").iterdir():
-        if record.name != ".keycheck":
-            data = json.loads(record.read_text())
-            data["metadata"]["serializer"] = {"type": "crflow-fernet", "key_file": str(site.state / "result.key")}
-            record.write_text(json.dumps(data))
-    ca = fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt"))
-    login = {k: secret_text(core, REGISTRY_NS, "registry-login", k) for k in ("username", "password")}
-
-    crflow("verify", "-c", str(site.path))  # the first run under the new code
-    held = core.read_namespaced_secret("registry-crflow-state", REGISTRY_NS).data
-    assert json.loads(base64.b64decode(held["identity.json"]))["ca"] == ca
-    assert sum(name.startswith("results.") for name in held) == len(list((site.state / "results").iterdir()))
-
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / "site.yaml").write_text(yaml.safe_dump({**site.settings, "state_dir": str(fresh / "state")}))
-    before = {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items}
-    crflow("install", "-c", str(fresh / "site.yaml"),
-           env={"CRFLOW_RESULT_KEY": (site.state / "result.key").read_text().strip()})
-    assert fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt")) == ca
-    assert {k: secret_text(core, REGISTRY_NS, "registry-login", k) for k in ("username", "password")} == login
-    assert {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items} \
-        == before
