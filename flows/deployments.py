@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ObjectAlreadyExists
@@ -40,6 +40,10 @@ from crflow.flows.verify import verify
 from crflow.settings import Site
 
 PoolType = Literal["process", "kubernetes"]
+# Without a pull step, `prefect flow-run execute` copies its whole working directory into the
+# run's workspace (in the flow image: /opt/crflow with its virtualenv, on every run). This one
+# only settles in the empty workspace: the flows are imported from the installed package.
+PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": "."}}]
 JOB_TEMPLATE = Path(__file__).resolve().parents[1] / "deployments" / "base-job-template.json"  # in a checkout
 
 
@@ -104,7 +108,9 @@ def deploy_site(site: Site, site_file: Path, pool: str, pool_type: PoolType = "p
             name=name, parameters={**bound, **extra}, schedules=schedules, description=description,
             tags=["crflow", site_tag(site)], entrypoint_type=EntrypointType.MODULE_PATH,
             job_variables={"image": image} if image else None)
-        deployment.apply(work_pool_name=pool)
+        deployment_id = deployment.apply(work_pool_name=pool)
+        with get_client(sync_client=True) as client:
+            client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=PULL_STEPS))
         names.append(f"{flow.name}/{name}" + (f" ({schedules[0].cron} {every.timezone})" if schedules else ""))
     return Deployed(pool, names, apply_alerts(site), bound["site_file"])
 

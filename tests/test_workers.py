@@ -72,33 +72,52 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
     runs.append(crflow("verify", "-c", str(second), env=with_key))
     assert generations(core)["credentials"] == 1
 
-    # A third run, through a Kubernetes work pool: the worker makes a Job; the Job runs verify.
+    # Through a Kubernetes work pool: the worker makes a Job per run. First with a wrong key in the
+    # key Secret: install stops before anything is made. Then, with the right one, verify.
+    from cryptography.fernet import Fernet
+
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="crflow")))
-    core.create_namespaced_secret("crflow", client.V1Secret(
-        metadata=client.V1ObjectMeta(name="crflow-result-key"), string_data={"result.key": key}))
+    core.create_namespaced_secret("crflow", client.V1Secret(metadata=client.V1ObjectMeta(name="crflow-result-key"),
+                                                            string_data={"result.key": Fernet.generate_key().decode()}))
     third = elsewhere("third")
     core.create_namespaced_config_map("crflow", client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name="crflow-sites"), data={"site.yaml": third.read_text()}))
     deployed = crflow("deploy", "-c", str(third), "--pool", "crflow-k8s", "--pool-type", "kubernetes")
     assert "bound to site.yaml" in deployed.stdout
-    started = subprocess.run([str(BIN / "prefect"), "deployment", "run", f"verify-push-pull/registry@{site.server}"],
-                             env=crflow.env, capture_output=True, text=True, timeout=120, check=True)
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
-    worker = subprocess.run(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "crflow-k8s", "--type", "kubernetes", "--run-once"],
-        env={**crflow.env, "KUBECONFIG": str(kube_api.kubeconfig_as("prefect-worker")),
-             "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "worker"),
-             "PREFECT_WORKER_QUERY_SECONDS": "1"},
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
-    assert "Kubernetes job" in worker.stderr + worker.stdout, worker.stderr[-3000:]
-    run = wait_for_run(prefect_api, run_id, 300)
-    job_pods = [p for p in kubelet.job_history if p["namespace"] == "crflow"]
-    log = (job_pods[0]["dir"] / "log").read_text() if job_pods else "(no Job pod ran)"
+
+    def through_the_worker(flow: str) -> tuple[dict, str]:
+        """Start a run of the site's `flow` deployment, let the worker make its Job, and wait for
+        the run to end: (the run, its Job pod's log)."""
+        started = subprocess.run([str(BIN / "prefect"), "deployment", "run", f"{flow}/registry@{site.server}"],
+                                 env=crflow.env, capture_output=True, text=True, timeout=120, check=True)
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+        worker = subprocess.run(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "crflow-k8s", "--type", "kubernetes", "--run-once"],
+            env={**crflow.env, "KUBECONFIG": str(kube_api.kubeconfig_as("prefect-worker")),
+                 "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "worker"),
+                 "PREFECT_WORKER_QUERY_SECONDS": "1"},
+            capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        assert "Kubernetes job" in worker.stderr + worker.stdout, worker.stderr[-3000:]
+        run = wait_for_run(prefect_api, run_id, 300)
+        pods = [p for p in kubelet.job_history if p["namespace"] == "crflow" and p["labels"].get(
+            "prefect.io/flow-run-id") == run_id]
+        return run, (pods[0]["dir"] / "log").read_text() if pods else "(no Job pod ran)"
+
+    before = {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items}
+    refused, log = through_the_worker("install")
+    assert refused["state"]["type"] == "FAILED" and "wrong result key" in log, log[-4000:]
+    assert {s.metadata.name: s.metadata.resource_version
+            for s in core.list_namespaced_secret(REGISTRY_NS).items} == before  # nothing made, nothing written
+
+    core.patch_namespaced_secret("crflow-result-key", "crflow", {"stringData": {"result.key": key}})
+    run, log = through_the_worker("verify-push-pull")
     assert run["state"]["type"] == "COMPLETED", log[-4000:]
+    assert "Downloading flow code" not in log  # the deployment's pull step: no copy of the image's files per run
     assert run["parameters"] == {"site_file": "site.yaml"}  # the file's name in the mounted ConfigMap, nothing more
 
     # The Job as the worker made it: the key only by reference; no secret in it.
-    job = client.BatchV1Api(core.api_client).list_namespaced_job("crflow").items[0]
+    job = next(j for j in client.BatchV1Api(core.api_client).list_namespaced_job("crflow").items
+               if j.metadata.labels["prefect.io/flow-run-id"] == run["id"])
     manifest = core.api_client.sanitize_for_serialization(job)
     env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "CRFLOW_RESULT_KEY", "valueFrom": {"secretKeyRef": {"name": "crflow-result-key",
