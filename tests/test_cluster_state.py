@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,8 +21,9 @@ def test_a_site_installed_with_the_earlier_layout_moves_into_the_cluster_unchang
     """The earlier crflow kept the state in state_dir only: no state Secret, and cache records
     that named their key by file ({"type": "crflow-fernet", "key_file": PATH}). The test makes
     that layout from an install (the state Secret deleted, each record's serializer written back
-    as the earlier code wrote it), then runs the new code from that directory, then from an
-    empty one: the same CA and login throughout, and nothing written the second time."""
+    as the earlier code wrote it). From an empty directory, the new code then stops on the
+    cluster's CA Secret and writes nothing; from the site's own directory it moves the state into
+    the cluster; from an empty one after that it converges: the same CA and login throughout."""
     site, core = cluster_site, cluster_site.core
     crflow("install", "-c", str(site.path))
     core.delete_namespaced_secret("registry-crflow-state", REGISTRY_NS)
@@ -33,21 +35,32 @@ def test_a_site_installed_with_the_earlier_layout_moves_into_the_cluster_unchang
     ca = fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt"))
     login = {k: secret_text(core, REGISTRY_NS, "registry-login", k) for k in ("username", "password")}
 
+    def empty_directory(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "site.yaml").write_text(yaml.safe_dump({**site.settings, "state_dir": str(folder / "state")}))
+        return folder / "site.yaml"
+
+    def secrets() -> dict[str, str]:
+        return {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items}
+
+    before = secrets()
+    lost = crflow("install", "-c", str(empty_directory("lost")), check=False)  # the state_dir is not here
+    assert lost.returncode == 1
+    assert "the cluster already holds the CA of registry" in lost.stderr and "crflow restore" in lost.stderr
+    assert secrets() == before  # nothing written
+
     crflow("verify", "-c", str(site.path))  # the first run under the new code
     held = core.read_namespaced_secret("registry-crflow-state", REGISTRY_NS).data
     assert json.loads(base64.b64decode(held["identity.json"]))["ca"] == ca
     assert sum(name.startswith("results.") for name in held) == len(list((site.state / "results").iterdir()))
 
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / "site.yaml").write_text(yaml.safe_dump({**site.settings, "state_dir": str(fresh / "state")}))
-    before = {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items}
-    crflow("install", "-c", str(fresh / "site.yaml"),
+    before = secrets()
+    crflow("install", "-c", str(empty_directory("fresh")),
            env={"CRFLOW_RESULT_KEY": (site.state / "result.key").read_text().strip()})
     assert fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt")) == ca
     assert {k: secret_text(core, REGISTRY_NS, "registry-login", k) for k in ("username", "password")} == login
-    assert {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items} \
-        == before
+    assert secrets() == before
 
 
 def test_with_result_storage_the_cache_lives_in_a_bucket_and_serves_a_fresh_directory(

@@ -251,24 +251,3 @@ def test_an_empty_state_dir_changes_nothing_on_the_cluster_and_a_missing_or_wron
     crflow("install", "-c", str(site.path), env={"CRFLOW_RESULT_KEY": key})
     assert secrets() == before and revision() == 1  # the same CA, certificate and login: nothing to write
 
-
-def test_a_lost_state_dir_of_a_site_installed_before_the_state_secret_never_makes_a_second_ca(
-        crflow, cluster_site, kube_api):
-    """A site installed by an earlier crflow has no state Secret: when its disk is lost, the
-    cluster's CA Secret still says a CA exists, so the run stops before writing anything."""
-    import shutil
-
-    site = cluster_site
-    crflow("install", "-c", str(site.path))
-    site.core.delete_namespaced_secret("registry-crflow-state", "container-registry")  # the earlier layout
-    before = {s.metadata.name: s.metadata.resource_version
-              for s in site.core.list_namespaced_secret("container-registry").items}
-    shutil.rmtree(site.state)
-
-    again = crflow("install", "-c", str(site.path), check=False)
-    assert again.returncode == 1
-    assert "the cluster already holds the CA of registry" in again.stderr and "crflow restore" in again.stderr
-    assert {s.metadata.name: s.metadata.resource_version
-            for s in site.core.list_namespaced_secret("container-registry").items} == before  # nothing written
-    assert json.loads(kube_api.run("helm", "history", "registry", "-n", "container-registry", "-o", "json"))[-1][
-        "revision"] == 1
