@@ -48,5 +48,5 @@ class Generations(BaseModel):
         record.generations = self.model_dump()
         record.save(state_dir)  # first: a crash between the two leaves the record ahead, never behind
         write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o600)
-        written()
+        written()  # once, with both files written (the record's save above does not push)
         return self

@@ -41,9 +41,9 @@ class Identity(BaseModel):
                               "fingerprints and generation numbers") from None
 
     def save(self, state_dir: Path) -> None:
+        """Write the record; whoever changed it (guard, Generations.save) pushes the state once."""
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o600)
-        written()
 
 
 def guard(state_dir: Path, kind: str, key: str, found: str) -> None:
@@ -58,6 +58,7 @@ def guard(state_dir: Path, kind: str, key: str, found: str) -> None:
         else:
             entries[key] = found
         record.save(state_dir)
+        written()
     elif recorded != found:
         what = {"ca": "CA", "server_certs": f"server certificate ({key})", "logins": f"login ({key})"}[kind]
         raise CrflowError(

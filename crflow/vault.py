@@ -67,7 +67,7 @@ class FernetSerializer(Serializer):
 
     type: Literal["crflow-fernet"] = "crflow-fernet"
     key_id: str | None = None
-    key_file: str | None = None  # how records written before key ids named their key
+    key_file: str | None = None  # how records written before key ids named their key: read with the open keys
 
     def dumps(self, obj) -> bytes:
         if self.key_id not in _keys:
@@ -76,8 +76,6 @@ class FernetSerializer(Serializer):
 
     def loads(self, blob: bytes):
         keys = [_keys[self.key_id]] if self.key_id in _keys else list(_keys.values())
-        if not keys and self.key_file and (old := read_key(Path(self.key_file))):
-            keys = [old]
         if not keys:
             raise CrflowError("no result key to read a cached result with: set CRFLOW_RESULT_KEY or the site's "
                               "result_key")

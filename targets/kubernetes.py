@@ -26,6 +26,7 @@ class KubernetesTarget(Target):
 
         cluster = site.cluster
         self.kube = KubeAccess(kubeconfig=cluster.kubeconfig and str(cluster.kubeconfig), context=cluster.context)
+        self._from_cluster: Path | None = None  # the client files client_bundle() wrote from the cluster
 
     def check_host(self) -> None:
         from crflow.tasks.helm import helm_executable
@@ -147,6 +148,8 @@ class KubernetesTarget(Target):
         Secrets into a private temporary directory removed when crflow exits."""
         if (self.bundle / "auth.json").exists():
             return self.bundle
+        if self._from_cluster is not None:  # read once per run (verify asks again for its pull check)
+            return self._from_cluster
         import atexit
         import shutil
         import tempfile
@@ -167,7 +170,8 @@ class KubernetesTarget(Target):
         out = Path(tempfile.mkdtemp(prefix="crflow-client-"))  # 0700, this user's
         atexit.register(shutil.rmtree, out, True)
         creds = Credentials(user=login["username"].get_secret_value(), password=login["password"], id="from-cluster")
-        return write_client_bundle(out, site.registry.servers, ca["ca.crt"].get_secret_value(), creds)
+        self._from_cluster = write_client_bundle(out, site.registry.servers, ca["ca.crt"].get_secret_value(), creds)
+        return self._from_cluster
 
     def status(self) -> Health:
         try:

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
 from crflow.tasks.kubeapi import POOL_SIZE, KubeAccess, api_client, get_or_none, managed_labels, retrying
-from crflow.tasks.secrets import write_secret_undoably
+from crflow.tasks.secrets import snapshot_secret, write_secret_undoably
 from crflow.undo import undo, undoable
 
 WORKERS = POOL_SIZE  # concurrent API calls, one keep-alive connection each
@@ -114,8 +114,7 @@ def remove_pull_secrets(kube: KubeAccess, release: str, name: str) -> list[str]:
         core = client.CoreV1Api(api)
         namespaces = retrying("list namespaces", lambda: core.list_namespace()).items
         for namespace in sorted(ns.metadata.name for ns in namespaces):
-            found = retrying(f"read Secret {namespace}/{name}",
-                             lambda n=namespace: get_or_none(lambda: core.read_namespaced_secret(name, n)))
+            found = snapshot_secret(api, namespace, name)
             if found is None or found.type != "kubernetes.io/dockerconfigjson" or \
                     not labels.items() <= (found.metadata.labels or {}).items():
                 continue

@@ -80,10 +80,11 @@ def write_secret_undoably(kube: KubeAccess, api: client.ApiClient, namespace: st
 def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str],
                 missing_ok: bool = False) -> dict[str, SecretStr] | None:
     """Those `keys` of Secret namespace/name, decoded; None if the Secret is absent and `missing_ok`."""
-    core = client.CoreV1Api(api)
-    read = (lambda: get_or_none(lambda: core.read_namespaced_secret(name, namespace))) if missing_ok else \
-        (lambda: core.read_namespaced_secret(name, namespace))
-    secret = retrying(f"read Secret {namespace}/{name}", read)
+    if missing_ok:
+        secret = snapshot_secret(api, namespace, name)
+    else:
+        core = client.CoreV1Api(api)
+        secret = retrying(f"read Secret {namespace}/{name}", lambda: core.read_namespaced_secret(name, namespace))
     if secret is None:
         return None
     missing = [k for k in keys if k not in (secret.data or {})]
@@ -122,8 +123,7 @@ def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: 
     with api_client(kube) as api:
         core = client.CoreV1Api(api)
         for name in names:
-            found = retrying(f"read Secret {namespace}/{name}",
-                             lambda n=name: get_or_none(lambda: core.read_namespaced_secret(n, namespace)))
+            found = snapshot_secret(api, namespace, name)
             if found is not None and labels.items() <= (found.metadata.labels or {}).items():
                 retrying(f"delete Secret {namespace}/{name}", lambda n=name: get_or_none(
                     lambda: core.delete_namespaced_secret(n, namespace, _preload_content=False)))
@@ -136,10 +136,8 @@ def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: 
 def read_held_ca(kube: KubeAccess, namespace: str, names: list[str]) -> str | None:
     """ca.crt from the first of `names` that holds one (a public certificate), or None."""
     with api_client(kube) as api:
-        core = client.CoreV1Api(api)
         for name in names:
-            found = retrying(f"read Secret {namespace}/{name}",
-                             lambda n=name: get_or_none(lambda: core.read_namespaced_secret(n, namespace)))
+            found = snapshot_secret(api, namespace, name)
             if found is not None and "ca.crt" in (found.data or {}):
                 return base64.b64decode(found.data["ca.crt"]).decode()
     return None
