@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -25,6 +24,7 @@ import typer
 
 from crflow import runtime
 from crflow.errors import CrflowError, NotInstalled
+from crflow.files import write_atomic
 from crflow.health import Status
 from crflow.settings import Site, load_site
 from crflow.targets import target_for
@@ -247,10 +247,9 @@ def export_client(config: Path = SiteFile, out: Path = typer.Option(..., "--out"
     """Write DIR/ca.crt and DIR/auth.json (0600): what skopeo, podman or docker need."""
     site = load_site(config)
     bundle = target_for(site).client_bundle()  # on a cluster with none here: from its CA and login Secrets
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name in ("ca.crt", "auth.json"):
-        shutil.copy2(bundle / name, out / name)
-    (out / "README.txt").write_text(client_readme(site))
+    for name, mode in (("ca.crt", 0o644), ("auth.json", 0o600)):
+        write_atomic(out / name, (bundle / name).read_bytes(), mode, make_parents=0o700)
+    write_atomic(out / "README.txt", client_readme(site).encode(), 0o644)
     typer.echo(f"Wrote {out}/ca.crt, {out}/auth.json and {out}/README.txt for {', '.join(site.registry.servers)}")
     typer.echo(f"  skopeo ... --authfile {out}/auth.json --cert-dir {out}")
     typer.echo(f"  trust it on a machine: crflow trust -c {config} --runtime containerd|docker|containers|system")

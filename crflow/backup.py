@@ -63,8 +63,7 @@ def write_backup(state_dir: Path, out: Path, passphrase: str, source: ResultKey 
                 continue
             held.append(name)
     salt = secrets.token_bytes(SALT_BYTES)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, MAGIC + salt + _cipher(passphrase, salt).encrypt(buffer.getvalue()), 0o600)
+    write_atomic(out, MAGIC + salt + _cipher(passphrase, salt).encrypt(buffer.getvalue()), 0o600, make_parents=0o700)
     return held
 
 

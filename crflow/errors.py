@@ -24,6 +24,10 @@ class StorageFailure(CrflowError):
     """The registry answered, but its storage driver failed (a missing bucket, a full disk...)."""
 
 
+class DiskFull(CrflowError):
+    """A file crflow writes did not fit on its device; the old file, if any, is unchanged."""
+
+
 class NotAnswering(ConnectionError):
     """Nothing answers at the registry's address (refused, reset, timed out). Transient:
     tasks retry it, and once the retries are spent its message is the whole story."""

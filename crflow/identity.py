@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from crflow.errors import CrflowError
-from crflow.files import write_atomic
+from crflow.files import ensure_dir, write_atomic
 from crflow.state import IDENTITY_FILE as FILE
 from crflow.state import written
 
@@ -42,7 +42,7 @@ class Identity(BaseModel):
 
     def save(self, state_dir: Path) -> None:
         """Write the record; whoever changed it (guard, Generations.save) pushes the state once."""
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(state_dir)
         write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o600)
 
 

@@ -14,8 +14,10 @@ The runner plays kubelet for the Deployment's pod spec:
   also serves pprof;
 - the container's probes are asked as the kubelet asks them (`probe`), by `crflow status`;
 - the security context, where a process can: when crflow runs as root, the registry runs as
-  the pod's runAsUser/runAsGroup with no capabilities and no_new_privs (RunAs below), its
-  volumes and claims owned by that user as fsGroup would make them.
+  the pod's runAsUser/runAsGroup with no capabilities and no_new_privs (RunAs below). As a
+  kubelet does, ConfigMap and Secret volumes are root's files the pod's group may read,
+  mounted read-only; only its claims and emptyDirs are the registry's own, and writable.
+  So the registry (or whoever takes it over) can change nothing crflow writes.
 
 As on Kubernetes, a change to the pod spec (including its checksum annotations) or to
 resolved env restarts the process; a change to mounted Secret content only refreshes the
@@ -46,7 +48,7 @@ from pydantic import SecretStr
 
 from crflow.chart import COMMAND, CONTAINER, SecretData
 from crflow.errors import CrflowError
-from crflow.files import write_atomic
+from crflow.files import ensure_dir, opened_dir, own_tree, write_atomic
 
 DEBUG_HOST = "127.0.0.1"
 BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
@@ -86,14 +88,19 @@ def ensure_port_free(host: str, port: int, wait: float = 0) -> None:
 
 
 # Where a registry that runs as the pod's user finds its files: in a mount namespace of its
-# own, a small tmpfs here with the volumes directory and each claim bound into it. The
-# host's way to them, through a 0700 state_dir, stays closed to that user.
+# own, a small tmpfs here with the volumes directory (read-only) and each claim and emptyDir
+# (read-write) bound into it. The host's way to them, through a 0700 state_dir, stays closed
+# to that user.
 JAIL = Path("/run/crflow-registry")
 _JAIL_SCRIPT = """set -e
 jail=$1; shift
 umask 022
 mount -t tmpfs -o mode=0755,size=64k crflow-registry "$jail"
-while [ "$1" != -- ]; do mkdir -p "$jail/$2"; mount --bind "$1" "$jail/$2"; shift 2; done
+while [ "$1" != -- ]; do
+  mkdir -p "$jail/$2"; mount --bind "$1" "$jail/$2"
+  if [ "$3" = ro ]; then mount -o remount,bind,ro "$jail/$2"; fi
+  shift 3
+done
 shift
 umask 077
 exec "$@"
@@ -122,24 +129,21 @@ class RunAs:
     def owner(self) -> tuple[int, int]:
         return self.uid, self.gid
 
-    def own(self, tree: Path, always: bool = True) -> None:
-        """`tree` and all under it owned by the user (as fsGroup makes a volume the pod's);
-        unless `always`, only when its top is not already (a big claim is walked once)."""
-        if not always and (tree.stat().st_uid, tree.stat().st_gid) == self.owner:
-            return
-        for root, dirs, files in os.walk(tree):
-            for name in [*dirs, *files]:
-                os.lchown(os.path.join(root, name), *self.owner)
-        os.chown(tree, *self.owner)
+    @property
+    def reader(self) -> tuple[int, int]:
+        """Who owns the files crflow writes for the pod: root, with the pod's group to read them."""
+        return 0, self.gid
 
-    def argv(self, command: list[str], binds: dict[Path, Path], port: int) -> list[str]:
+    def argv(self, command: list[str], binds: dict[Path, Path], writable: set[Path], port: int) -> list[str]:
         """`command` in a mount namespace where `binds` (host -> path under JAIL) are mounted,
-        as the user, with no capabilities but the one a port below 1024 needs."""
+        read-only but for `writable`, as the user, with no capabilities but the one a port
+        below 1024 needs."""
         JAIL.mkdir(mode=0o755, exist_ok=True)
         caps = ["--inh-caps", "-all"]
         if port < 1024:
             caps = ["--inh-caps", "-all,+net_bind_service", "--ambient-caps", "+net_bind_service"]
-        mounts = [str(part) for host, inside in binds.items() for part in (host, inside.relative_to(JAIL))]
+        mounts = [str(part) for host, inside in binds.items()
+                  for part in (host, inside.relative_to(JAIL), "rw" if host in writable else "ro")]
         return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", _JAIL_SCRIPT, "crflow-registry",
                 str(JAIL), *mounts, "--", "setpriv", "--reuid", str(self.uid), "--regid", str(self.gid),
                 "--clear-groups", "--no-new-privs", *caps, *command]
@@ -277,42 +281,38 @@ class LocalPod:
 
     # --- volumes ---------------------------------------------------------------------------
     def _volume(self, volume: dict, manifests: list[dict], secrets: SecretData, claims: dict[str, Path],
-                owner: tuple[int, int] | None) -> Path:
+                run_as: RunAs | None) -> Path:
         name = volume["name"]
-        host = self.dir / "volumes" / name
         if "persistentVolumeClaim" in volume:
             claim = volume["persistentVolumeClaim"]["claimName"]
             if claim not in claims:
                 raise CrflowError(f"volume {name}: claim {claim} is bound to no local directory")
-            claims[claim].mkdir(parents=True, exist_ok=True)
-            return claims[claim]
-        if "emptyDir" in volume:
-            host.mkdir(parents=True, exist_ok=True)
-            return host
+            return ensure_dir(claims[claim])
+        if "emptyDir" in volume:  # the registry's to write: apart from the read-only volumes
+            return ensure_dir(self.dir / "empty" / name)
         if "configMap" in volume:
             source = _find(manifests, "ConfigMap", volume["configMap"]["name"])["data"]
             files = {k: v.encode() for k, v in source.items()}
-            mode = 0o644
         elif "secret" in volume:
             secret_name = volume["secret"]["secretName"]
             if secret_name not in secrets:
                 raise CrflowError(f"volume {name}: Secret {secret_name} does not exist")
             files = {k: v.get_secret_value().encode() for k, v in secrets[secret_name].items()}
-            mode = 0o600
         else:
             raise CrflowError(f"volume {name}: only configMap, secret, emptyDir and PVC volumes run locally")
-        # Owned by the registry's user as each file lands: a file it cannot read for a moment
-        # would be read no more (the registry re-reads htpasswd only when its mtime changes).
-        self._write_items(host, volume, files, mode, owner)
+        # Readable by the registry's group as each file lands: a file it cannot read for a
+        # moment would be read no more (the registry re-reads htpasswd only when its mtime changes).
+        host = self.dir / "volumes" / name
+        self._write_items(host, volume, files, run_as)
         return host
 
-    @staticmethod
-    def _write_items(host: Path, volume: dict, files: dict[str, bytes], mode: int,
-                     owner: tuple[int, int] | None = None) -> dict[str, bytes]:
-        """Write a ConfigMap/Secret volume's files, each atomically (owned by `owner` if given);
-        return what they held before."""
+    def _write_items(self, host: Path, volume: dict, files: dict[str, bytes],
+                     run_as: RunAs | None) -> dict[str, bytes]:
+        """Write a ConfigMap/Secret volume's files, each atomically; return what they held before."""
         items = volume.get("configMap", volume.get("secret")).get("items") or [{"key": k, "path": k} for k in files]
-        host.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secret = "secret" in volume
+        for folder in (self.dir / "volumes", host):
+            self._shared_dir(folder, run_as)
         before = {}
         for item in items:
             if item["key"] not in files:
@@ -320,8 +320,23 @@ class LocalPod:
             path = host / item["path"]
             if path.exists():
                 before[item["key"]] = path.read_bytes()
-            write_atomic(path, files[item["key"]], mode, owner)
+            write_atomic(path, files[item["key"]], *self._file_mode(secret, run_as))
         return before
+
+    @staticmethod
+    def _file_mode(secret: bool, run_as: RunAs | None) -> tuple[int, tuple[int, int] | None]:
+        """(mode, owner) of a file crflow writes for the pod: root's, which the pod's group reads."""
+        if run_as is None:
+            return (0o600 if secret else 0o644), None
+        return (0o640 if secret else 0o644), run_as.reader
+
+    @staticmethod
+    def _shared_dir(folder: Path, run_as: RunAs | None) -> None:
+        """A folder of the pod's files: root's, which the pod's group may enter."""
+        with opened_dir(folder, make=0o700) as fd:
+            if run_as is not None:
+                os.fchown(fd, *run_as.reader)
+                os.fchmod(fd, 0o750)
 
     def refresh_secret(self, name: str, data: dict[str, SecretStr]) -> dict[str, SecretStr]:
         """Replace the files of the running pod's Secret volumes for Secret `name`, as the kubelet
@@ -335,8 +350,7 @@ class LocalPod:
         run_as = RunAs.of(template, container)
         before = {}
         for volume in volumes:
-            before.update(self._write_items(self.dir / "volumes" / volume["name"], volume, files, 0o600,
-                                            run_as and run_as.owner))
+            before.update(self._write_items(self.dir / "volumes" / volume["name"], volume, files, run_as))
         return {k: SecretStr(v.decode()) for k, v in before.items()}
 
     # --- the container ---------------------------------------------------------------------
@@ -356,7 +370,8 @@ class LocalPod:
                 raise CrflowError(f"env {var['name']}: Secret {ref['name']} has no key {ref['key']}") from None
         return env
 
-    def _command(self, container: dict, mounts: Mounts, args: list[str] | None = None) -> list[str]:
+    def _command(self, container: dict, mounts: Mounts, run_as: RunAs | None,
+                 args: list[str] | None = None) -> list[str]:
         command = [*(container.get("command") or [COMMAND]), *(container.get("args") if args is None else args)]
         if command[0] != COMMAND:
             raise CrflowError(f"the container runs {command[0]}, not the registry ({COMMAND})")
@@ -368,7 +383,8 @@ class LocalPod:
                 # sits with the volumes, where the process can read it.
                 config = mounts.translate_tree(yaml.safe_load(Path(host_arg).read_text()))
                 host_file = self.dir / "volumes" / Path(arg).name
-                write_atomic(host_file, yaml.safe_dump(config).encode(), 0o600)
+                self._shared_dir(host_file.parent, run_as)
+                write_atomic(host_file, yaml.safe_dump(config).encode(), *self._file_mode(True, run_as))
                 argv.append(str(mounts.view(host_file)))
             else:
                 argv.append(mounts.translate(arg))
@@ -393,21 +409,26 @@ class LocalPod:
         argv, env, user). `args` replace the container's (container paths, translated)."""
         template = _find(manifests, "Deployment")["spec"]["template"]
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(self.dir)
         run_as = RunAs.of(template, container)
-        host_dirs = {v["name"]: self._volume(v, manifests, secrets, claims, run_as and run_as.owner)
+        host_dirs = {v["name"]: self._volume(v, manifests, secrets, claims, run_as)
                      for v in template["spec"].get("volumes") or []}
         mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
+        own_kinds = {v["name"] for v in template["spec"].get("volumes") or []
+                     if "emptyDir" in v or "persistentVolumeClaim" in v}  # ConfigMaps and Secrets: never
+        writable = {host_dirs[m["name"]] for m in container.get("volumeMounts") or []
+                    if m["name"] in own_kinds and not m.get("readOnly")}
         if run_as is not None:
-            volumes = self.dir / "volumes"
-            mounts.views = {volumes: JAIL / "volumes", **{
-                path: JAIL / "claims" / claim for claim, path in claims.items() if path in host_dirs.values()}}
+            mounts.views = {self.dir / "volumes": JAIL / "volumes", **{
+                path: JAIL / "claims" / claim for claim, path in claims.items() if path in host_dirs.values()}, **{
+                host: JAIL / "empty" / host.name for host in host_dirs.values() if host.parent == self.dir / "empty"}}
         env = self._env(container, secrets, mounts)
-        argv = self._command(container, mounts, args)
+        argv = self._command(container, mounts, run_as, args)
         if run_as is not None:
-            for host in mounts.views:
-                run_as.own(host, always=host == self.dir / "volumes")
-            argv = run_as.argv(argv, mounts.views, port)
+            self._shared_dir(self.dir / "volumes", run_as)  # the config alone may be there
+            for host in writable:  # the registry's own, as fsGroup makes a volume the pod's
+                own_tree(host, run_as.owner, only_if_top_differs=host in claims.values())
+            argv = run_as.argv(argv, mounts.views, writable, port)
         return template, argv, env, run_as
 
     def run_once(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], args: list[str],

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from crflow.errors import CrflowError
-from crflow.files import private_dir, write_atomic
+from crflow.files import ensure_dir, private_dir, write_atomic
 
 if TYPE_CHECKING:  # identity.py reports its writes here
     from crflow.identity import Identity
@@ -108,7 +108,7 @@ def merge(state_dir: Path, held: dict[str, bytes], where: str) -> None:
     written after every change under the site's lock, so its generations win; records are
     added, and where both have one the held one stays."""
     private_dir(state_dir)
-    (state_dir / RESULTS).mkdir(mode=0o700, exist_ok=True)
+    ensure_dir(state_dir / RESULTS)
     if IDENTITY_FILE in held:
         from crflow.identity import Identity
 

@@ -4,13 +4,20 @@ CA, written for every address the certificate names, and undone exactly.
     lines = trust(site, "containers", root=Path("/"))      # /etc/containers/certs.d/HOST:PORT/ca.crt
     lines = trust(site, "containers", root=Path("/"), remove=True)
 
-The certs.d layouts are written by the chart's node-trust script, the one the DaemonSet runs
-on every node, so a builder machine and a node get exactly the same files. What was trusted is
-recorded in the state directory, so `crflow uninstall` can undo it.
+The certs.d files are made by the chart's node-trust script, the one the DaemonSet runs on
+every node, so a builder machine and a node get exactly the same files. The script writes
+them into a private scratch folder; crflow then puts them under `root` itself, through
+crflow/files.py: nothing below `root` is followed, so a link planted in a certs.d folder
+cannot send a root-owned write elsewhere.
+
+Each site records the files it wrote (runtime, root and paths, in its state directory), and
+`--remove` takes away exactly those: two sites that share a release name, on other
+addresses, never touch each other's files. A certs.d folder someone else wrote is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,8 +28,12 @@ from pathlib import Path
 
 from crflow.chart import NODE_TRUST_SCRIPT
 from crflow.errors import CrflowError, NotInstalled
-from crflow.files import write_atomic
+from crflow.files import opened_dir, read_bytes, write_atomic
 from crflow.settings import Site
+
+SCRIPT_SECONDS = 30  # the script copies two small files per address
+UPDATE_SECONDS = 120  # update-ca-certificates rebuilds the bundle (and Java's, where installed)
+MARK = ".crflow-owner"  # the node-trust script's mark on a certs.d folder it wrote
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,7 @@ RUNTIMES = {
     "containers": Layout("/etc/containers/certs.d", "certs"),  # podman, skopeo, buildah
     "system": Layout("/usr/local/share/ca-certificates", "system"),  # update-ca-certificates (Debian, WSL)
 }
-RECORD = "trusted.json"  # in state_dir: [[runtime, root], ...]
+RECORD = "trusted.json"  # in state_dir: [{"runtime", "root", "files": [paths under root]}, ...]
 
 
 def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[str]:
@@ -48,76 +59,179 @@ def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[st
         raise CrflowError(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if not root.is_dir():
         raise CrflowError(f"--root {root}: not a directory")
+    root = Path(os.path.realpath(root))
     ca_file = site.state_dir / "client" / "ca.crt"
     if not remove and not ca_file.is_file():
         raise NotInstalled(f"no CA for registry {site.release} yet: run crflow install -c SITE first")
     directory = root / layout.directory.lstrip("/")
+    recorded = _recorded(site).get((runtime, str(root)))
     try:
-        if layout.format == "system":
-            lines = _system(site, directory, ca_file, root, remove)
+        if remove:
+            lines = _remove(site, root, recorded if recorded is not None else _default_files(site, layout, legacy=(
+                runtime, str(root)) in _recorded(site)))
+            if layout.format == "system" and lines:
+                lines += _update_system_bundle(root)
+            files: list[str] = []
         else:
-            lines = _certs_d(site, directory, ca_file, layout.format, remove)
+            wanted = _certs_d_files(site, ca_file, layout) if layout.format != "system" else \
+                {f"{layout.directory.lstrip('/')}/{system_file(site)}": ca_file.read_bytes()}
+            lines, files = _write(site, root, wanted)
+            # What this site wrote before and no longer wants (an address that left the list).
+            lines += _remove(site, root, [f for f in recorded or [] if f not in files])
+            if layout.format == "system":
+                lines += _update_system_bundle(root)
     except PermissionError as err:
         raise CrflowError(f"cannot write {err.filename or directory}: permission denied; run as root, "
                           "or give --root") from None
-    _record(site, runtime, root, remove)
+    _record(site, runtime, root, files)
     return lines
 
 
-def _certs_d(site: Site, directory: Path, ca_file: Path, fmt: str, remove: bool) -> list[str]:
-    if remove and not directory.is_dir():
-        return []
-    with tempfile.TemporaryDirectory(prefix="crflow-trust-") as scratch:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOST_DIR": str(directory),
-               "CA_FILE": str(ca_file), "ADDRESSES": " ".join(site.registry.servers), "FORMAT": fmt,
-               "OWNER": owner(site), "STATE_DIR": scratch, "MODE": "once-remove" if remove else "once"}
-        result = subprocess.run(["/bin/sh", str(NODE_TRUST_SCRIPT)], env=env, capture_output=True, text=True)
-    lines = [line.removeprefix("node-trust: ") for line in result.stdout.splitlines()]
-    if result.returncode != 0:
-        denied = next((line for line in lines + result.stderr.splitlines() if "ermission denied" in line), None)
-        if denied:
-            raise PermissionError(13, "permission denied", str(directory))
-        raise CrflowError(f"could not write the trust files in {directory}: {(lines or ['(no output)'])[-1]}")
-    return lines
-
-
-def _system(site: Site, directory: Path, ca_file: Path, root: Path, remove: bool) -> list[str]:
-    path = directory / f"crflow-{site.release}.crt"
-    if remove:
-        if not path.exists():
-            return []
-        path.unlink()
-        lines = [f"removed {path}"]
-    else:
-        if not directory.is_dir():
-            directory.mkdir(parents=True)
-            directory.chmod(0o755)  # public, whatever crflow's umask
-        changed = write_atomic(path, ca_file.read_bytes(), 0o644)
-        lines = [f"wrote {path}" if changed else f"{path} is current"]
-    if root == Path("/"):  # the system's bundle is rebuilt only on this machine, never under a prefix
-        if shutil.which("update-ca-certificates") is None:
-            raise CrflowError(f"{path} is in place, but there is no update-ca-certificates here to rebuild "
-                              "the system's CA bundle; install the ca-certificates package")
-        subprocess.run(["update-ca-certificates"], check=True, capture_output=True)
-        lines.append("ran update-ca-certificates")
-    return lines
+def system_file(site: Site) -> str:
+    """The system bundle's file for this site: by release and address, so two sites never share one."""
+    return f"crflow-{site.release}-{site.registry.servers[0].replace(':', '_').strip('[]')}.crt"
 
 
 def owner(site: Site) -> str:
-    """The mark on what `crflow trust` wrote: only directories carrying it are changed or removed."""
+    """The mark on what `crflow trust` wrote: only folders carrying it are changed or removed."""
     return f"crflow-trust/{site.release}"
 
 
-def _record(site: Site, runtime: str, root: Path, remove: bool) -> None:
-    path = site.state_dir / RECORD
-    done = {tuple(entry) for entry in json.loads(path.read_text())} if path.exists() else set()
-    entry = (runtime, str(root.resolve()))
-    done = done - {entry} if remove else done | {entry}
+def _certs_d_files(site: Site, ca_file: Path, layout: Layout) -> dict[str, bytes]:
+    """Path under the root -> content: what the node-trust script writes for every address."""
+    with tempfile.TemporaryDirectory(prefix="crflow-trust-") as scratch:
+        hosts = Path(scratch) / "hosts"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOST_DIR": str(hosts), "CA_FILE": str(ca_file),
+               "ADDRESSES": " ".join(site.registry.servers), "FORMAT": layout.format, "OWNER": owner(site),
+               "STATE_DIR": str(Path(scratch) / "state"), "MODE": "once"}
+        try:
+            result = subprocess.run(["/bin/sh", str(NODE_TRUST_SCRIPT)], env=env, capture_output=True, text=True,
+                                    timeout=SCRIPT_SECONDS, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise CrflowError(f"the node-trust script did not finish in {SCRIPT_SECONDS} s") from None
+        if result.returncode != 0:
+            lines = (result.stdout + result.stderr).strip().splitlines() or ["(no output)"]
+            raise CrflowError(f"the node-trust script failed: {lines[-1]}")
+        return {f"{layout.directory.lstrip('/')}/{path.relative_to(hosts)}": path.read_bytes()
+                for path in sorted(hosts.rglob("*")) if path.is_file()}
+
+
+def _foreign(site: Site, root: Path, folder: str) -> bool:
+    """A certs.d folder under `root` that holds files and was not written by this site's mark."""
+    path = root / folder
+    mark = read_bytes(path / MARK, within=root)
+    if mark is not None:
+        return mark.decode(errors="replace").strip() != owner(site)
+    try:
+        with opened_dir(path, within=root) as fd:
+            return bool(os.listdir(fd))
+    except FileNotFoundError:
+        return False
+
+
+def _write(site: Site, root: Path, wanted: dict[str, bytes]) -> tuple[list[str], list[str]]:
+    """Put `wanted` under `root` (public files in public folders), a certs.d folder only if it
+    is new or this site's; returns (lines, files written)."""
+    folders = {Path(relative).parent for relative in wanted}
+    foreign = sorted(f for f in folders if f.parent.name == "certs.d" and _foreign(site, root, str(f)))
+    lines = [f"left {root / folder} alone: it was not written by {owner(site)}" for folder in foreign]
+    files = []
+    for relative, content in wanted.items():  # a folder's mark sorts first: it is written first
+        if Path(relative).parent in foreign:
+            continue
+        if write_atomic(root / relative, content, 0o644, within=root, make_parents=0o755) \
+                and Path(relative).name != MARK:
+            lines.append(f"wrote {root / relative}")
+        files.append(relative)
+    return lines, files
+
+
+def _remove(site: Site, root: Path, files: list[str]) -> list[str]:
+    """Remove exactly `files` under `root` (in a certs.d folder, only if this site's mark is on
+    it), then each folder they leave empty; returns what was done."""
+    lines, folders = [], []
+    for relative in files:
+        path = root / relative
+        certs_d = path.parent.parent.name == "certs.d"
+        if certs_d and (read_bytes(path.parent / MARK, within=root) or b"").decode().strip() != owner(site):
+            continue
+        if certs_d and path.name == MARK:
+            continue  # last, with the folder: the mark says whose it is until then
+        try:
+            with opened_dir(path.parent, within=root) as dfd:
+                os.unlink(path.name, dir_fd=dfd)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not certs_d:
+            lines.append(f"removed {path}")
+        elif path.parent not in folders:
+            folders.append(path.parent)
+    for folder in folders:
+        with opened_dir(folder, within=root) as fd:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(MARK, dir_fd=fd)
+        try:
+            with opened_dir(folder.parent, within=root) as dfd:
+                os.rmdir(folder.name, dir_fd=dfd)
+            lines.append(f"removed {folder}")
+        except OSError:
+            lines.append(f"left {folder}: it holds files crflow did not write")
+    return lines
+
+
+def _default_files(site: Site, layout: Layout, legacy: bool) -> list[str]:
+    """What this site would have written (for a remove with no list of it): only folders
+    carrying the site's mark are then touched. `legacy`: an earlier version's record says it
+    wrote here, when the system file was named by release alone."""
+    if layout.format == "system":
+        return [f"{layout.directory.lstrip('/')}/{name}"
+                for name in [system_file(site), *([f"crflow-{site.release}.crt"] if legacy else [])]]
+    names = ["ca.crt", MARK, *(["hosts.toml"] if layout.format == "containerd" else [])]
+    return [f"{layout.directory.lstrip('/')}/{server}/{name}" for server in site.registry.servers for name in names]
+
+
+def _update_system_bundle(root: Path) -> list[str]:
+    if root != Path("/"):  # the system's bundle is rebuilt only on this machine, never under a prefix
+        return []
+    if shutil.which("update-ca-certificates") is None:
+        raise CrflowError("the CA file is in place, but there is no update-ca-certificates here to rebuild the "
+                          "system's CA bundle; install the ca-certificates package")
+    try:
+        subprocess.run(["update-ca-certificates"], check=True, capture_output=True, timeout=UPDATE_SECONDS,
+                       stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise CrflowError(f"update-ca-certificates did not finish in {UPDATE_SECONDS} s") from None
+    except subprocess.CalledProcessError as err:
+        raise CrflowError(f"update-ca-certificates failed: {(err.stderr or b'').decode().strip()[-200:]}") from None
+    return ["ran update-ca-certificates"]
+
+
+def _recorded(site: Site) -> dict[tuple[str, str], list[str] | None]:
+    """(runtime, root) -> the files this site wrote there (None: an earlier version's record,
+    which named no files)."""
+    content = read_bytes(site.state_dir / RECORD)
+    if content is None:
+        return {}
+    done = {}
+    for entry in json.loads(content):
+        if isinstance(entry, list):  # [runtime, root]
+            done[(entry[0], entry[1])] = None
+        else:
+            done[(entry["runtime"], entry["root"])] = entry["files"]
+    return done
+
+
+def _record(site: Site, runtime: str, root: Path, files: list[str]) -> None:
+    done = _recorded(site)
+    done.pop((runtime, str(root)), None)
+    if files:
+        done[(runtime, str(root))] = files
     if site.state_dir.is_dir():
-        write_atomic(path, json.dumps(sorted(done)).encode(), 0o600)
+        entries = [{"runtime": r, "root": d, "files": f} for (r, d), f in sorted(done.items()) if f is not None]
+        entries += [[r, d] for (r, d), f in sorted(done.items()) if f is None]
+        write_atomic(site.state_dir / RECORD, json.dumps(entries).encode(), 0o600)
 
 
 def trusted(site: Site) -> list[tuple[str, Path]]:
     """(runtime, root) of everything `crflow trust` wrote for this site and did not undo."""
-    path = site.state_dir / RECORD
-    return [(runtime, Path(root)) for runtime, root in json.loads(path.read_text())] if path.exists() else []
+    return [(runtime, Path(root)) for runtime, root in _recorded(site)]

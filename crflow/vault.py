@@ -25,7 +25,7 @@ from prefect.serializers import Serializer
 from prefect.utilities.hashing import hash_objects
 
 from crflow.errors import CrflowError
-from crflow.files import private_dir
+from crflow.files import create_once, ensure_dir, private_dir, write_atomic
 from crflow.settings import ResultKey
 
 KEY_ENV = "CRFLOW_RESULT_KEY"
@@ -114,23 +114,13 @@ class Vault:
 
 
 def _new_key_file(key_file: Path) -> bytes:
-    """A new key in `key_file`, whole or not at all (written aside, then linked into place, which
-    fails if another run got there first: then that run's key is the one)."""
-    aside = key_file.with_name(f".{key_file.name}.{os.getpid()}")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(Fernet.generate_key() + b"\n")
-        out.flush()
-        os.fsync(out.fileno())
-    try:
-        if key_file.exists() and not key_file.read_bytes().strip():
-            os.replace(aside, key_file)  # the empty file a killed run left
-        else:
-            os.link(aside, key_file)
-    except FileExistsError:
-        pass
-    finally:
-        aside.unlink(missing_ok=True)
+    """A new key in `key_file`, whole or not at all; if another run got there first, that
+    run's key is the one."""
+    key = Fernet.generate_key() + b"\n"
+    if key_file.exists() and not key_file.read_bytes().strip():
+        write_atomic(key_file, key, 0o600)  # the empty file an earlier version's killed run left
+    else:
+        create_once(key_file, key, 0o600)
     return key_file.read_bytes().strip()
 
 
@@ -170,7 +160,7 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: Writabl
     results/ keeps the key check even when the records are `remote`)."""
     results_dir, key_file = state_dir / "results", state_dir / "result.key"
     private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
-    results_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_dir(results_dir)
     keycheck = results_dir / KEYCHECK
     key = find_key(state_dir, source)
     if key is None:
@@ -190,5 +180,5 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: Writabl
                 f"certificates and credentials; set {KEY_ENV} or the site's result_key to that key, or restore "
                 f"{key_file}") from None
     else:
-        keycheck.write_bytes(cipher.encrypt(KEYCHECK_TEXT))
+        create_once(keycheck, cipher.encrypt(KEYCHECK_TEXT), 0o600)
     return Vault(results_dir, key, remote)

@@ -41,7 +41,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 
 from crflow.errors import CrflowError
-from crflow.files import write_atomic
+from crflow.files import ensure_dir, write_atomic
 from crflow.settings import Site, load_site
 from crflow.state import kept_by
 
@@ -118,7 +118,7 @@ def _slot(name: str, site: Site) -> Iterator[None]:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         _release_dead_holder(client, lock)
         lease = _acquire(client, name, ConcurrencyLeaseHolder(type="flow_run", id=run.id), site.runs.wait_seconds)
-    site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_dir(site.state_dir)
     write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": _boot_id(),
                                    "flow_run": str(run.id)}).encode(), 0o600)
     done = threading.Event()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from prefect import task
 
-from crflow.files import write_atomic
+from crflow.files import ensure_dir, write_atomic
 from crflow.tasks.credentials import Credentials
 from crflow.undo import undo, undoable
 
 
 def write_client_bundle(out_dir: Path, servers: list[str], ca_pem: str, creds: Credentials) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dir(out_dir)
     write_atomic(out_dir / "ca.crt", ca_pem.encode(), 0o644)
     write_atomic(out_dir / "auth.json", creds.auth_json(servers).encode(), 0o600)
     return out_dir

@@ -82,7 +82,7 @@ def test_remove_leaves_what_crflow_did_not_write(crflow, installed, tmp_path):
 def test_system_trust_under_a_root_writes_the_bundle_file_only(crflow, installed, tmp_path):
     site = installed
     out = crflow("trust", "-c", str(site.path), "--runtime", "system", "--root", str(tmp_path)).stdout
-    path = tmp_path / "usr/local/share/ca-certificates/crflow-registry.crt"
+    path = tmp_path / f"usr/local/share/ca-certificates/crflow-registry-127.0.0.1_{site.port}.crt"
     assert path.read_text() == (site.client / "ca.crt").read_text()
     assert "update-ca-certificates" not in out  # only for the machine's own root
     crflow("trust", "-c", str(site.path), "--runtime", "system", "--root", str(tmp_path), "--remove")
