@@ -88,14 +88,22 @@ def _send_what_prefect_holds() -> None:
 
 
 @app.command()
-def install(config: Path = SiteFile) -> None:
+def install(
+    config: Path = SiteFile,
+    new_ca: bool = typer.Option(False, "--new-ca", help="Replace the site's CA: every client and node must trust "
+                                "the new one (asks first)."),
+    yes: bool = typer.Option(False, "--yes", help="With --new-ca: do not ask for confirmation."),
+) -> None:
     """Install the registry described by the site file, or bring it back to that state."""
     from crflow.chart import chart_reference
     from crflow.flows.install import install as install_flow
     from crflow.oci import SMOKE_REPO
 
     site = load_site(config)
-    url = _run_flow(install_flow, site, config)
+    if new_ca:
+        _confirm(yes, f"crflow install --new-ca makes a new CA for {site.release}: every client and node that "
+                      "trusts the current one must be given the new one (the old one's records stay). Go ahead?", "crflow install --new-ca")
+    url = _run_flow(install_flow, site, config, new_ca)
     client = target_for(site).bundle
     typer.echo(f"Registry ready at {url}")
     typer.echo(f"  client files: crflow export-client -c {config} --out DIR   (CA and login for skopeo/podman/docker)")
@@ -215,12 +223,18 @@ def uninstall(
     typer.echo(f"crflow uninstall will remove, for registry {site.release}:")
     for what in removal_plan(site, purge):
         typer.echo(f"  - {what}")
-    if not yes:
-        if not sys.stdin.isatty():
-            raise CrflowError("crflow uninstall asks before it removes anything: run it in a terminal, or add --yes")
-        typer.confirm("Go ahead?", abort=True)
+    _confirm(yes, "Go ahead?", "crflow uninstall")
     for line in _run_flow(uninstall_flow, site, config, purge):
         typer.echo(f"{'' if line.startswith('kept') else 'removed: '}{line}")
+
+
+def _confirm(yes: bool, question: str, command: str) -> None:
+    """Go on only if `yes`, or a person at a terminal says so (never guessed without one)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CrflowError(f"{command} asks before it goes on: run it in a terminal, or add --yes")
+    typer.confirm(question, abort=True)
 
 
 @app.command()

@@ -40,6 +40,25 @@ def _cipher(passphrase: str, salt: bytes) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
+def backups_beside(state_dir: Path) -> list[Path]:
+    """crflow backups in the state_dir's folder and in it (by their first bytes, not their names)."""
+    found = []
+    for folder in (state_dir.parent, state_dir):
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for path in entries[:1000]:  # a folder of a million files is no place to look for one
+            try:
+                if path.is_file() and not path.is_symlink():
+                    with open(path, "rb") as file:
+                        if file.read(len(MAGIC)) == MAGIC:
+                            found.append(path)
+            except OSError:
+                continue
+    return found
+
+
 def write_backup(state_dir: Path, out: Path, passphrase: str, source: ResultKey = ResultKey()) -> list[str]:
     """Write the backup (with the result key from wherever the site keeps it); returns what it
     holds (paths relative to state_dir)."""

@@ -29,24 +29,58 @@ class Generations(BaseModel):
     rotation_undone: bool = False  # the rotation under way was rolled back: every consumer holds the old login again
     server_cert: int = 0
     renewing_cert: bool = False  # server_cert was raised by a renewal that has not been verified yet
+    ca: int = 0  # raised only by `crflow install --new-ca`: the CA every client trusts is otherwise for good
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """How far the site has gone: no number here ever goes down."""
+        return self.credentials, max(self.credentials, self.rotating_to or 0), self.server_cert, self.ca
+
+    def at_least(self, other: Generations) -> bool:
+        return all(mine >= theirs for mine, theirs in zip(self.progress(), other.progress()))
 
     @classmethod
     def load(cls, state_dir: Path) -> Generations:
-        """The generations in use; if the file is lost, the copy in the identity record (so a
-        lost file can neither bring generation 0's login back nor revoke the current one)."""
+        """The generations in use, from generations.json and its copy in the identity record:
+        the one further on (the copy is written first, so it wins a tie), and whichever file
+        was lost or left behind is written again at once. So losing either file, in any order,
+        can neither bring a retired login back nor revoke the current one."""
         path = state_dir / FILE
         try:
-            return cls.model_validate_json(path.read_text())
+            own = cls.model_validate_json(path.read_text())
         except FileNotFoundError:
-            copy = Identity.load(state_dir).generations
-            return cls.model_validate(copy) if copy else cls()
+            own = None
         except ValidationError:
             raise CrflowError(f"{path} is damaged; it only holds generation numbers: fix or restore it") from None
+        record = Identity.load(state_dir)
+        copy = cls.model_validate(record.generations) if record.generations else None
+        if own is None and copy is None:
+            return cls()
+        if own is not None and copy is not None and not (copy.at_least(own) or own.at_least(copy)):
+            raise CrflowError(f"{path} ({own.progress()}) and the copy in {state_dir / 'identity.json'} "
+                              f"({copy.progress()}) disagree; restore {state_dir} from a backup (crflow restore)")
+        newest = copy if copy is not None and (own is None or copy.at_least(own)) else own
+        if own != newest or copy != newest:
+            newest._write(state_dir, record)
+        return newest
 
     def save(self, state_dir: Path) -> Generations:
         record = Identity.load(state_dir)
+        current = max((g for g in (self._file(state_dir), record.generations and Generations.model_validate(
+            record.generations)) if g is not None), key=Generations.progress, default=Generations())
+        if not self.at_least(current):  # a bug, not a user's doing: fail before anything is written
+            raise RuntimeError(f"generations would go down from {current.progress()} to {self.progress()}")
+        self._write(state_dir, record)
+        return self
+
+    @classmethod
+    def _file(cls, state_dir: Path) -> Generations | None:
+        try:
+            return cls.model_validate_json((state_dir / FILE).read_text())
+        except (FileNotFoundError, ValidationError):
+            return None
+
+    def _write(self, state_dir: Path, record: Identity) -> None:
         record.generations = self.model_dump()
         record.save(state_dir)  # first: a crash between the two leaves the record ahead, never behind
         write_atomic(state_dir / FILE, self.model_dump_json(indent=2).encode(), 0o600)
         written()  # once, with both files written (the record's save above does not push)
-        return self

@@ -28,6 +28,7 @@ class Identity(BaseModel):
     server_certs: dict[str, str] = {}  # what the certificate was made for (see server_cert_key) -> fingerprint
     logins: dict[str, str] = {}  # "generation:user" -> the login's public id
     generations: dict[str, int | bool | None] | None = None  # a copy of generations.json
+    retired_cas: list[str] = []  # CAs replaced by `crflow install --new-ca`, never made again
 
     @classmethod
     def load(cls, state_dir: Path) -> Identity:

@@ -14,6 +14,7 @@ would otherwise treat an unreadable result as a cache miss and generate everythi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -96,7 +97,7 @@ class Vault:
     `results_dir`, or to `remote` (a Prefect file system block, such as the site's S3 bucket)."""
 
     def __init__(self, results_dir: Path, key: bytes, remote: WritableFileSystem | None = None):
-        self.results_dir, self.remote = results_dir, remote
+        self.results_dir, self.remote, self.key = results_dir, remote, key
         _keys[key_id(key)] = key
         self.options = dict(
             persist_result=True,
@@ -107,10 +108,34 @@ class Vault:
     def __call__(self, task):
         return task.with_options(**self.options)
 
+    def holds(self, record: str) -> bool | None:
+        """Whether the cache holds `record` (a cache key): True; False when it holds none; None
+        when the cache is remote (not looked at here). A record this key cannot read is an
+        error: Prefect would take it for a miss and write a new one over it."""
+        if self.remote is not None:
+            return None
+        path = self.results_dir / record
+        if not path.exists():
+            return False
+        if not _readable(path.read_bytes(), self.key):
+            raise CrflowError(f"the cache record {path} is damaged or was written with another result key, and "
+                              f"crflow will not make a new one over it: restore the state_dir (crflow restore) or "
+                              f"set {KEY_ENV} or the site's result_key to the key that wrote it")
+        return True
+
     def is_empty(self) -> bool:
         """Nothing cached yet (a new or lost state directory). A remote cache may hold records
         whatever this directory holds: the CA check against the cluster's decides then."""
         return self.remote is None and not any(p.name != KEYCHECK for p in self.results_dir.iterdir())
+
+
+def _readable(record: bytes, key: bytes) -> bool:
+    """A Prefect result record (JSON whose `result` is what the serializer made) this key decrypts."""
+    try:
+        _fernet(key).decrypt(json.loads(record)["result"].encode())
+        return True
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidToken):
+        return False
 
 
 def _new_key_file(key_file: Path) -> bytes:
@@ -180,5 +205,14 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: Writabl
                 f"certificates and credentials; set {KEY_ENV} or the site's result_key to that key, or restore "
                 f"{key_file}") from None
     else:
+        # A lost key check beside records: the key must read them before it is taken as the
+        # site's, or a new key would pass and every record would be made again over the old.
+        records = sorted((p for p in results_dir.iterdir() if not p.name.startswith(".") and p.suffix != ".lock"),
+                         key=lambda p: p.stat().st_mtime)[:5]
+        if records and not any(_readable(p.read_bytes(), key) for p in records):
+            raise CrflowError(
+                f"wrong result key for {results_dir}: it reads none of the cached records (and the key check "
+                f"{keycheck.name} is gone); set {KEY_ENV} or the site's result_key to the key that wrote them, or "
+                "restore the state_dir (crflow restore)")
         create_once(keycheck, cipher.encrypt(KEYCHECK_TEXT), 0o600)
     return Vault(results_dir, key, remote)

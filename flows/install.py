@@ -23,12 +23,13 @@ from crflow.tasks.report import certificate_rows, publish_summary
 
 @flow(name="install")
 @one_run_per_site
-def install(site_file: str) -> str:
-    """Install (or converge) the registry described by `site_file`; return its address."""
+def install(site_file: str, new_ca: bool = False) -> str:
+    """Install (or converge) the registry described by `site_file`; return its address.
+    `new_ca`: replace the site's CA (every client and node must then trust the new one)."""
     site = load_site(Path(site_file))
     target = target_for(site)
     target.check_host()
-    secrets = site_secrets(site, site_vault(site, target), target)
+    secrets = site_secrets(site, site_vault(site, target), target, new_ca)
 
     # Storage and the registry's Secrets, then the chart: run here as a pod, or released by helm.
     storage_and_secrets(site, target, secrets)

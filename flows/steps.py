@@ -15,7 +15,7 @@ from crflow.identity import Identity, guard
 from crflow.settings import S3Storage, Site
 from crflow.targets import Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
-from crflow.tasks.pki import KeyPair, fingerprint_of_pem, make_ca, make_server_cert
+from crflow.tasks.pki import KeyPair, ca_record, fingerprint_of_pem, make_ca, make_server_cert
 from crflow.tasks.storage import ensure_bucket, results_in_bucket
 from crflow.vault import Vault, open_vault
 
@@ -44,21 +44,51 @@ def site_vault(site: Site, target: Target) -> Vault:
 
 # Each of these checks what the cache gave against the site's identity record before it is
 # used: a damaged cache or another key must stop the run, never make a second CA or login.
-def site_ca(site: Site, vault: Vault, target: Target) -> KeyPair:
-    held_pem = target.held_ca() if Identity.load(site.state_dir).ca is None else None
+def site_ca(site: Site, vault: Vault, target: Target, new_ca: bool = False) -> KeyPair:
+    """The site's CA. One is made only where no record of an earlier one exists, or when the
+    user asked for a new one (`new_ca`): the old one's records stay, and it is never made again."""
+    record, gens = Identity.load(site.state_dir), Generations.load(site.state_dir)
+    name = f"crflow {site.release} CA"
+    if new_ca:
+        gens = gens.model_copy(update={"ca": gens.ca + 1}).save(site.state_dir)
+        record = Identity.load(site.state_dir)
+        record.retired_cas, record.ca = [*record.retired_cas, *([record.ca] if record.ca else [])], None
+        record.save(site.state_dir)
+    held_pem = target.held_ca() if record.ca is None and not new_ca else None
     held = fingerprint_of_pem(held_pem) if held_pem is not None else None
-    if held is not None and vault.is_empty():  # a lost or new state_dir beside a live registry
-        raise CrflowError(
-            f"the cluster already holds the CA of {site.release} (fingerprint {held}) but "
-            f"{site.state_dir} has none: a new CA would be one no node or client trusts; restore {site.state_dir} "
-            "(crflow restore) or run crflow from where it was installed")
-    ca = vault(make_ca)(f"crflow {site.release} CA", days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm)
+    if not new_ca and vault.holds(ca_record(name, gens.ca)) is False:  # a CA would be made now
+        earlier = earlier_cas(site, target, record, held)
+        if earlier:
+            raise CrflowError(
+                f"crflow will not make a new CA for {site.release}: {earlier[0]} names the one in use, and "
+                f"{site.state_dir} has no record of it; restore {site.state_dir} (crflow restore), or make a new "
+                "CA that every client and node must trust again with crflow install --new-ca")
+    ca = vault(make_ca)(name, days=site.tls.ca_days, key_algorithm=site.tls.key_algorithm, generation=gens.ca)
     if held is not None and held != ca.fingerprint:
         raise CrflowError(
             f"the CA in {site.state_dir} ({ca.fingerprint}) is not the one the cluster holds for {site.release} "
             f"({held}); restore the state_dir that installed it (crflow restore)")
+    if ca.fingerprint in record.retired_cas:
+        raise CrflowError(f"the cache gave back a CA retired by --new-ca ({ca.fingerprint}); restore {site.state_dir}")
     guard(site.state_dir, "ca", "", ca.fingerprint)
     return ca
+
+
+def earlier_cas(site: Site, target: Target, record: Identity, held: str | None) -> list[str]:
+    """Every record of a CA this site already has, which a new CA would silently disown."""
+    from crflow.backup import backups_beside
+    from crflow.trust import trusted
+
+    found = []
+    if record.ca:
+        found.append(f"the identity record {site.state_dir / 'identity.json'} ({record.ca})")
+    if held:
+        found.append(f"the cluster's CA Secret of {site.release} ({held})")
+    if (target.bundle / "ca.crt").exists():
+        found.append(f"the client file {target.bundle / 'ca.crt'}")
+    found += [f"crflow trust's files for {runtime} under {root}" for runtime, root in trusted(site)]
+    found += [f"the backup {path}" for path in backups_beside(site.state_dir)]
+    return found
 
 
 def server_cert(site: Site, vault: Vault, ca: KeyPair, generation: int) -> KeyPair:
@@ -78,7 +108,7 @@ def login(site: Site, vault: Vault, generation: int) -> tuple[Credentials, Secre
     return creds, vault(make_htpasswd)(creds, cost=site.auth.bcrypt_cost)
 
 
-def site_secrets(site: Site, vault: Vault, target: Target) -> SiteSecrets:
+def site_secrets(site: Site, vault: Vault, target: Target, new_ca: bool = False) -> SiteSecrets:
     """The registry's secrets, made once and cached: a long-lived CA, a server certificate for
     the addresses clients use, a login (user, random password, bcrypt in htpasswd) and the
     http.secret. Rotations move the generations on; every later run keeps what they made."""
@@ -86,7 +116,7 @@ def site_secrets(site: Site, vault: Vault, target: Target) -> SiteSecrets:
     if gens.rotating_to is not None and not gens.rotation_undone:  # its new login may be in consumers' hands
         raise CrflowError(f"a login rotation to generation {gens.rotating_to} is under way; finish it first with "
                           "crflow rotate-credentials (this run would hand out the older login again)")
-    ca = site_ca(site, vault, target)
+    ca = site_ca(site, vault, target, new_ca)
     creds, htpasswd = login(site, vault, gens.credentials)
     return SiteSecrets(ca=ca, server_cert=server_cert(site, vault, ca, gens.server_cert), creds=creds,
                        htpasswd=htpasswd, http_secret=vault(make_http_secret)())

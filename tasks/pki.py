@@ -125,13 +125,17 @@ def new_server_cert(ca: KeyPair, ips: list[str], dns_names: list[str], days: int
     return _pair(cert, key)
 
 
-# A CA is identified by its name alone: changing its validity or key algorithm in the site
-# file must not silently replace the CA that every client trusts. ("generation": 0 keeps the
-# key the first release wrote, when the CA had a generation parameter nobody set.)
-@task(task_run_name="CA {common_name}",
-      cache_key_fn=lambda context, inputs: identity_key(common_name=inputs["common_name"], generation=0))
-def make_ca(common_name: str, days: int, key_algorithm: str) -> KeyPair:
-    """The registry's certificate authority."""
+def ca_record(common_name: str, generation: int) -> str:
+    """The cache key of a CA: its name and generation alone, so changing its validity or key
+    algorithm in the site file cannot silently replace the CA that every client trusts.
+    (Generation 0 is the key the first release wrote.)"""
+    return identity_key(common_name=common_name, generation=generation)
+
+
+@task(task_run_name="CA {common_name} (generation {generation})",
+      cache_key_fn=lambda context, inputs: ca_record(inputs["common_name"], inputs["generation"]))
+def make_ca(common_name: str, days: int, key_algorithm: str, generation: int = 0) -> KeyPair:
+    """The registry's certificate authority (a new generation only by `crflow install --new-ca`)."""
     return new_ca(common_name, days, key_algorithm)
 
 

@@ -47,7 +47,7 @@ def test_a_site_installed_with_the_earlier_layout_moves_into_the_cluster_unchang
     before = secrets()
     lost = crflow("install", "-c", str(empty_directory("lost")), check=False)  # the state_dir is not here
     assert lost.returncode == 1
-    assert "the cluster already holds the CA of registry" in lost.stderr and "crflow restore" in lost.stderr
+    assert "crflow will not make a new CA for registry: the cluster's CA Secret" in lost.stderr and "crflow restore" in lost.stderr
     assert secrets() == before  # nothing written
 
     crflow("verify", "-c", str(site.path))  # the first run under the new code

@@ -40,7 +40,7 @@ def test_uninstall_asks_first_and_without_a_terminal_says_to_add_yes(crflow, ins
     result = crflow("uninstall", "-c", str(installed.path), check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == \
-        "crflow: error: crflow uninstall asks before it removes anything: run it in a terminal, or add --yes"
+        "crflow: error: crflow uninstall asks before it goes on: run it in a terminal, or add --yes"
     assert "the local registry process" in result.stdout  # the plan is shown
     assert installed.pod.pid() is not None  # nothing was removed
 
