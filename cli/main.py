@@ -320,20 +320,20 @@ def _passphrase(confirm: bool) -> str:
 @app.command()
 def backup(config: Path = SiteFile, out: Path = typer.Option(..., "--out", help="The backup file to write (0600).")) -> None:
     """Write one encrypted file with what the site cannot be rebuilt without: CA, logins, generations, record."""
-    from crflow.backup import write_backup
+    from crflow.backup import site_identity, write_backup
 
     site = load_site(config)
-    held = write_backup(site.state_dir, out, _passphrase(confirm=True), site.result_key)
+    held = write_backup(site.state_dir, out, _passphrase(confirm=True), site.result_key, site_identity(site))
     typer.echo(f"Wrote {out}: {', '.join(held)} (stored images stay where they are; keep the passphrase apart)")
 
 
 @app.command()
 def restore(config: Path = SiteFile, backup_file: Path = typer.Argument(..., metavar="FILE")) -> None:
     """Bring a site's CA, logins and generations back from a backup, into an empty state_dir."""
-    from crflow.backup import restore_backup
+    from crflow.backup import restore_backup, site_identity
 
     site = load_site(config)
-    restored = restore_backup(site.state_dir, backup_file, _passphrase(confirm=False))
+    restored = restore_backup(site.state_dir, backup_file, _passphrase(confirm=False), site_identity(site))
     typer.echo(f"Restored {', '.join(restored)} into {site.state_dir}; now run crflow install -c {config}")
 
 

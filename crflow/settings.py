@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -328,6 +329,9 @@ class Chart(Strict):
     upgrade; the chart's values.schema.json checks them."""
 
     values: dict[str, Any] = {}
+    # Values that weaken the registry's isolation (see weakening), allowed on a cluster only,
+    # and then with a warning at every run: the local target runs the registry on this machine.
+    allowInsecureValues: bool = False  # noqa: N815 (spelt as the chart's values are)
 
     @field_validator("values")
     @classmethod
@@ -336,6 +340,40 @@ class Chart(Strict):
             if key in values:
                 raise ValueError(f"{key} is set by crflow from {where}; set it there, not in chart.values")
         return values
+
+
+STORAGE_DRIVERS = ("filesystem", "s3", "inmemory", "azure", "gcs", "swift", "oss")
+
+
+def weakening(values: dict[str, Any], target: str) -> list[str]:
+    """The chart values that would weaken the registry: each as "key: why", one line each."""
+    found = []
+    pod, container = values.get("podSecurityContext") or {}, values.get("containerSecurityContext") or {}
+    for where, context in (("podSecurityContext", pod), ("containerSecurityContext", container)):
+        for key in ("runAsUser", "runAsGroup"):
+            if context.get(key) == 0:
+                found.append(f"chart.values.{where}.{key}: 0 runs the registry as root; use the chart's 1000 or "
+                             "another uid")
+        if context.get("runAsNonRoot") is False:
+            found.append(f"chart.values.{where}.runAsNonRoot: false lets the registry run as root; leave it true")
+    if container.get("privileged"):
+        found.append("chart.values.containerSecurityContext.privileged: a privileged registry is root on the host; "
+                     "remove it")
+    if container.get("allowPrivilegeEscalation"):
+        found.append("chart.values.containerSecurityContext.allowPrivilegeEscalation: true lets the registry gain "
+                     "privileges; remove it")
+    if (container.get("capabilities") or {}).get("add"):
+        found.append("chart.values.containerSecurityContext.capabilities.add: the registry needs no capability; "
+                     "remove it")
+    if target == "local" and container.get("readOnlyRootFilesystem") is False:
+        found.append("chart.values.containerSecurityContext.readOnlyRootFilesystem: false is not how the local "
+                     "target runs the registry (only its data folder is writable); remove it")
+    storage = (values.get("configData") or {}).get("storage") or {}
+    for driver in STORAGE_DRIVERS:
+        if driver in storage:
+            found.append(f"chart.values.configData.storage.{driver}: crflow sets the registry's storage from the "
+                         "site's storage key, and would ignore this; set storage there")
+    return found
 
 
 class ResultKey(Strict):
@@ -402,6 +440,11 @@ class Site(Strict):
                 raise ValueError("pull_secrets: namespaces need target: kubernetes; local clients use crflow export-client")
         elif isinstance(storage, FilesystemStorage):
             raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
+        weak = weakening(self.chart.values, self.target)
+        if weak and not (self.chart.allowInsecureValues and self.target == "kubernetes"
+                         and not any(".storage." in w for w in weak)):
+            hint = "" if self.target == "local" else " (chart.allowInsecureValues: true allows it on a cluster)"
+            raise ValueError(weak[0] + hint)
         if self.result_storage is not None and not isinstance(storage, S3Storage):
             raise ValueError("result_storage uses the S3 endpoint and keys of storage: it needs storage.kind: s3")
         if any(rule.untagged_older_than_days is not None for rule in self.retention):
@@ -516,7 +559,10 @@ def load_site(path: Path) -> Site:
         raise CrflowError(f"{path}: expected a mapping of settings at the top level")
     _resolve_paths(raw, path.resolve().parent)
     try:
-        return Site.model_validate(raw)
+        site = Site.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(_explain(e) for e in err.errors())
         raise CrflowError(f"{path}: {problems}") from None
+    for weak in weakening(site.chart.values, site.target):  # allowed, on a cluster: said at every run
+        print(f"crflow: warning: {weak} (allowed by chart.allowInsecureValues)", file=sys.stderr)
+    return site

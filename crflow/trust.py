@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from crflow import layout
 from crflow.chart import NODE_TRUST_SCRIPT
 from crflow.errors import CrflowError, NotInstalled
 from crflow.files import opened_dir, read_bytes, write_atomic
@@ -48,7 +49,7 @@ RUNTIMES = {
     "containers": Layout("/etc/containers/certs.d", "certs"),  # podman, skopeo, buildah
     "system": Layout("/usr/local/share/ca-certificates", "system"),  # update-ca-certificates (Debian, WSL)
 }
-RECORD = "trusted.json"  # in state_dir: [{"runtime", "root", "files": [paths under root]}, ...]
+RECORD = layout.TRUSTED  # in state_dir: [{"runtime", "root", "files": [paths under root]}, ...]
 
 
 def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[str]:
@@ -230,6 +231,7 @@ def _record(site: Site, runtime: str, root: Path, files: list[str]) -> None:
         entries = [{"runtime": r, "root": d, "files": f} for (r, d), f in sorted(done.items()) if f is not None]
         entries += [[r, d] for (r, d), f in sorted(done.items()) if f is None]
         write_atomic(site.state_dir / RECORD, json.dumps(entries).encode(), 0o600)
+        layout.note_made(site.state_dir)
 
 
 def trusted(site: Site) -> list[tuple[str, Path]]:

@@ -41,12 +41,12 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 
 from crflow.errors import CrflowError
-from crflow.files import ensure_dir, write_atomic
+from crflow import layout
+from crflow.files import write_atomic
 from crflow.settings import Site, load_site
 from crflow.state import kept_by
 
 LEASE_SECONDS = 60  # the server refuses shorter leases; a killed holder elsewhere blocks at most this long
-LOCK_FILE = "site.lock"  # this machine's holder: its lease, pid and boot
 _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("crflow_sites_held", default=frozenset())
 
 
@@ -112,13 +112,13 @@ def heartbeat(run) -> None:
 def _slot(name: str, site: Site) -> Iterator[None]:
     """Hold the site's slot: acquired (or TimeoutError), renewed while held, released after."""
     run = get_run_context().flow_run
-    lock = site.state_dir / LOCK_FILE
+    lock = site.state_dir / layout.LOCK  # this machine's holder: its lease, pid and boot
     with get_client(sync_client=True) as client:
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         _release_dead_holder(client, lock)
         lease = _acquire(client, name, ConcurrencyLeaseHolder(type="flow_run", id=run.id), site.runs.wait_seconds)
-    ensure_dir(site.state_dir)
+    layout.claim(site.state_dir)  # before the first write: what was there before crflow
     write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": _boot_id(),
                                    "flow_run": str(run.id)}).encode(), 0o600)
     done = threading.Event()
@@ -207,6 +207,7 @@ def one_run_per_site(flow_function):
                 return flow_function(site_file, *args, **kwargs)
         finally:
             _held.reset(token)
+            layout.note_made(site.state_dir)
             slot.__exit__(None, None, None)
 
     return holding

@@ -11,11 +11,20 @@ from pathlib import Path
 from prefect import flow, task
 
 from crflow.flows.site_lock import one_run_per_site
+from crflow import layout
 from crflow.settings import Site, load_site
 from crflow.targets import target_for
-from crflow.tasks.localpod import remove_directory
 from crflow.tasks.report import publish_summary
 from crflow.trust import trust, trusted
+
+
+@task(task_run_name="remove what crflow made in {state_dir}")
+def purge_state(state_dir: Path) -> list[str]:
+    """The state directory's entries crflow made (the CA, the logins, the cache, the client
+    files), gone for good, and the folder if nothing else is in it; what stayed is said."""
+    removed, left = layout.purge(state_dir)
+    lines = [f"the state directory {state_dir} ({', '.join(removed)})"] if removed else []
+    return lines + [f"kept: {why}" for why in left]
 
 
 @task(task_run_name="undo crflow trust on this machine")
@@ -32,7 +41,8 @@ def removal_plan(site: Site, purge: bool) -> list[str]:
     plan = target_for(site).removal_plan(purge)
     plan += [f"crflow trust files on this machine ({runtime} under {root})" for runtime, root in trusted(site)]
     if purge:
-        plan.append(f"the state directory {site.state_dir}: the CA and the logins, for good")
+        layout.check_purgeable(site.state_dir)  # before anything is asked or removed
+        plan.append(f"what crflow made in the state directory {site.state_dir}: the CA and the logins, for good")
     return plan
 
 
@@ -47,8 +57,7 @@ def uninstall(site_file: str, purge: bool = False) -> list[str]:
     if purge:
         if getattr(site.storage, "kind", None) == "s3":
             kept = f"kept: the images in bucket {site.storage.bucket} (delete them in the S3 service)"
-        removed += remove_directory(site.state_dir,
-                                    f"the state directory {site.state_dir} (CA, logins, cache, client files)")
+        removed += purge_state(site.state_dir)
     publish_summary("crflow-uninstall", f"Registry {site.release} uninstalled",
                     [*(("Removed", what) for what in removed or ["nothing: it was not installed"]), ("Kept", kept)])
     return [*removed, kept]

@@ -138,9 +138,9 @@ class LocalTarget(Target):
         return plan
 
     def uninstall(self, purge: bool) -> list[str]:
-        from crflow.tasks.localpod import remove_directory
+        from crflow.tasks.localpod import remove_images
 
         removed = ["the local registry process"] if self.down() else []
         if purge and self.site.storage.kind == "filesystem":
-            removed += remove_directory(self.site.data_dir, f"the stored images in {self.site.data_dir}")
+            removed += remove_images(self.site.data_dir)
         return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -53,16 +54,22 @@ def read_local_pod(pod_dir: Path) -> dict:
     return LocalPod(pod_dir).running_pod()
 
 
-@task(task_run_name="remove {what}")
-def remove_directory(path: Path, what: str) -> list[str]:
-    """A directory crflow keeps on this machine (the local images, the state), gone for good:
-    uninstall --purge only. Returns what went ([] if it was not there)."""
-    import shutil
+@task(task_run_name="remove the stored images in {data_dir}")
+def remove_images(data_dir: Path) -> list[str]:
+    """The images the local registry stored (its `docker/` tree), gone for good: uninstall
+    --purge only. The folder goes too if that leaves it empty and it is not a mount point.
+    Returns what went, and what stayed."""
+    from crflow.files import remove
 
-    if not path.exists():
+    if not remove(data_dir / "docker"):
         return []
-    shutil.rmtree(path)
-    return [what]
+    lines = [f"the stored images in {data_dir}"]
+    try:
+        if not os.path.ismount(data_dir):
+            os.rmdir(data_dir)
+    except OSError:  # not empty: someone else's files are in it
+        lines.append(f"kept: {data_dir}, which holds files the registry did not write")
+    return lines
 
 
 @task(task_run_name="garbage-collect (local, dry run: {dry_run})")

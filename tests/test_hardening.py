@@ -169,3 +169,72 @@ def test_new_ca_is_asked_for_and_keeps_the_old_ones_record(crflow, installed):
     assert len(record["retired_cas"]) == 1 and generations(site)["ca"] == 1
     crflow("install", "-c", str(site.path))  # a rerun keeps the new one
     assert curl_status(site, *site.login()) == 200
+
+
+def test_purge_removes_only_what_crflow_made(crflow, make_site):
+    site = make_site()
+    folder = site.path.parent  # `state_dir: .`: beside the site file, the user's notes and another folder
+    (folder / "notes.txt").write_text("mine")
+    (folder / "other").mkdir()
+    (folder / "other" / "keep.txt").write_text("mine too")
+    site.settings["state_dir"] = "."
+    site.state = folder
+    site.write()
+    crflow("install", "-c", str(site.path))
+    out = crflow("uninstall", "-c", str(site.path), "--purge", "--yes").stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "other", "site.yaml"]
+    assert (folder / "other" / "keep.txt").read_text() == "mine too"
+    assert "crflow did not make them" in out and "notes.txt" in out
+
+
+@pytest.mark.parametrize("where", ["/", "home", "mount point"])
+def test_purge_refuses_a_state_dir_it_must_not_empty(crflow, make_site, tmp_path, where):
+    site = make_site()
+    if where == "mount point":
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        state = tmp_path / "mounted"
+        state.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "crflow-test", str(state)], check=True)
+        (state / "theirs").write_text("x")
+    else:
+        state = Path("/") if where == "/" else Path.home()
+    try:
+        site.settings["state_dir"] = str(state)
+        site.write()
+        before = sorted(os.listdir(state))
+        result = crflow("uninstall", "-c", str(site.path), "--purge", "--yes", check=False)
+        assert result.returncode == 1 and "crflow will not purge it" in last_line(result)
+        assert sorted(os.listdir(state)) == before
+    finally:
+        if where == "mount point":
+            subprocess.run(["umount", str(state)], check=True)
+
+
+def test_restore_refuses_another_sites_backup(crflow, installed, make_site, tmp_path):
+    env = {"CRFLOW_BACKUP_PASSPHRASE": "correct horse"}
+    backup = tmp_path / "a.crflow-backup"
+    crflow("backup", "-c", str(installed.path), "--out", str(backup), env=env)
+    other = make_site()  # another port: another site
+    result = crflow("restore", "-c", str(other.path), str(backup), check=False, env=env)
+    assert result.returncode == 1 and "is the backup of another site (servers" in last_line(result)
+    assert not other.state.exists()
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({"podSecurityContext": {"runAsUser": 0}}, "chart.values.podSecurityContext.runAsUser: 0 runs the registry as root"),
+    ({"containerSecurityContext": {"runAsUser": 0}}, "chart.values.containerSecurityContext.runAsUser: 0"),
+    ({"containerSecurityContext": {"privileged": True}}, "privileged: a privileged registry is root on the host"),
+    ({"containerSecurityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}, "capabilities.add: the registry needs"),
+    ({"containerSecurityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem: false"),
+    ({"configData": {"storage": {"filesystem": {"rootdirectory": "/elsewhere"}}}},
+     "chart.values.configData.storage.filesystem: crflow sets the registry's storage"),
+])
+def test_values_that_weaken_the_registry_are_refused(crflow, make_site, values, expected):
+    site = make_site(chart={"values": values})
+    result = crflow("install", "-c", str(site.path), check=False)
+    assert result.returncode == 1 and expected in last_line(result) and len(result.stderr.splitlines()) == 1
+    assert not site.state.exists()
+    site.settings["chart"]["allowInsecureValues"] = True  # not on this machine, whatever it says
+    site.write()
+    assert crflow("install", "-c", str(site.path), check=False).returncode == 1
