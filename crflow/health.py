@@ -22,6 +22,7 @@ class Status(enum.IntEnum):
     HEALTHY = 0
     UNHEALTHY = 3
     NOT_INSTALLED = 4
+    READ_ONLY = 5  # read-only maintenance: a gc's window, or one a stopped gc left (status then ends it)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,22 @@ OWN = frozenset({RESULT_KEY, RESULTS, IDENTITY, GENERATIONS, CLIENT, POD, DATA, 
                  USAGE_CACHE, GC_WINDOW, MADE})
 
 
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def lock_holder(state_dir: Path) -> tuple[dict, bool] | None:
+    """The run that holds the site on this machine, as its lock file records it (lease, pid,
+    boot), and whether it is alive (a process of another boot counts as alive: its lease
+    decides); None when no lock file is there."""
+    try:
+        holder = json.loads((state_dir / LOCK).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    gone = holder.get("boot") == boot_id() and not Path(f"/proc/{holder.get('pid')}").exists()
+    return holder, not gone
+
+
 def _record(state_dir: Path) -> dict | None:
     content = read_bytes(state_dir / MADE)
     if content is None:

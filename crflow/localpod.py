@@ -191,6 +191,8 @@ class LocalPod:
         self.manifestfile = pod_dir / "manifests.json"  # the rendered chart the process runs, as a release's manifest
         self.logfile = pod_dir / "registry.log"
         self.portsfile = pod_dir / "ports.json"  # container port name -> where the process serves it
+        self.launchfile = pod_dir / "launch.json"  # how the running process was started
+        self.writablefile = pod_dir / "writable.json"  # the writable pod, kept while a gc's window is open
 
     # --- process state -------------------------------------------------------------------
     def pid(self) -> int | None:
@@ -442,7 +444,12 @@ class LocalPod:
     def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int],
               debug_port: int) -> str:
         """Make the running process match the rendered pod; return "started", "unchanged", or
-        "restarted; ..." with how long connections were refused."""
+        "restarted; ..." with how long connections were refused. Going read-only (gc's window),
+        the writable pod is kept aside first: a crflow killed in the window leaves it to come
+        back to (`restore_writable`)."""
+        if read_only(manifests) and not read_only(self.manifests()) and self.pid() is not None \
+                and self.launchfile.exists():  # (a registry an earlier version started has none: not kept)
+            self._keep_writable()
         template, argv, env, run_as = self._prepare(manifests, secrets, claims, listen[1])
         # The registry reads env values as YAML: an IPv6 "[::1]:5000" would be a list, so quote it.
         env["REGISTRY_HTTP_ADDR"] = f"{listen[0]}:{listen[1]}" if ":" not in listen[0] else f'"[{listen[0]}]:{listen[1]}"'
@@ -457,28 +464,92 @@ class LocalPod:
         write_atomic(self.manifestfile, json.dumps(manifests).encode(), 0o644)
         running = self.pid()
         if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
-            return "unchanged"
+            outcome = "unchanged"
+        else:
+            outcome = self._launch({"argv": argv, "env": env, "cwd": str(self.dir) if run_as is None else "/",
+                                    "digest": digest, "listen": list(listen), "probe": probe_host,
+                                    "debug": debug_port})
+        if not read_only(manifests):
+            self.writablefile.unlink(missing_ok=True)
+        return outcome
+
+    def _launch(self, launch: dict) -> str:
+        """Start the process `launch` describes (argv, env, cwd, digest; where it listens, is
+        probed and serves debug) in place of the one running."""
+        running = self.pid()
         stopped = time.monotonic()
         if running is not None:
             self.stop()
-        ensure_port_free(*listen, wait=10 if running is not None else 0)
-        ensure_port_free(DEBUG_HOST, debug_port, wait=10 if running is not None else 0)
+        ensure_port_free(*launch["listen"], wait=10 if running is not None else 0)
+        ensure_port_free(DEBUG_HOST, launch["debug"], wait=10 if running is not None else 0)
         # The process writes its own pid before it becomes the registry: a crflow killed right
         # after starting it leaves no registry that no pidfile names.
         pid_first = ["/bin/sh", "-c", 'umask 022; echo $$ > "$0.new" && mv -f "$0.new" "$0" && umask 077 && exec "$@"',
-                     str(self.pidfile), *argv]
+                     str(self.pidfile), *launch["argv"]]
         with open(self.logfile, "ab") as log:
             log_start = log.tell()
             process = subprocess.Popen(
-                pid_first, env=env, cwd=self.dir if run_as is None else "/", stdin=subprocess.DEVNULL, stdout=log,
+                pid_first, env=launch["env"], cwd=launch["cwd"], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives the crflow process that started it
                 umask=0o077,  # blobs and uploads readable by the registry's user only
             )
         write_atomic(self.pidfile, str(process.pid).encode(), 0o644)
-        write_atomic(self.specfile, digest.encode(), 0o644)
-        self._wait_listening(process, probe_host, listen[1], log_start)
+        write_atomic(self.specfile, launch["digest"].encode(), 0o644)
+        # What restarts it as it is (its env holds the Secrets' values, as the pod's volumes do: 0600).
+        write_atomic(self.launchfile, json.dumps(launch).encode(), 0o600)
+        self._wait_listening(process, launch["probe"], launch["listen"][1], log_start)
         if running is None:
             return "started"
         # One process per port: between the old one's stop and the new one's listen, connections are refused.
         return f"restarted; refused connections for {time.monotonic() - stopped:.2f} s"
+
+    # --- gc's read-only window -------------------------------------------------------------
+    def _config_files(self, manifests: list[dict]) -> list[Path]:
+        """The files a change of ConfigMap rewrites: its volumes' files, and the translated config."""
+        template = _find(manifests, "Deployment")["spec"]["template"]
+        names = [v["name"] for v in template["spec"].get("volumes") or [] if "configMap" in v]
+        volumes = self.dir / "volumes"
+        return sorted([p for name in names for p in (volumes / name).glob("*") if p.is_file()] +
+                      [p for p in volumes.glob("*") if p.is_file()])
+
+    def _keep_writable(self) -> None:
+        """The writable pod, as it runs now, kept aside before it goes read-only."""
+        files = {}
+        for path in self._config_files(self.manifests()):
+            info = path.lstat()
+            files[str(path.relative_to(self.dir))] = {"content": path.read_text(), "mode": info.st_mode & 0o777,
+                                                      "owner": [info.st_uid, info.st_gid]}
+        kept = {"manifests": self.manifests(), "launch": json.loads(self.launchfile.read_text()), "files": files}
+        write_atomic(self.writablefile, json.dumps(kept).encode(), 0o600)
+
+    def is_read_only(self) -> bool:
+        """The running pod is in read-only maintenance (a gc's window, or one a gc left)."""
+        return read_only(self.manifests())
+
+    def restore_writable(self) -> bool:
+        """Bring back the writable pod kept aside when a gc's window began (that gc having been
+        stopped inside it); return whether there was one to bring back."""
+        try:
+            kept = json.loads(self.writablefile.read_text())
+        except FileNotFoundError:
+            return False
+        for relative, file in kept["files"].items():
+            write_atomic(self.dir / relative, file["content"].encode(), file["mode"], tuple(file["owner"]))
+        write_atomic(self.manifestfile, json.dumps(kept["manifests"]).encode(), 0o644)
+        self._launch(kept["launch"])
+        self.writablefile.unlink()
+        return True
+
+
+def read_only(manifests: list[dict]) -> bool:
+    """Whether the rendered pod's registry config is in read-only maintenance mode."""
+    for obj in manifests:
+        if obj.get("kind") == "ConfigMap":
+            for text in (obj.get("data") or {}).values():
+                config = yaml.safe_load(text) if "maintenance" in text else None
+                if isinstance(config, dict):
+                    readonly = ((config.get("storage") or {}).get("maintenance") or {}).get("readonly") or {}
+                    if readonly.get("enabled"):
+                        return True
+    return False

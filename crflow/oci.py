@@ -209,6 +209,10 @@ class Registry:
                 raise CrflowError(f"{what} at {self.base_url} failed with 400 and no reason: the registry could not "
                                   "check the login (its htpasswd file is missing or unreadable); run crflow install "
                                   "to write it again") from None
+            if status == 405 and what.startswith(("PUT", "POST", "PATCH", "DELETE", "push", "upload", "delete")):
+                raise CrflowError(f"{what} at {self.base_url} was refused (405): the registry is read-only "
+                                  "(maintenance), as in a gc's window; crflow status says whether a gc is running "
+                                  "and ends one a stopped gc left") from None
             problem = f"{what} at {self.base_url} failed with {status}: {detail}"
             raise (NotAnswering if isinstance(status, int) and status in (502, 503, 504) else CrflowError)(problem) from None
 

@@ -65,18 +65,12 @@ def site_slug(site: Site) -> str:
     return "".join(c if c.isalnum() else "-" for c in site_name(site).lower()).strip("-")
 
 
-def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
 def _release_dead_holder(client, lock: Path) -> None:
     """If the holder recorded in `lock` was a process of this boot that is gone, free its lease."""
-    try:
-        holder = json.loads(lock.read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    if holder.get("boot") != _boot_id() or Path(f"/proc/{holder.get('pid')}").exists():
-        return  # alive, or on another boot: its lease decides
+    found = layout.lock_holder(lock.parent)
+    if found is None or found[1]:
+        return  # none, or alive (or on another boot: its lease decides)
+    holder = found[0]
     with contextlib.suppress(ObjectNotFound, httpx.HTTPStatusError):
         client.release_concurrency_slots_with_lease(UUID(holder["lease"]))
     lock.unlink(missing_ok=True)
@@ -119,7 +113,7 @@ def _slot(name: str, site: Site) -> Iterator[None]:
         _release_dead_holder(client, lock)
         lease = _acquire(client, name, ConcurrencyLeaseHolder(type="flow_run", id=run.id), site.runs.wait_seconds)
     layout.claim(site.state_dir)  # before the first write: what was there before crflow
-    write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": _boot_id(),
+    write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": layout.boot_id(),
                                    "flow_run": str(run.id)}).encode(), 0o600)
     done = threading.Event()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from crflow import layout
 from crflow.chart import SecretData, data_claim, secret_name
 from crflow.health import Health, Status, registry_health
 from crflow.localpod import DEBUG_HOST, LocalPod
@@ -103,6 +104,8 @@ class LocalTarget(Target):
         pid = pod.pid()
         if pid is None:
             return Health(Status.UNHEALTHY, "the local registry process is not running; crflow install starts it")
+        if pod.is_read_only():
+            return self._read_only(pod, pid)
         # The chart's probes, as a kubelet asks them: live is the process, ready includes its storage.
         if not pod.probe("liveness"):
             return Health(Status.UNHEALTHY, f"registry process {pid} does not answer its liveness probe (the debug "
@@ -119,6 +122,20 @@ class LocalTarget(Target):
                 return Health(Status.UNHEALTHY, f"registry process {pid}: the registry's storage is full (no space "
                                                 f"left on device: {free >> 10} KiB free in {self.site.data_dir})")
         return Health(health.status, f"registry process {pid}: {health.detail}")
+
+    def _read_only(self, pod: LocalPod, pid: int) -> Health:
+        """Read-only maintenance: a gc's window while a run holds the site; else one that a gc
+        stopped inside it left, which ends here (the writable pod it kept aside comes back)."""
+        holder = layout.lock_holder(self.site.state_dir)
+        if holder is not None and holder[1]:
+            return Health(Status.READ_ONLY, f"registry process {pid} is read-only (maintenance): a crflow run (pid "
+                                            f"{holder[0].get('pid')}) holds the site, as gc does; pushes resume when "
+                                            "it ends")
+        if pod.restore_writable():
+            return Health(Status.READ_ONLY, f"the registry was read-only (maintenance), left so by a gc stopped in its "
+                                            f"window; write mode is restored (registry process {pod.pid()})")
+        return Health(Status.READ_ONLY, f"registry process {pid} is read-only (maintenance), left so by a gc stopped "
+                                        "in its window; crflow gc or crflow install restores write mode")
 
     def down(self) -> bool:
         return LocalPod(self.pod_dir).stop()

@@ -238,3 +238,21 @@ def test_values_that_weaken_the_registry_are_refused(crflow, make_site, values, 
     site.settings["chart"]["allowInsecureValues"] = True  # not on this machine, whatever it says
     site.write()
     assert crflow("install", "-c", str(site.path), check=False).returncode == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="kills a crflow run by its process group")
+def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installed):
+    site = installed
+    gc = crflow.popen("gc", "-c", str(site.path))
+    deadline = time.monotonic() + 120
+    while not (site.pod.is_read_only() and site.pod.pid() is not None and (site.state / "pod" / "writable.json")
+               .exists()) and gc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gc.poll() is None, "gc ended before its window could be caught"
+    gc.send_signal(signal.SIGKILL)
+    gc.wait(timeout=30)
+    status = crflow("status", "-c", str(site.path), check=False)
+    assert status.returncode == 5 and "read-only (maintenance)" in status.stdout
+    assert "write mode is restored" in status.stdout
+    assert crflow("status", "-c", str(site.path), check=False).returncode == 0
+    crflow("verify", "-c", str(site.path))
