@@ -13,6 +13,7 @@ that run a flow: `--help`, `status` and `export-client` answer without them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -184,6 +185,7 @@ def deploy(
     if pool_type not in ("process", "kubernetes"):
         raise CrflowError(f"--pool-type {pool_type}: use process or kubernetes")
     done = deploy_site(site, config, pool, pool_type, job_template, image)
+    runtime.register_site(config)
     typer.echo(f"Deployed to {pool_type} work pool {done.pool}, bound to {done.site_file}:")
     for line in done.deployments:
         typer.echo(f"  {line}")
@@ -195,7 +197,8 @@ def deploy(
                    f"  kubectl -n crflow create secret generic crflow-result-key --from-file=result.key=RESULT_KEY_FILE\n"
                    f"and run the worker: kubectl apply -f deployments/worker.yaml   (UI: {runtime.ui_url()})")
         return
-    typer.echo(f"Start a worker: prefect worker start --pool {done.pool}   (UI: {runtime.ui_url()})")
+    auth = f"PREFECT_API_AUTH_STRING=$(cat {runtime.auth_file()}) " if "CRFLOW_OWN_PREFECT" in os.environ else ""
+    typer.echo(f"Start a worker: {auth}prefect worker start --pool {done.pool}   (UI: {runtime.ui_url()})")
 
 
 @app.command()
@@ -359,17 +362,57 @@ def _end_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+class OutputClosed(Exception):
+    """Whoever read crflow's output stopped reading (click would turn the broken pipe into a silent exit 1)."""
+
+
+class _PipeAware:
+    """sys.stdout, whose broken pipe ends crflow with one line instead of silence."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def _closed(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # nothing more, not even at exit
+        raise OutputClosed from None
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+
 def main() -> None:
     os.umask(0o077)  # what crflow writes (Prefect's result files too) is its user's only
+    sys.stdout = _PipeAware(sys.stdout)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
     runtime.configure()  # before anything imports prefect: its settings are read once, at import
     try:
         app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit
+    except OutputClosed:  # the reader went away (| head): say so once, with nothing more to stdout
+        typer.secho("crflow: error: the output was closed before crflow finished writing it (broken pipe)", err=True,
+                    fg="red")
+        sys.exit(128 + signal.SIGPIPE)
     except NotInstalled as err:
         typer.secho(f"crflow: error: {err}", err=True, fg="red")
         sys.exit(int(Status.NOT_INSTALLED))
     except ONE_LINE_ERRORS as err:
         typer.secho(f"crflow: error: {err}", err=True, fg="red")
+        sys.exit(1)
+    except OSError as err:  # the machine's, not crflow's: a full disk, a busy mount, a file it cannot reach
+        where = f": {err.filename}" if err.filename else ""
+        why = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
+        typer.secho(f"crflow: error: {why}{where}", err=True, fg="red")
         sys.exit(1)
     except Exception as err:  # not ours: say what and where to look, still one line
         typer.secho(f"crflow: error: {type(err).__name__}: {err}", err=True, fg="red")

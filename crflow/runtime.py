@@ -3,11 +3,18 @@
 Without PREFECT_API_URL, every Prefect process starts a temporary server of its own
 (9-16 s, ~200 MB). crflow instead keeps one local server, started on first use and left
 running, with its database under $CRFLOW_HOME/prefect. Set PREFECT_API_URL to use another.
+
+Anyone who can reach a Prefect server's API can read every block's secrets (the alert
+webhook's token) and start runs. So the server crflow starts asks for Prefect's own basic
+auth (PREFECT_SERVER_API_AUTH_STRING), with a credential made on first use and kept 0600 in
+$CRFLOW_HOME/prefect/api-auth; crflow's processes send it (PREFECT_API_AUTH_STRING).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -15,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from crflow.errors import CrflowError
+from crflow.files import create_once, private_dir, write_atomic
 
 DEFAULT_PORT = 4200
 
@@ -33,9 +41,10 @@ def configure() -> bool:
     if os.environ.get("PREFECT_API_URL") and "CRFLOW_OWN_PREFECT" not in os.environ:
         return False
     home = crflow_home() / "prefect"
-    home.mkdir(parents=True, exist_ok=True)  # Prefect makes its home without parents, and warns
+    private_dir(home)  # Prefect makes its home without parents, and warns; its database is crflow's alone
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_port()}/api"
+    os.environ["PREFECT_API_AUTH_STRING"] = _auth_string()
     os.environ["CRFLOW_OWN_PREFECT"] = "1"  # so a second call (and child processes) know it is ours
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -59,29 +68,74 @@ def _pidfile() -> Path:
     return crflow_home() / "prefect" / "server.pid"
 
 
+def auth_file() -> Path:
+    """Where the local server's credential is kept (user:password, 0600)."""
+    return crflow_home() / "prefect" / "api-auth"
+
+
+def _auth_string() -> str:
+    """The local server's credential, made on first use."""
+    path = auth_file()
+    private_dir(path.parent)
+    create_once(path, f"crflow:{secrets.token_urlsafe(24)}".encode(), 0o600)
+    return path.read_text().strip()
+
+
+def open_to_anyone(timeout: float = 2) -> bool:
+    """The server answers its API without a credential (one an earlier crflow started)."""
+    try:
+        with urllib.request.urlopen(f"{os.environ['PREFECT_API_URL']}/admin/version", timeout=timeout) as answer:
+            return answer.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_server(wait: float = 120) -> None:
     """Start crflow's Prefect server unless it (or the user's PREFECT_API_URL) answers."""
     ours = configure()
     if healthy():
+        if ours and open_to_anyone():
+            print(f"crflow: warning: the Prefect server at {ui_url()} asks for no credential (an earlier crflow started "
+                  "it): anyone on this machine can read its blocks; restart it with crflow server stop", file=sys.stderr)
         return
     if not ours:
         raise CrflowError(f"the Prefect server at PREFECT_API_URL={os.environ['PREFECT_API_URL']} is not answering")
     home = Path(os.environ["PREFECT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
     prefect = Path(sys.executable).parent / "prefect"
     with open(home / "server.log", "ab") as log:
         process = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(_port())],
+            env={**os.environ, "PREFECT_SERVER_API_AUTH_STRING": os.environ["PREFECT_API_AUTH_STRING"]},
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # a server for later runs too, not a child of this one
         )
-    _pidfile().write_text(str(process.pid))
+    write_atomic(_pidfile(), str(process.pid).encode(), 0o600)
     print(f"Starting the Prefect server at {ui_url()} (log: {home / 'server.log'}) ...", file=sys.stderr)
     deadline = time.monotonic() + wait
     while not healthy():
         if process.poll() is not None or time.monotonic() > deadline:
             raise CrflowError(f"the Prefect server did not start; see {home / 'server.log'}")
         time.sleep(0.5)
+
+
+def deployed_sites_file() -> Path:
+    return crflow_home() / "deployed-sites.json"
+
+
+def register_site(site_file: Path) -> None:
+    """`crflow deploy` bound deployments to this site file: runs on this machine may use it."""
+    sites = set(deployed_sites() or [])
+    private_dir(crflow_home())
+    write_atomic(deployed_sites_file(), json.dumps(sorted(sites | {str(site_file.resolve())})).encode(), 0o600)
+
+
+def deployed_sites() -> list[str] | None:
+    """The site files `crflow deploy` registered on this machine (None: it never ran here, as
+    in a work pool's Job, where the deployment's own parameters are the check)."""
+    try:
+        return json.loads(deployed_sites_file().read_text())
+    except FileNotFoundError:
+        return None
 
 
 def stop_server() -> bool:

@@ -112,9 +112,14 @@ def _slot(name: str, site: Site) -> Iterator[None]:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         _release_dead_holder(client, lock)
         lease = _acquire(client, name, ConcurrencyLeaseHolder(type="flow_run", id=run.id), site.runs.wait_seconds)
-    layout.claim(site.state_dir)  # before the first write: what was there before crflow
-    write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": layout.boot_id(),
-                                   "flow_run": str(run.id)}).encode(), 0o600)
+    try:
+        layout.claim(site.state_dir)  # before the first write: what was there before crflow
+        write_atomic(lock, json.dumps({"lease": str(lease), "pid": os.getpid(), "boot": layout.boot_id(),
+                                       "flow_run": str(run.id)}).encode(), 0o600)
+    except BaseException:  # (a full disk): the slot goes back at once, not when its lease runs out
+        with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound, httpx.HTTPStatusError):
+            client.release_concurrency_slots_with_lease(lease)
+        raise
     done = threading.Event()
 
     def renew() -> None:
@@ -180,6 +185,22 @@ def _state_held(site: Site) -> Iterator[None]:
     target.keep_state()
 
 
+def _check_registered(site_file: str) -> None:
+    """A run of a deployment uses the site file its deployment was bound to, or one `crflow
+    deploy` registered on this machine: whoever can start runs on the Prefect server cannot
+    point crflow (as root, perhaps) at a site file of their choosing."""
+    from crflow.runtime import deployed_sites
+
+    run = get_run_context().flow_run
+    if run.deployment_id is None:  # the CLI, run by whoever may run crflow here
+        return
+    with get_client(sync_client=True) as client:
+        bound = client.read_deployment(run.deployment_id).parameters.get("site_file")
+    if site_file != bound and str(Path(site_file).resolve()) not in (deployed_sites() or []):
+        raise CrflowError(f"this run's site_file {site_file!r} is not the one its deployment was bound to, nor one "
+                          "crflow deploy registered here; register it with crflow deploy -c SITE_FILE")
+
+
 def one_run_per_site(flow_function):
     """Run the flow holding its site's slot (the first parameter is the site file)."""
     @functools.wraps(flow_function)
@@ -188,6 +209,7 @@ def one_run_per_site(flow_function):
         name = f"crflow-site:{site_name(site)}"  # the server refuses / % & < > in names
         if name in _held.get():  # a subflow of the run that holds it
             return flow_function(site_file, *args, **kwargs)
+        _check_registered(site_file)
         _name_run(site)
         slot = _slot(name, site)
         try:

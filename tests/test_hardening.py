@@ -256,3 +256,67 @@ def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installe
     assert "write mode is restored" in status.stdout
     assert crflow("status", "-c", str(site.path), check=False).returncode == 0
     crflow("verify", "-c", str(site.path))
+
+
+def test_a_full_state_disk_is_one_line_and_leaves_nothing_half_written(crflow, make_site, tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        site = make_site(state_dir=str(disk / "state"), storage={"kind": "filesystem", "path": str(tmp_path / "data")})
+        crflow("install", "-c", str(site.path))
+        with open(disk / "filler", "wb") as filler:
+            with pytest.raises(OSError):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        result = crflow("verify", "-c", str(site.path), check=False)
+        assert result.returncode == 1 and "no space left on the device of" in last_line(result), result.stderr
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".partial")]
+        (disk / "filler").unlink()
+        crflow("verify", "-c", str(site.path))
+    finally:
+        site.pod.stop()
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_closed_pipe_is_one_line_and_a_non_zero_exit(installed):
+    from servers import BIN
+
+    read, write = os.pipe()
+    os.close(read)  # a reader that has gone (as `| head -1` after its line): every write breaks the pipe
+    try:
+        run = subprocess.run([str(BIN / "crflow"), "status", "-c", str(installed.path)], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "PREFECT_API_URL": "x"})
+    finally:
+        os.close(write)
+    assert run.returncode == 141
+    assert run.stderr.splitlines() == ["crflow: error: the output was closed before crflow finished writing it "
+                                       "(broken pipe)"]
+
+
+def test_the_local_prefect_server_asks_for_a_credential(crflow, make_site, tmp_path):
+    from servers import free_port
+
+    token = "hook-token-0123456789abcdef"
+    site = make_site(alerts={"webhook": f"http://127.0.0.1:9/notify?token={token}"})
+    home = tmp_path / "own-home"
+    env = {"PREFECT_API_URL": "", "CRFLOW_HOME": str(home), "CRFLOW_PREFECT_PORT": str(free_port())}
+    own = {k: v for k, v in {**crflow.env, **env}.items() if k != "PREFECT_API_URL"}
+    started = subprocess.run([crflow.binary, "server", "start"], env=own, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    try:
+        subprocess.run([crflow.binary, "deploy", "-c", str(site.path), "--pool", "hardening"], env=own, check=True,
+                       capture_output=True, timeout=300)
+        api = f"http://127.0.0.1:{env['CRFLOW_PREFECT_PORT']}/api/block_documents/filter"
+        ask = ["curl", "-s", "-w", "\n%{http_code}", "-X", "POST", "-H", "Content-Type: application/json",
+               "-d", '{"include_secrets": true}', api]
+        anyone = subprocess.run(ask, capture_output=True, text=True, timeout=30).stdout
+        assert anyone.endswith("\n401") and token not in anyone
+        credential = (home / "prefect" / "api-auth").read_text().strip()
+        assert (home / "prefect" / "api-auth").stat().st_mode & 0o777 == 0o600
+        holder = subprocess.run([*ask[:-1], "-u", credential, api], capture_output=True, text=True, timeout=30).stdout
+        assert holder.endswith("\n200") and token in holder  # the block holds it: only the credential reads it
+    finally:
+        subprocess.run([crflow.binary, "server", "stop"], env=own, capture_output=True, timeout=60)

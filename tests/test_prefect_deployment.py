@@ -35,6 +35,14 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
         deployment = httpx.get(f"{prefect_api}/deployments/name/{name}").json()
         schedules = httpx.get(f"{prefect_api}/deployments/{deployment['id']}/schedules").json()
         assert [s["schedule"]["cron"] for s in schedules] == [cron]
+    # A run pointed at a site file nobody registered is refused; `crflow deploy` registers one.
+    stranger = make_site()
+    refused = prefect("deployment", "run", "install/install", "--param", f"site_file={stranger.path}", env=env)
+    refused_id = refused.split("UUID:")[1].split()[0]
+    env["CRFLOW_HOME"] = str(tmp_path / "crflow-home")
+    deployed = subprocess.run([str(BIN / "crflow"), "deploy", "-c", str(site.path), "--pool", pool], env=env,
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert deployed.returncode == 0, deployed.stderr
     run = prefect("deployment", "run", "install/install", "--param", f"site_file={site.path}", env=env)
     flow_run_id = run.split("UUID:")[1].split()[0]
 
@@ -51,3 +59,7 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
         stop_server(worker)
     assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
     assert registry_health(site.url, site.client).healthy
+    refused_run = httpx.get(f"{prefect_api}/flow_runs/{refused_id}").json()
+    assert refused_run["state"]["type"] == "FAILED" and "is not the one its deployment was bound to" in \
+        refused_run["state"]["message"]
+    assert not stranger.state.exists()
