@@ -320,3 +320,25 @@ def test_the_local_prefect_server_asks_for_a_credential(crflow, make_site, tmp_p
         assert holder.endswith("\n200") and token in holder  # the block holds it: only the credential reads it
     finally:
         subprocess.run([crflow.binary, "server", "stop"], env=own, capture_output=True, timeout=60)
+
+
+def test_two_sites_with_one_release_name_keep_their_own_trust_files(crflow, installed, make_site, tmp_path):
+    first, second = installed, make_site()  # both `release: registry`, as every example has it
+    crflow("install", "-c", str(second.path))
+    root = tmp_path / "root"
+    root.mkdir()
+
+    def files() -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+    for runtime in ("containerd", "system"):
+        for site in (first, second, first):  # the first again: a re-trust must not take the second's away
+            crflow("trust", "-c", str(site.path), "--runtime", runtime, "--root", str(root))
+    ours = {site: {f for f in files() if str(site.port) in f} for site in (first, second)}
+    assert len(ours[first]) == len(ours[second]) == 2 * 3 + 1  # 2 addresses x (ca.crt, hosts.toml, mark); 1 bundle file
+    for runtime in ("containerd", "system"):
+        crflow("trust", "-c", str(first.path), "--runtime", runtime, "--root", str(root), "--remove")
+    assert files() == ours[second]
+    for runtime in ("containerd", "system"):
+        crflow("trust", "-c", str(second.path), "--runtime", runtime, "--root", str(root), "--remove")
+    assert files() == set()
