@@ -55,13 +55,18 @@ def ui_url() -> str:
     return os.environ.get("PREFECT_API_URL", f"http://127.0.0.1:{_port()}/api").removesuffix("/api")
 
 
-def healthy(timeout: float = 2) -> bool:
-    # urllib, not httpx: `crflow status` asks this, and httpx's import alone is ~70 ms
+def _answers(path: str, timeout: float) -> bool:
+    """GET PREFECT_API_URL/path without a credential answers 200. urllib, not httpx: `crflow
+    status` asks this, and httpx's import alone is ~70 ms."""
     try:
-        with urllib.request.urlopen(f"{os.environ['PREFECT_API_URL']}/health", timeout=timeout) as answer:
+        with urllib.request.urlopen(f"{os.environ['PREFECT_API_URL']}/{path}", timeout=timeout) as answer:
             return answer.status == 200
     except (OSError, ValueError):
         return False
+
+
+def healthy(timeout: float = 2) -> bool:
+    return _answers("health", timeout)  # open to all, as Prefect's auth leaves it
 
 
 def _pidfile() -> Path:
@@ -83,11 +88,7 @@ def _auth_string() -> str:
 
 def open_to_anyone(timeout: float = 2) -> bool:
     """The server answers its API without a credential (one an earlier crflow started)."""
-    try:
-        with urllib.request.urlopen(f"{os.environ['PREFECT_API_URL']}/admin/version", timeout=timeout) as answer:
-            return answer.status == 200
-    except (OSError, ValueError):
-        return False
+    return _answers("admin/version", timeout)
 
 
 def ensure_server(wait: float = 120) -> None:
