@@ -21,7 +21,6 @@ it (the install flow: TLS Secret, rolled pod), then checks the served certificat
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from crflow.flows.alerts import emit_rotation_rolled_back
 from crflow.flows.install import install
 from crflow.flows.site_lock import one_run_per_site
 from crflow.flows.steps import login, server_cert, site_ca, site_vault
+from crflow.files import remove
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
@@ -105,7 +105,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     overlap = f"{time.monotonic() - overlap_started:.1f} s" if not retired else "ended by an earlier run"
 
     gens = gens.model_copy(update={"credentials": gens.rotating_to, "rotating_to": None}).save(site.state_dir)
-    shutil.rmtree(workdir)
+    remove(workdir)
     publish_summary(
         "crflow-rotate-credentials",
         f"Registry {site.release}: login rotated to generation {gens.credentials}",

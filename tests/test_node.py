@@ -1,0 +1,77 @@
+"""The real Kubernetes 1.20 node (tests/cluster.py): kube-apiserver, controller-manager,
+scheduler, kubelet, kube-proxy built from Debian's `kubernetes` source package, with Debian's
+etcd, containerd, runc and CNI plugins. REAL: nothing here is emulated; the apiserver, the
+kubelet and containerd are the judges.
+
+Opt-in while the rest of the kubernetes suite moves onto it: `pytest -m node` (the first run
+builds the binaries, about 13 minutes on 2 cores; later runs reuse them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import GATEWAY, NODE, REGISTRY_IMAGE, SYSCTLS, Cluster, Unavailable
+
+pytestmark = pytest.mark.node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    try:
+        cluster = Cluster.start(tmp_path_factory.mktemp("k8s"))
+    except Unavailable as why:
+        pytest.skip(str(why))
+    print(f"the node was Ready {cluster.started_in:.1f} s after the cluster's start")
+    yield cluster
+    before = dict(cluster.sysctls)
+    cluster.stop()
+    after = {s: (Path("/proc/sys") / s).read_text().strip() for s in SYSCTLS if (Path("/proc/sys") / s).exists()}
+    assert after == before, "a sysctl the cluster changed was not set back"
+
+
+def kubectl(node: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(node.bin_dir / "kubectl"), f"--kubeconfig={node.kubeconfig}", *args],
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode:
+        raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+    return result
+
+
+def test_the_node_is_a_real_kubernetes_1_20(node):
+    assert json.loads(kubectl(node, "version", "-o", "json").stdout)["serverVersion"]["gitVersion"] == "v1.20.2"
+    for name in ("apiserver", "kubelet", "containerd", "controller-manager", "scheduler", "proxy"):
+        assert node.processes[name].poll() is None, name
+    nodes = json.loads(kubectl(node, "get", "nodes", "-o", "json").stdout)["items"]
+    assert [n["metadata"]["name"] for n in nodes] == [NODE]
+    # The kubelet's start-up sysctls are the machine's again.
+    for sysctl in ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"):
+        assert (Path("/proc/sys") / sysctl).read_text().strip() == node.sysctls[sysctl]
+
+
+def test_a_pod_runs_the_locally_built_registry_image_and_answers_on_the_bridge(node):
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "registry-smoke", "namespace": "default"},
+           "spec": {"containers": [{"name": "registry", "image": REGISTRY_IMAGE, "imagePullPolicy": "Never",
+                                    "command": ["/bin/sh", "-c", "printf 'version: 0.1\\nstorage: {filesystem: "
+                                                "{rootdirectory: /tmp/r}}\\nhttp: {addr: :5000}\\n' > /tmp/c.yml "
+                                                "&& exec /bin/registry serve /tmp/c.yml"],
+                                    "securityContext": {"runAsUser": 1000, "runAsGroup": 1000}}],
+                    "automountServiceAccountToken": False}}
+    subprocess.run([str(node.bin_dir / "kubectl"), f"--kubeconfig={node.kubeconfig}", "apply", "-f", "-"],
+                   input=json.dumps(pod), capture_output=True, text=True, check=True, timeout=60)
+    kubectl(node, "wait", "--for=condition=Ready", "pod/registry-smoke", "--timeout=120s")
+    ip = kubectl(node, "get", "pod", "registry-smoke", "-o", "jsonpath={.status.podIP}").stdout
+    assert ip.startswith(GATEWAY.rsplit(".", 1)[0] + ".")
+    deadline = time.monotonic() + 30
+    code = ""
+    while time.monotonic() < deadline and code != "200":
+        code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{ip}:5000/v2/"],
+                              capture_output=True, text=True, timeout=10).stdout
+        time.sleep(0.2)
+    assert code == "200"
+    assert "listening on" in kubectl(node, "logs", "registry-smoke").stdout  # the kubelet serves the log
+    kubectl(node, "delete", "pod", "registry-smoke", "--grace-period=1")
