@@ -130,7 +130,7 @@ def make_read_only(site, kubelet) -> None:
         time.sleep(0.2)
 
 
-EXPECTED_ERROR = {"3": "failed with 405", "4": f"write Secret team-b/{PULL} failed with 500",
+EXPECTED_ERROR = {"3": "was refused (405)", "4": f"write Secret team-b/{PULL} failed with 500",
                   "6": "the registry still accepts user"}
 
 

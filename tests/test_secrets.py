@@ -4,6 +4,8 @@ every place Prefect and crflow write to is searched for every secret they made."
 
 from __future__ import annotations
 
+import os
+
 import httpx
 
 
@@ -73,8 +75,14 @@ def test_no_secret_reaches_prefect_logs_artifacts_results_or_output(crflow, make
 
 def test_secret_files_are_private(installed):
     volumes = installed.state / "pod" / "volumes"
-    for path in [volumes / "tls" / "tls.key", volumes / "auth" / "htpasswd", installed.state / "result.key",
-                 installed.client / "auth.json", volumes / "config.yml"]:
+    # The pod's Secret files: as root, root's with the registry's group to read them (as a
+    # kubelet makes them); as a user, that user's alone. Nobody else reads them.
+    pod_group = 0o040 if os.geteuid() == 0 else 0
+    for path in [volumes / "tls" / "tls.key", volumes / "auth" / "htpasswd", volumes / "config.yml"]:
+        assert path.stat().st_mode & 0o077 == pod_group, f"{path} is readable by others"
+        assert path.stat().st_uid == os.geteuid()
+    for path in [installed.state / "result.key", installed.client / "auth.json"]:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
-    for directory in [installed.state, installed.state / "results", volumes / "tls"]:
+    for directory in [installed.state, installed.state / "results"]:
         assert directory.stat().st_mode & 0o077 == 0, f"{directory} is open to others"
+    assert (volumes / "tls").stat().st_mode & 0o077 == (0o050 if pod_group else 0)
