@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tarfile
 import time
@@ -46,6 +47,7 @@ from servers import free_port
 
 VERSION = "v1.20.2"
 BRIDGE = "crflowk8s0"
+LOCAL_ONLY = "CRFLOW-K8S-LOCAL-ONLY"  # an iptables chain: loopback and the bridge pass, the rest is dropped
 GATEWAY = "10.244.0.1"
 POD_CIDR = "10.244.0.0/24"
 SERVICE_CIDR = "10.96.0.0/24"
@@ -108,9 +110,11 @@ def _pem(cert) -> bytes:
 
 
 # --- images -------------------------------------------------------------------------------
-def _oci_archive(path: Path, name: str, files: dict[str, tuple[bytes, int]], config: dict) -> Path:
+def _oci_archive(path: Path, name: str, files: dict[str, tuple[bytes, int]], config: dict,
+                 hardlinks: dict[str, str] | None = None) -> Path:
     """An OCI image layout tarball of one layer holding `files` (path -> (content, mode); a
-    content of None with mode 0o040755 is a folder), named `name` for `ctr images import`."""
+    content of None is a folder) and `hardlinks` (path -> the file it is another name of),
+    named `name` for `ctr images import`."""
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for member, (content, mode) in sorted(files.items()):
@@ -122,6 +126,10 @@ def _oci_archive(path: Path, name: str, files: dict[str, tuple[bytes, int]], con
             else:
                 info.size, info.mode = len(content), mode
                 tar.addfile(info, io.BytesIO(content))
+        for member, target in sorted((hardlinks or {}).items()):
+            info = tarfile.TarInfo(member)
+            info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, target, 0o755, 0
+            tar.addfile(info)
     raw = layer.getvalue()
     packed = gzip.compress(raw, mtime=0)
     blobs = {}
@@ -169,9 +177,8 @@ def registry_image(workdir: Path) -> Path:
     files["bin/busybox"] = (busybox, 0o755)
     applets = subprocess.run([str(workdir / "busybox"), "--list"], capture_output=True, text=True,
                              check=True).stdout.split()
-    for applet in applets:  # real files, not links: the readiness probe execs `test` by path
-        if applet not in ("busybox",):
-            files[f"bin/{applet}"] = (busybox, 0o755)
+    # Hard links, not symbolic ones: the readiness probe execs `test` as a file on PATH.
+    links = {f"bin/{applet}": "bin/busybox" for applet in applets if applet != "busybox"}
     for lib in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"):
         files[lib.lstrip("/")] = (Path(os.path.realpath(lib)).read_bytes(), 0o755)
     files["etc/passwd"] = (b"root:x:0:0:root:/root:/bin/sh\nregistry:x:1000:1000:registry:/var/lib/registry:"
@@ -179,7 +186,7 @@ def registry_image(workdir: Path) -> Path:
     files["etc/group"] = (b"root:x:0:\nregistry:x:1000:\n", 0o644)
     return _oci_archive(workdir / "registry.tar", REGISTRY_IMAGE, files,
                         {"Entrypoint": ["/bin/registry"], "Cmd": ["serve", "/etc/docker/registry/config.yml"],
-                         "Env": ["PATH=/bin"], "User": "1000"})
+                         "Env": ["PATH=/bin"], "User": "1000"}, links)
 
 
 def _busybox(workdir: Path) -> bytes:
@@ -200,6 +207,7 @@ class Cluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     iptables: list[list[str]] = field(default_factory=list)
+    chains: list[str] = field(default_factory=list)
     started_in: float = 0.0
 
     @property
@@ -263,17 +271,19 @@ class Cluster:
         return process
 
     def _wait(self, check, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
+        deadline, last = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             for name, process in self.processes.items():
                 if process.poll() is not None:
                     tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-1500:]
                     raise RuntimeError(f"{name} exited ({process.returncode}) while waiting for {what}:\n{tail}")
-            with contextlib.suppress(Exception):
+            try:
                 if check():
                     return
+            except (OSError, httpx.HTTPError, KeyError, ValueError, subprocess.SubprocessError) as err:
+                last = err  # not up yet
             time.sleep(0.3)
-        raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        raise RuntimeError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
     def _rule(self, *rule: str) -> None:
         """An iptables rule, inserted, and deleted again at teardown."""
@@ -288,9 +298,14 @@ class Cluster:
         subprocess.run(["ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE], check=True)
         self._rule("FORWARD", "-s", POD_CIDR, "!", "-o", BRIDGE, "-j", "DROP")
         self._rule("FORWARD", "-d", POD_CIDR, "!", "-i", BRIDGE, "-j", "DROP")
-        self._rule("INPUT", "-p", "tcp", "--dport", str(self.ports["apiserver"]), "!", "-i", "lo", "!", "-i", BRIDGE,
-                   "-j", "DROP")
-        self._rule("INPUT", "-p", "tcp", "--dport", "30000:32767", "!", "-i", "lo", "!", "-i", BRIDGE, "-j", "DROP")
+        # The apiserver listens on every address (pods reach it at the gateway) and NodePorts
+        # answer on every address: only loopback and the bridge may reach them.
+        subprocess.run(["iptables", "-N", LOCAL_ONLY], check=True)
+        self.chains.append(LOCAL_ONLY)
+        for rule in (["-i", "lo", "-j", "RETURN"], ["-i", BRIDGE, "-j", "RETURN"], ["-j", "DROP"]):
+            subprocess.run(["iptables", "-A", LOCAL_ONLY, *rule], check=True)
+        self._rule("INPUT", "-p", "tcp", "--dport", str(self.ports["apiserver"]), "-j", LOCAL_ONLY)
+        self._rule("INPUT", "-p", "tcp", "--dport", "30000:32767", "-j", LOCAL_ONLY)
 
     def _pki(self) -> None:
         pki = self.workdir / "pki"
@@ -362,8 +377,9 @@ class Cluster:
 
     def _get(self, path: str) -> httpx.Response:
         pki = self.workdir / "pki"
-        return httpx.get(f"{self.api}{path}", verify=str(pki / "ca.crt"), timeout=5,
-                         cert=(str(pki / "admin.crt"), str(pki / "admin.key")))
+        tls = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        tls.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        return httpx.get(f"{self.api}{path}", verify=tls, timeout=5)
 
     def _control_plane(self) -> None:
         pki = self.workdir / "pki"
@@ -443,7 +459,7 @@ state = "{base / 'run' / 'state'}"
             f"--container-runtime-endpoint=unix://{self.containerd_socket}", f"--hostname-override={NODE}",
             f"--root-dir={base / 'root'}", f"--cert-dir={base / 'pki'}",
             f"--kubeconfig={self.workdir}/kubelet-client.kubeconfig", f"--config={base / 'config.yaml'}",
-            "--node-ip=127.0.0.1"])
+            f"--node-ip={GATEWAY}"])  # a local address pods reach; the apiserver reaches the kubelet as localhost
         # The kubelet sets these once at start; they are the machine's, so they go back at once.
         self._wait(lambda: self._node_registered(), 120, "the node to register")
         self._restore_sysctls(("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"))
@@ -493,6 +509,10 @@ state = "{base / 'run' / 'state'}"
         for rule in reversed(self.iptables):
             subprocess.run(["iptables", "-D", *rule], capture_output=True)
         self.iptables.clear()
+        for chain in self.chains:
+            subprocess.run(["iptables", "-F", chain], capture_output=True)
+            subprocess.run(["iptables", "-X", chain], capture_output=True)
+        self.chains.clear()
         subprocess.run([str(self.bin_dir / "kube-proxy"), "--cleanup"], capture_output=True, timeout=60) \
             if (self.bin_dir / "kube-proxy").exists() else None
         self._flush_chains()

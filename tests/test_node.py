@@ -56,9 +56,9 @@ def test_the_node_is_a_real_kubernetes_1_20(node):
 def test_a_pod_runs_the_locally_built_registry_image_and_answers_on_the_bridge(node):
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "registry-smoke", "namespace": "default"},
            "spec": {"containers": [{"name": "registry", "image": REGISTRY_IMAGE, "imagePullPolicy": "Never",
-                                    "command": ["/bin/sh", "-c", "printf 'version: 0.1\\nstorage: {filesystem: "
-                                                "{rootdirectory: /tmp/r}}\\nhttp: {addr: :5000}\\n' > /tmp/c.yml "
-                                                "&& exec /bin/registry serve /tmp/c.yml"],
+                                    "command": ["/bin/sh", "-c", "printf 'version: 0.1\\nstorage:\\n  filesystem:\\n"
+                                                "    rootdirectory: /tmp/r\\nhttp:\\n  addr: \"0.0.0.0:5000\"\\n' "
+                                                "> /tmp/c.yml && exec /bin/registry serve /tmp/c.yml"],
                                     "securityContext": {"runAsUser": 1000, "runAsGroup": 1000}}],
                     "automountServiceAccountToken": False}}
     subprocess.run([str(node.bin_dir / "kubectl"), f"--kubeconfig={node.kubeconfig}", "apply", "-f", "-"],
