@@ -151,7 +151,9 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         }
     else:
         claim = storage.existing_claim if storage.kind == "pvc" else None
-        values["persistence"] = {"enabled": True, "existingClaim": claim or data_claim(site.release)}
+        values["persistence"] = {"enabled": True, "existingClaim": claim or data_claim(site.release),
+                                 # crflow's hostPath PV: the kubelet makes its folder root's
+                                 "chownOnStart": getattr(storage, "host_path", None) is not None}
     return merged(site.chart.values, values)
 
 

@@ -200,6 +200,9 @@ class Registry:
             status = response.status_code if response is not None else "?"
             driver = re.search(r'"DriverName":"(\w+)"', detail)
             if driver:  # distribution's storage driver failed; its body holds no more than the driver's name
+                if re.search(r'"Err":13\b', response.text):  # EACCES: a folder the registry's user cannot write
+                    raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry may not write "
+                                         "its storage (permission denied): the folder is not its user's") from None
                 if re.search(r'"Err":28\b', response.text):  # ENOSPC, as the filesystem driver reports it
                     raise StorageFailure(f"{what} at {self.base_url} failed with {status}: the registry's storage "
                                          "is full (no space left on device); free space where it stores blobs") from None

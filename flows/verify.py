@@ -6,12 +6,14 @@ It uses the client files crflow wrote (ca.crt, auth.json), as any client of the 
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 from cryptography import x509
 from prefect import flow
 
-from crflow.errors import StorageFailure
+from crflow.errors import CrflowError, StorageFailure
 from crflow.flows.alerts import emit_certificate_days
 from crflow.flows.site_lock import one_run_per_site, site_slug
 from crflow.oci import SMOKE_REPO, served_certificate
@@ -53,27 +55,33 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
                 checks.check("diagnose the storage", bucket_present, storage.endpoint, storage.bucket,
                              storage.region, target.s3_keys(), storage.ca_bundle, storage.skip_verify, str(err))
             raise
-        pull_seconds = checks.check("pull it back, every digest equal", pull_and_compare, url, bundle, pushed)
-        mib = pushed.bytes / 2**20
-        checks.figures.update({"push MiB/s": f"{mib / pushed.seconds:.0f}", "pull MiB/s": f"{mib / pull_seconds:.0f}"})
-        checks.check("catalog and tags list it", listed_in_catalog, url, bundle, pushed.repo, pushed.tag)
-        if source_image:
-            copied = checks.check(f"copy {source_image}", copy_source_image, source_image,
-                                  source_ca and Path(source_ca), source_authfile and Path(source_authfile),
-                                  url, bundle, f"{SMOKE_REPO}/source")
-            checks.check("pull the copy back", pull_everything, url, bundle, copied.repo, copied.digest)
+        deleted = False
+        try:
+            pull_seconds = checks.check("pull it back, every digest equal", pull_and_compare, url, bundle, pushed)
+            mib = pushed.bytes / 2**20
+            checks.figures.update({"push MiB/s": f"{mib / pushed.seconds:.0f}", "pull MiB/s": f"{mib / pull_seconds:.0f}"})
+            checks.check("catalog and tags list it", listed_in_catalog, url, bundle, pushed.repo, pushed.tag)
+            if source_image:
+                copied = checks.check(f"copy {source_image}", copy_source_image, source_image,
+                                      source_ca and Path(source_ca), source_authfile and Path(source_authfile),
+                                      url, bundle, f"{SMOKE_REPO}/source")
+                checks.check("pull the copy back", pull_everything, url, bundle, copied.repo, copied.digest)
 
-        bucket = storage.bucket if isinstance(storage, S3Storage) else None
-        checks.check("the pod stores blobs where the site says", check_pod_storage, target.running_pod(),
-                     storage.kind, bucket)
-        if isinstance(storage, S3Storage):
-            checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket, storage.region,
-                         storage.root_directory, target.s3_keys(), storage.ca_bundle, storage.skip_verify,
-                         pushed.blobs[-1])
-        for name, check, arguments in target.checks(pushed):  # the storage directory here; a pod's pull there
-            checks.check(name, check, *arguments)
-
-        checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
+            bucket = storage.bucket if isinstance(storage, S3Storage) else None
+            checks.check("the pod stores blobs where the site says", check_pod_storage, target.running_pod(),
+                         storage.kind, bucket)
+            if isinstance(storage, S3Storage):
+                checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket, storage.region,
+                             storage.root_directory, target.s3_keys(), storage.ca_bundle, storage.skip_verify,
+                             pushed.blobs[-1])
+            for name, check, arguments in target.checks(pushed):  # the storage directory here; a pod's pull there
+                checks.check(name, check, *arguments)
+            checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
+            deleted = True
+        finally:
+            if not deleted:  # a failed check must not leave its image behind for the next gc to find
+                with contextlib.suppress(CrflowError, ConnectionError):
+                    delete_by_digest(url, bundle, pushed.repo, pushed.digest)
         checks.check("unlink its blobs (gc frees them)", unlink_blobs, url, bundle, pushed.repo, pushed.digest,
                      pushed.blobs)
         if source_image:

@@ -38,6 +38,11 @@ def read_registry_pod(kube: KubeAccess, namespace: str, deployment: str) -> dict
 PULL_TEST_NAMESPACE, PULL_SECRET, PULL_TEST = "crflow-verify", "crflow-verify-pull", "crflow-verify-pull-test"
 # What a kubelet reports for an image it could not get: the runtime's own message follows.
 PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+# What a kubelet reports once the image is there but the container cannot start: the smoke
+# image is data, with no command to run (a real kubelet says CreateContainerError, "no command
+# specified"). The kubelet pulls before it makes the container, so each of these means pulled.
+AFTER_PULL = {"CreateContainerError", "CreateContainerConfigError", "RunContainerError", "CrashLoopBackOff",
+              "ContainerCannotRun"}
 
 
 def daemonset_ready(status) -> bool:
@@ -84,7 +89,8 @@ def pull_outcomes(api: client.ApiClient, selector: dict[str, str]) -> dict[str, 
         for status in (pod.status and pod.status.container_statuses) or []:
             state = status.state
             waiting = state and state.waiting
-            if status.image_id or (state and (state.running or state.terminated)):
+            if status.image_id or (state and (state.running or state.terminated)) or \
+                    (waiting and waiting.reason in AFTER_PULL):
                 outcomes[pod.spec.node_name] = None  # pulled (the container may not run: it need not)
             elif waiting and waiting.reason in PULL_FAILURES:
                 outcomes[pod.spec.node_name] = f"{waiting.reason}: {waiting.message}"

@@ -58,6 +58,7 @@ REGISTRY_IMAGE = "localhost/crflow-registry:2.8.2"
 SYSCTLS = ["net/ipv4/ip_forward", "net/ipv4/conf/all/route_localnet", "vm/overcommit_memory", "kernel/panic",
            "kernel/panic_on_oops", "net/bridge/bridge-nf-call-iptables"]
 ROOT = Path(__file__).resolve().parent.parent
+POD_LOGS = Path("/var/log/pods")
 
 
 class Unavailable(Exception):
@@ -208,6 +209,7 @@ class Cluster:
     sysctls: dict[str, str] = field(default_factory=dict)
     iptables: list[list[str]] = field(default_factory=list)
     chains: list[str] = field(default_factory=list)
+    pod_logs: set[str] = field(default_factory=set)  # /var/log/pods entries there before it (the kubelet's fixed place)
     started_in: float = 0.0
 
     @property
@@ -248,6 +250,7 @@ class Cluster:
         for name in ("etcd", "etcd_peer", "apiserver", "kubelet", "kubelet_healthz", "proxy_healthz", "proxy_metrics",
                      "cm", "scheduler"):
             self.ports[name] = free_port()
+        self.pod_logs = set(os.listdir(POD_LOGS)) if POD_LOGS.is_dir() else set()
         for sysctl in SYSCTLS:
             path = Path("/proc/sys") / sysctl
             if path.exists():
@@ -523,6 +526,9 @@ state = "{base / 'run' / 'state'}"
             if "master " + BRIDGE in link:
                 subprocess.run(["ip", "link", "del", name], capture_output=True)
         self._restore_sysctls()
+        if POD_LOGS.is_dir():
+            for entry in set(os.listdir(POD_LOGS)) - self.pod_logs:
+                shutil.rmtree(POD_LOGS / entry, ignore_errors=True)
 
     def _stop(self, name: str) -> None:
         process = self.processes.get(name)

@@ -220,8 +220,28 @@ topologySpreadConstraints:
   - {{- toYaml (merge (deepCopy .) (dict "labelSelector" (dict "matchLabels" (fromYaml (include "registry.selectorLabels" $))))) | nindent 4 }}
 {{- end }}
 {{- end }}
+{{- $owner := and (eq .Values.storage "filesystem") .Values.persistence.enabled .Values.persistence.chownOnStart }}
+{{- if or $owner .Values.initContainers }}
+initContainers:
+{{- if $owner }}
+  {{- /* A hostPath folder is the kubelet's (root, 0755), and fsGroup does not apply to it. */}}
+  - name: data-owner
+    image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["/bin/sh", "-c", "chown {{ .Values.podSecurityContext.runAsUser }}:{{ .Values.podSecurityContext.runAsGroup }} /var/lib/registry"]
+    securityContext:
+      runAsUser: 0
+      runAsNonRoot: false
+      allowPrivilegeEscalation: false
+      readOnlyRootFilesystem: true
+      capabilities: {drop: [ALL], add: [CHOWN]}
+    volumeMounts:
+      - name: data
+        mountPath: /var/lib/registry
+{{- end }}
 {{- with .Values.initContainers }}
-initContainers: {{- toYaml . | nindent 2 }}
+{{ toYaml . | indent 2 }}
+{{- end }}
 {{- end }}
 volumes: {{- include "registry.volumes" . | nindent 2 }}
 {{- end }}
