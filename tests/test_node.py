@@ -75,3 +75,35 @@ def test_a_pod_runs_the_locally_built_registry_image_and_answers_on_the_bridge(n
     assert code == "200"
     assert "listening on" in kubectl(node, "logs", "registry-smoke").stdout  # the kubelet serves the log
     kubectl(node, "delete", "pod", "registry-smoke", "--grace-period=1")
+
+
+def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(node, crflow, tmp_path):
+    import yaml
+
+    from conftest import oci_layout, skopeo
+
+    data = tmp_path / "data"
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({
+        "target": "kubernetes", "state_dir": str(tmp_path / "state"),
+        "cluster": {"kubeconfig": str(node.kubeconfig), "helm_timeout_seconds": 180},
+        "registry": {"ips": ["127.0.0.1"], "dns_names": [], "port": 30500, "service_type": "NodePort"},
+        "storage": {"kind": "pvc", "host_path": {"path": str(data), "node": NODE}},
+        "node_trust": {"host_dir": str(node.certs_d)},
+        "chart": {"values": {"image": {"repository": REGISTRY_IMAGE.split(":")[0], "tag": REGISTRY_IMAGE.split(":")[1],
+                                       "pullPolicy": "Never"}}}}))
+    crflow("install", "-c", str(site))
+    assert (data.stat().st_uid, data.stat().st_gid) == (1000, 1000)  # the hostPath the kubelet made, given over
+    # verify's last check: a pod on the node pulls the pushed image with the pull Secret, trusting
+    # the CA only through the certs.d the node-trust DaemonSet wrote.
+    crflow("verify", "-c", str(site))
+    assert (node.certs_d / "127.0.0.1:30500" / "hosts.toml").exists()
+    client = tmp_path / "client"
+    crflow("export-client", "-c", str(site), "--out", str(client))
+    oci_layout(tmp_path / "layout", "v1")
+    ref = "docker://127.0.0.1:30500/team/app:v1"
+    skopeo("copy", "--dest-authfile", str(client / "auth.json"), "--dest-cert-dir", str(client),
+           f"oci:{tmp_path / 'layout'}:v1", ref)
+    skopeo("inspect", "--authfile", str(client / "auth.json"), "--cert-dir", str(client), ref)
+    crflow("uninstall", "-c", str(site), "--yes")
+    assert not (node.certs_d / "127.0.0.1:30500").exists()  # node trust took its files off the node first
