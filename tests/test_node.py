@@ -3,8 +3,9 @@ scheduler, kubelet, kube-proxy built from Debian's `kubernetes` source package, 
 etcd, containerd, runc and CNI plugins. REAL: nothing here is emulated; the apiserver, the
 kubelet and containerd are the judges.
 
-Opt-in while the rest of the kubernetes suite moves onto it: `pytest -m node` (the first run
-builds the binaries, about 13 minutes on 2 cores; later runs reuse them)."""
+`pytest -m node` runs just these. scripts/setup.sh --test builds the binaries once (about 13
+minutes on 2 cores) into a cache outside the checkout; the rest of the kubernetes suite still
+runs against the emulated API server while it moves onto this node."""
 
 from __future__ import annotations
 
