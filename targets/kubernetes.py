@@ -197,7 +197,8 @@ class KubernetesTarget(Target):
     def removal_plan(self, purge: bool) -> list[str]:
         site = self.site
         plan = [f"helm release {site.namespace}/{site.release}",
-                f"every pull Secret crflow made for {site.release} (and its listing in default ServiceAccounts)"]
+                f"every pull Secret crflow made for {site.release} (and its listing in default ServiceAccounts), "
+                "verify's included"]
         if site.node_trust.enabled:
             plan.insert(0, f"the node-trust files on every node ({', '.join(site.registry.servers)})")
         if purge:
@@ -212,6 +213,7 @@ class KubernetesTarget(Target):
         from crflow.tasks.helm import remove_node_trust, uninstall_release
         from crflow.tasks.secrets import delete_secrets
         from crflow.tasks.volumes import delete_hostpath_volume
+        from crflow.tasks.workloads import PULL_SECRET, PULL_TEST_NAMESPACE
 
         site, timeout, removed = self.site, self.site.cluster.helm_timeout_seconds, []
         if site.node_trust.enabled and remove_node_trust(self.kube, site.release, site.namespace, timeout):
@@ -221,6 +223,8 @@ class KubernetesTarget(Target):
             removed.append(f"helm release {site.namespace}/{site.release}")
         removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release,
                                                                            site.pull_secrets.name)]
+        # verify's own pull Secret holds the login too: left behind, it would be valid again after a reinstall
+        removed += delete_secrets(self.kube, PULL_TEST_NAMESPACE, [PULL_SECRET], site.release)
         if purge:
             held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
             removed += delete_secrets(self.kube, site.namespace, held, site.release)

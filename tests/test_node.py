@@ -106,5 +106,20 @@ def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(node, crflow, 
     skopeo("copy", "--dest-authfile", str(client / "auth.json"), "--dest-cert-dir", str(client),
            f"oci:{tmp_path / 'layout'}:v1", ref)
     skopeo("inspect", "--authfile", str(client / "auth.json"), "--cert-dir", str(client), ref)
+    # The node-trust pod's PID 1 ends on SIGTERM (it ignored it, and every stop took the whole
+    # grace period): the kubelet restarts it, and it says it exited 0.
+    trust_pod = kubectl(node, "-n", "container-registry", "get", "pods", "-l", "app.kubernetes.io/component=node-trust",
+                        "-o", "jsonpath={.items[0].metadata.name}").stdout
+    kubectl(node, "-n", "container-registry", "exec", trust_pod, "--", "kill", "-TERM", "1")
+    deadline, last = time.monotonic() + 90, {}
+    while time.monotonic() < deadline and "terminated" not in last:
+        status = json.loads(kubectl(node, "-n", "container-registry", "get", "pod", trust_pod, "-o", "json").stdout)
+        last = status["status"]["containerStatuses"][0].get("lastState") or {}
+        time.sleep(0.5)
+    assert last["terminated"]["exitCode"] == 0, last
+
     crflow("uninstall", "-c", str(site), "--yes")
     assert not (node.certs_d / "127.0.0.1:30500").exists()  # node trust took its files off the node first
+    # Nothing crflow made that holds the login stays: verify's own pull Secret included.
+    left = kubectl(node, "-n", "crflow-verify", "get", "secret", "crflow-verify-pull", check=False)
+    assert left.returncode != 0 and "NotFound" in left.stderr

@@ -16,6 +16,11 @@
 #   MODE       keep (sync every RESYNC seconds), once (sync, then exit) or remove (undo, then
 #              idle; `once-remove` undoes and exits)
 set -u
+# As a pod's PID 1, sh ignores SIGTERM unless it traps it: without this every node-trust pod
+# took its whole grace period (30 s) to stop. Sleeps run in the background so the trap fires
+# at once.
+trap 'exit 0' TERM INT
+nap() { sleep "$1" & wait $!; }
 umask 022  # a CA certificate is public; runtimes that are not root read it too
 MARK=.crflow-owner
 log() { echo "node-trust: $*"; }
@@ -76,10 +81,10 @@ case "$MODE" in
   once) sync_once; exit ;;
   once-remove) remove_all; exit ;;
   remove) remove_all; touch "$STATE_DIR/synced"; log "removed; idle"
-          while :; do sleep 3600; done ;;
+          while :; do nap 3600; done ;;
 esac
 log "keeping $HOST_DIR current for $ADDRESSES ($FORMAT)"
 while :; do
   if sync_once; then touch "$STATE_DIR/synced"; fi
-  sleep "${RESYNC:-10}"
+  nap "${RESYNC:-10}"
 done
