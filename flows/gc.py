@@ -47,7 +47,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     secrets = site_secrets(site, site_vault(site, target), target)
     storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)
-    manifests = render_chart(site.release, site.namespace, values)
+    manifests = render_chart(site.release, site.namespace, values, target.kube_version())
     target.deploy(values, manifests)  # read-write, whatever an interrupted run left
     wait_until_ready(url, bundle)
 
@@ -71,7 +71,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
         return f"dry run: {plan.blob_count} blobs ({would_free} bytes) and {len(doomed)} tags would go"
 
     locked = read_only(values)
-    locked_manifests = render_chart(site.release, site.namespace, locked)  # before the window: it is kept short
+    locked_manifests = render_chart(site.release, site.namespace, locked, target.kube_version())  # before the window: it is kept short
     started = time.monotonic()
     target.deploy(locked, locked_manifests)
     try:

@@ -34,7 +34,7 @@ def install(site_file: str, new_ca: bool = False) -> str:
     # Storage and the registry's Secrets, then the chart: run here as a pod, or released by helm.
     storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)
-    target.deploy(values, render_chart(site.release, site.namespace, values))
+    target.deploy(values, render_chart(site.release, site.namespace, values, target.kube_version()))
 
     # The login goes to its users (client files; on the cluster, login and pull Secrets).
     # Then proof, with the client files a person would use: the registry answers our login

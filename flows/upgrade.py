@@ -50,7 +50,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
     target = target_for(site)
     secrets = site_secrets(site, site_vault(site, target), target)
     values = values_for(site, secrets.server_cert.fingerprint)
-    manifests = render_chart(site.release, site.namespace, values)
+    manifests = render_chart(site.release, site.namespace, values, target.kube_version())
 
     before = target.deployed()
     if not before.manifests:
@@ -72,7 +72,7 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
         publish_summary("crflow-upgrade", f"Upgrade of {site.release} failed and was rolled back", [
             ("Failed", failed.describe() if failed.revision is not None else "the new pod spec"),
             ("Restored", restored), ("Reason", str(err).replace("|", "/")[:500])])
-        raise CrflowError(f"the upgrade failed and was rolled back to {restored}, which passes verify: {err}") from None
+        raise CrflowError(f"the upgrade failed and was rolled back to {restored}, which passes verify: {err}") from err
 
     publish_summary("crflow-upgrade", f"Registry {site.release} upgraded", [
         ("Revision", f"{before.revision} -> {after.revision}" if after.revision is not None else "local pod"),

@@ -62,6 +62,12 @@ class Target(ABC):
             raise NotInstalled(f"no client files in {self.bundle}: run crflow install first")
         return self.bundle
 
+    def kube_version(self) -> str | None:
+        """The Kubernetes version the chart is rendered for (None: helm's default). A cluster's
+        own: rendered for another, a 1.20 cluster's CronJob and PDB would differ from what it
+        holds at every upgrade's diff."""
+        return None
+
     @abstractmethod
     def held_ca(self) -> str | None:
         """The CA certificate (PEM) this target already hands out apart from state_dir (the

@@ -27,6 +27,14 @@ class KubernetesTarget(Target):
         cluster = site.cluster
         self.kube = KubeAccess(kubeconfig=cluster.kubeconfig and str(cluster.kubeconfig), context=cluster.context)
         self._from_cluster: Path | None = None  # the client files client_bundle() wrote from the cluster
+        self._version: str | None = None
+
+    def kube_version(self) -> str | None:
+        from crflow.tasks.kubeapi import server_version
+
+        if self._version is None:
+            self._version = server_version(self.kube)
+        return self._version
 
     def check_host(self) -> None:
         from crflow.tasks.helm import helm_executable

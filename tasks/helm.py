@@ -49,19 +49,35 @@ def _reason(err: HelmError) -> str:
     return _said(str(err), type(err).__name__)
 
 
-async def _render(release: str, namespace: str, values: dict) -> list[dict]:
+class _TemplateFor(Command):
+    """pyhelm3's Command, whose `template` renders for a given Kubernetes version (pyhelm3 has
+    no option for helm's --kube-version)."""
+
+    def __init__(self, kube_version: str | None, **options):
+        super().__init__(**options)
+        self._kube_version = kube_version
+
+    async def run(self, command: list[str], input: bytes | None = None) -> bytes:
+        if command[:1] == ["template"] and self._kube_version:
+            command = [*command, "--kube-version", self._kube_version]
+        return await super().run(command, input)
+
+
+async def _render(release: str, namespace: str, values: dict, kube_version: str | None) -> list[dict]:
     # pyhelm3's Command, not its Client: the Client first runs `helm version` and `helm show
     # chart`, which cost every install ~0.1 s and add nothing to a local template.
-    resources = await Command(executable=helm_executable()).template(release, CHART_DIR, values, namespace=namespace)
+    helm = _TemplateFor(kube_version, executable=helm_executable())
+    resources = await helm.template(release, CHART_DIR, values, namespace=namespace)
     # Hooks (the `helm test` Pod) are not part of a release's manifest, as `helm get manifest` shows it.
     return [r for r in resources if r and "helm.sh/hook" not in ((r.get("metadata") or {}).get("annotations") or {})]
 
 
 @task(task_run_name="helm template {release}", retries=1)
-def render_chart(release: str, namespace: str, values: dict) -> list[dict]:
-    """`helm template` of our chart: the manifests a release with these values consists of."""
+def render_chart(release: str, namespace: str, values: dict, kube_version: str | None = None) -> list[dict]:
+    """`helm template` of our chart: the manifests a release with these values consists of, on
+    a cluster of `kube_version` (None: helm's default)."""
     try:
-        return asyncio.run(_render(release, namespace, values))
+        return asyncio.run(_render(release, namespace, values, kube_version))
     except HelmError as err:
         raise CrflowError(f"helm could not render {CHART_DIR}: {_reason(err)}") from None
 

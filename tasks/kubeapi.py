@@ -117,6 +117,14 @@ def ensure_namespace(api: client.ApiClient, name: str, labels: dict[str, str]) -
     return retrying(f"create namespace {name}", attempt)
 
 
+@task(task_run_name="the cluster's Kubernetes version", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def server_version(kube: KubeAccess) -> str:
+    """The API server's version, as `kubectl version` shows it (v1.20.2)."""
+    with api_client(kube) as api:
+        return retrying("read the server's version", lambda: client.VersionApi(api).get_code()).git_version
+
+
 @task(task_run_name="namespace {namespace}", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def create_namespace(kube: KubeAccess, namespace: str, release: str) -> str:
     """The registry's namespace, labelled as crflow's."""

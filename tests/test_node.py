@@ -92,9 +92,14 @@ def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(node, crflow, 
         "storage": {"kind": "pvc", "host_path": {"path": str(data), "node": NODE}},
         "node_trust": {"host_dir": str(node.certs_d)},
         "chart": {"values": {"image": {"repository": REGISTRY_IMAGE.split(":")[0], "tag": REGISTRY_IMAGE.split(":")[1],
-                                       "pullPolicy": "Never"}}}}))
+                                       "pullPolicy": "Never"},
+                             "garbageCollect": {"enabled": True}}}}))
     crflow("install", "-c", str(site))
     assert (data.stat().st_uid, data.stat().st_gid) == (1000, 1000)  # the hostPath the kubelet made, given over
+    # Rendered for the cluster's own version, the chart is what the cluster holds (a CronJob at
+    # batch/v1beta1 on 1.20): an upgrade's diff finds nothing to change.
+    assert "dry run: 0 objects would change" in crflow("upgrade", "-c", str(site), "--dry-run").stdout
+    assert kubectl(node, "-n", "container-registry", "get", "cronjobs.v1beta1.batch", "-o", "name").stdout.strip()
     # verify's last check: a pod on the node pulls the pushed image with the pull Secret, trusting
     # the CA only through the certs.d the node-trust DaemonSet wrote.
     crflow("verify", "-c", str(site))
