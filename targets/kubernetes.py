@@ -99,8 +99,20 @@ class KubernetesTarget(Target):
         site = self.site
         revision = helm_release(self.kube, site.release, site.namespace, values, site.cluster.helm_timeout_seconds,
                                 always=changed)
+        self._wait_for_load_balancer(manifests)
         self._wait_for_node_trust()
         return Release(revision, manifests)
+
+    def _wait_for_load_balancer(self, manifests: list[dict]) -> None:
+        """A LoadBalancer Service is no use to clients until a controller gives it its address."""
+        from crflow.tasks.workloads import LOAD_BALANCER_SECONDS, wait_for_load_balancer
+
+        site = self.site
+        for service in manifests:
+            if service.get("kind") == "Service" and (service.get("spec") or {}).get("type") == "LoadBalancer":
+                wait_for_load_balancer(self.kube, site.namespace, service["metadata"]["name"],
+                                       site.registry.ips[0] if site.registry.ips else None,
+                                       min(LOAD_BALANCER_SECONDS, site.cluster.helm_timeout_seconds))
 
     def _wait_for_node_trust(self) -> int:
         """Nodes pull only once the DaemonSet has written the CA on each: wait for every node;

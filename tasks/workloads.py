@@ -78,6 +78,35 @@ def wait_for_node_trust(kube: KubeAccess, namespace: str, name: str, timeout: fl
         return wait_for_daemonset(api, namespace, name, timeout)
 
 
+LOAD_BALANCER_SECONDS = 60  # a controller (MetalLB) answers in seconds; past this, none is coming
+
+
+@task(task_run_name="Service {namespace}/{name} has its external IP", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def wait_for_load_balancer(kube: KubeAccess, namespace: str, name: str, wanted: str | None, timeout: float) -> str:
+    """The LoadBalancer Service's address, once a controller gave it one; a line that says
+    EXTERNAL-IP is <pending>, and why, if none did (clients would only be refused)."""
+    with api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        deadline = time.monotonic() + timeout
+        while True:
+            service = retrying(f"read Service {namespace}/{name}", lambda: core.read_namespaced_service(name, namespace))
+            ingress = (service.status.load_balancer and service.status.load_balancer.ingress) or []
+            given = [entry.ip or entry.hostname for entry in ingress]
+            if given:
+                if wanted and wanted not in given:
+                    raise CrflowError(f"Service {namespace}/{name} got the external address {given[0]}, not {wanted} "
+                                      "(registry.ips, which the certificate names); give the load balancer that "
+                                      "address, or put it in registry.ips")
+                return given[0]
+            if time.monotonic() >= deadline:
+                raise CrflowError(
+                    f"Service {namespace}/{name} has no external IP after {timeout:.0f} s (EXTERNAL-IP <pending>): no "
+                    f"load-balancer controller gave it {wanted or 'one'} (MetalLB: enable it, with that address in "
+                    "its pool), or use registry.service_type: NodePort")
+            time.sleep(1)
+
+
 def pull_outcomes(api: client.ApiClient, selector: dict[str, str]) -> dict[str, str | None]:
     """node -> None once its pod has the image, else the kubelet's reason and message when the
     pull failed; nodes still pulling are left out."""

@@ -128,3 +128,23 @@ def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(node, crflow, 
     # Nothing crflow made that holds the login stays: verify's own pull Secret included.
     left = kubectl(node, "-n", "crflow-verify", "get", "secret", "crflow-verify-pull", check=False)
     assert left.returncode != 0 and "NotFound" in left.stderr
+
+
+def test_a_load_balancer_nobody_serves_is_named_not_waited_on(node, crflow, tmp_path):
+    import yaml
+
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({  # the runbook's LoadBalancer, on a cluster with no MetalLB
+        "target": "kubernetes", "state_dir": str(tmp_path / "state"), "release": "lb",
+        "cluster": {"kubeconfig": str(node.kubeconfig), "helm_timeout_seconds": 20},
+        "registry": {"ips": ["127.0.0.3"], "dns_names": [], "port": 5443, "service_type": "LoadBalancer"},
+        "storage": {"kind": "pvc", "host_path": {"path": str(tmp_path / "data"), "node": NODE}},
+        "node_trust": {"enabled": False},
+        "chart": {"values": {"image": {"repository": REGISTRY_IMAGE.split(":")[0], "tag": REGISTRY_IMAGE.split(":")[1],
+                                       "pullPolicy": "Never"}}}}))
+    try:
+        result = crflow("install", "-c", str(site), check=False)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1 and "has no external IP after 20 s (EXTERNAL-IP <pending>)" in line, line
+    finally:
+        crflow("uninstall", "-c", str(site), "--yes", check=False)
