@@ -91,7 +91,8 @@ def wait_for_load_balancer(kube: KubeAccess, namespace: str, name: str, wanted: 
         deadline = time.monotonic() + timeout
         while True:
             service = retrying(f"read Service {namespace}/{name}", lambda: core.read_namespaced_service(name, namespace))
-            ingress = (service.status.load_balancer and service.status.load_balancer.ingress) or []
+            status = service.status
+            ingress = (status and status.load_balancer and status.load_balancer.ingress) or []
             given = [entry.ip or entry.hostname for entry in ingress]
             if given:
                 if wanted and wanted not in given:

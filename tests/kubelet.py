@@ -301,6 +301,11 @@ class Kubelet:
         if backend is None:
             return
         listen = (service.spec.load_balancer_ip or "127.0.0.1", service.spec.ports[0].port)
+        if service.spec.type == "LoadBalancer":  # as MetalLB reports the address it gave
+            ingress = (service.status and service.status.load_balancer and service.status.load_balancer.ingress) or []
+            if [entry.ip for entry in ingress] != [listen[0]]:
+                self.core.patch_namespaced_service_status(service.metadata.name, service.metadata.namespace, {
+                    "status": {"loadBalancer": {"ingress": [{"ip": listen[0]}]}}})
         forwarder = self.forwarders.get(key)
         if forwarder is not None and forwarder.listen == listen:
             forwarder.backend = backend["port"]
