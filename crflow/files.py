@@ -114,11 +114,11 @@ def _walk(fd: int, at: Path, parts: list[str], make: int | None, follow: bool, h
                 raise UnsafePath(f"{at / name} is a symbolic link {where}; crflow does not follow it: remove it, "
                                  "or point crflow at the real folder") from None
             target = os.readlink(name, dir_fd=fd)
+            if not target.startswith("/"):  # on from the folder already open, never reopened by its path
+                return _walk(fd, at, [*Path(target).parts, *parts], make, follow, hops + 1)
             os.close(fd)
-            rest = [*Path(target).parts, *parts] if not target.startswith("/") else [*Path(target).parts[1:], *parts]
-            if target.startswith("/"):
-                return _walk(os.open("/", os.O_DIRECTORY | os.O_CLOEXEC), Path("/"), rest, make, follow, hops + 1)
-            return _walk(os.open(at, os.O_DIRECTORY | os.O_CLOEXEC), at, rest, make, follow, hops + 1)
+            return _walk(os.open("/", os.O_DIRECTORY | os.O_CLOEXEC), Path("/"), [*Path(target).parts[1:], *parts],
+                         make, follow, hops + 1)
         os.close(fd)
         fd, at = child, at / name
     return fd
