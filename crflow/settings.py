@@ -346,7 +346,8 @@ STORAGE_DRIVERS = ("filesystem", "s3", "inmemory", "azure", "gcs", "swift", "oss
 
 
 def weakening(values: dict[str, Any], target: str) -> list[str]:
-    """The chart values that would weaken the registry: each as "key: why", one line each."""
+    """The chart values that would weaken the registry's isolation, each as "key: why"
+    (chart.allowInsecureValues allows them on a cluster)."""
     found = []
     pod, container = values.get("podSecurityContext") or {}, values.get("containerSecurityContext") or {}
     for where, context in (("podSecurityContext", pod), ("containerSecurityContext", container)):
@@ -368,12 +369,15 @@ def weakening(values: dict[str, Any], target: str) -> list[str]:
     if target == "local" and container.get("readOnlyRootFilesystem") is False:
         found.append("chart.values.containerSecurityContext.readOnlyRootFilesystem: false is not how the local "
                      "target runs the registry (only its data folder is writable); remove it")
-    storage = (values.get("configData") or {}).get("storage") or {}
-    for driver in STORAGE_DRIVERS:
-        if driver in storage:
-            found.append(f"chart.values.configData.storage.{driver}: crflow sets the registry's storage from the "
-                         "site's storage key, and would ignore this; set storage there")
     return found
+
+
+def ignored_storage(values: dict[str, Any]) -> list[str]:
+    """The chart values for the registry's storage driver, which crflow sets from the site's
+    storage key and would ignore (never allowed)."""
+    storage = (values.get("configData") or {}).get("storage") or {}
+    return [f"chart.values.configData.storage.{driver}: crflow sets the registry's storage from the site's storage "
+            "key, and would ignore this; set storage there" for driver in STORAGE_DRIVERS if driver in storage]
 
 
 class ResultKey(Strict):
@@ -440,9 +444,10 @@ class Site(Strict):
                 raise ValueError("pull_secrets: namespaces need target: kubernetes; local clients use crflow export-client")
         elif isinstance(storage, FilesystemStorage):
             raise ValueError("storage.kind: filesystem is for the local target; on kubernetes use kind: pvc or s3")
+        if ignored := ignored_storage(self.chart.values):
+            raise ValueError(ignored[0])
         weak = weakening(self.chart.values, self.target)
-        if weak and not (self.chart.allowInsecureValues and self.target == "kubernetes"
-                         and not any(".storage." in w for w in weak)):
+        if weak and not (self.chart.allowInsecureValues and self.target == "kubernetes"):
             hint = "" if self.target == "local" else " (chart.allowInsecureValues: true allows it on a cluster)"
             raise ValueError(weak[0] + hint)
         if self.result_storage is not None and not isinstance(storage, S3Storage):
