@@ -81,9 +81,12 @@ def auth_file() -> Path:
 def _auth_string() -> str:
     """The local server's credential, made on first use."""
     path = auth_file()
-    private_dir(path.parent)
-    create_once(path, f"crflow:{secrets.token_urlsafe(24)}".encode(), 0o600)
-    return path.read_text().strip()
+    try:  # every command reads it: made (and fsynced) once, not tried again at each start
+        return path.read_text().strip()
+    except FileNotFoundError:
+        private_dir(path.parent)
+        create_once(path, f"crflow:{secrets.token_urlsafe(24)}".encode(), 0o600)
+        return path.read_text().strip()
 
 
 def open_to_anyone(timeout: float = 2) -> bool:
