@@ -26,10 +26,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crflow import layout
 from crflow.chart import NODE_TRUST_SCRIPT
 from crflow.errors import CrflowError, NotInstalled
 from crflow.files import opened_dir, read_bytes, write_atomic
+from crflow.layout import TRUSTED, note_made
 from crflow.settings import Site
 
 SCRIPT_SECONDS = 30  # the script copies two small files per address
@@ -49,7 +49,7 @@ RUNTIMES = {
     "containers": Layout("/etc/containers/certs.d", "certs"),  # podman, skopeo, buildah
     "system": Layout("/usr/local/share/ca-certificates", "system"),  # update-ca-certificates (Debian, WSL)
 }
-RECORD = layout.TRUSTED  # in state_dir: [{"runtime", "root", "files": [paths under root]}, ...]
+RECORD = TRUSTED  # in state_dir: [{"runtime", "root", "files": [paths under root]}, ...]
 
 
 def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[str]:
@@ -65,11 +65,12 @@ def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[st
     if not remove and not ca_file.is_file():
         raise NotInstalled(f"no CA for registry {site.release} yet: run crflow install -c SITE first")
     directory = root / layout.directory.lstrip("/")
-    recorded = _recorded(site).get((runtime, str(root)))
+    records = _recorded(site)
+    recorded = records.get((runtime, str(root)))
     try:
         if remove:
-            lines = _remove(site, root, recorded if recorded is not None else _default_files(site, layout, legacy=(
-                runtime, str(root)) in _recorded(site)))
+            lines = _remove(site, root, recorded if recorded is not None else _default_files(
+                site, layout, legacy=(runtime, str(root)) in records))
             if layout.format == "system" and lines:
                 lines += _update_system_bundle(root)
             files: list[str] = []
@@ -231,7 +232,7 @@ def _record(site: Site, runtime: str, root: Path, files: list[str]) -> None:
         entries = [{"runtime": r, "root": d, "files": f} for (r, d), f in sorted(done.items()) if f is not None]
         entries += [[r, d] for (r, d), f in sorted(done.items()) if f is None]
         write_atomic(site.state_dir / RECORD, json.dumps(entries).encode(), 0o600)
-        layout.note_made(site.state_dir)
+        note_made(site.state_dir)
 
 
 def trusted(site: Site) -> list[tuple[str, Path]]:
