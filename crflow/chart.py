@@ -163,6 +163,11 @@ def read_only(values: dict) -> dict:
     return merged(values, {"configData": {"storage": {"maintenance": {"readonly": {"enabled": True}}}}})
 
 
+def is_read_only(config: dict) -> bool:
+    """A registry config (configData, as rendered) that `read_only` put in maintenance mode."""
+    return bool((((config.get("storage") or {}).get("maintenance") or {}).get("readonly") or {}).get("enabled"))
+
+
 def merged(base: dict, over: dict) -> dict:
     """`over` laid on `base`, mappings merged key by key (as helm merges values files)."""
     result = dict(base)

@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 from pydantic import SecretStr
 
-from crflow.chart import COMMAND, CONTAINER, SecretData
+from crflow.chart import COMMAND, CONTAINER, SecretData, is_read_only
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, opened_dir, own_tree, write_atomic
 
@@ -313,8 +313,7 @@ class LocalPod:
         """Write a ConfigMap/Secret volume's files, each atomically; return what they held before."""
         items = volume.get("configMap", volume.get("secret")).get("items") or [{"key": k, "path": k} for k in files]
         secret = "secret" in volume
-        for folder in (self.dir / "volumes", host):
-            self._shared_dir(folder, run_as)
+        self._shared_dir(host, run_as)  # in the volumes folder _prepare made
         before = {}
         for item in items:
             if item["key"] not in files:
@@ -385,7 +384,6 @@ class LocalPod:
                 # sits with the volumes, where the process can read it.
                 config = mounts.translate_tree(yaml.safe_load(Path(host_arg).read_text()))
                 host_file = self.dir / "volumes" / Path(arg).name
-                self._shared_dir(host_file.parent, run_as)
                 write_atomic(host_file, yaml.safe_dump(config).encode(), *self._file_mode(True, run_as))
                 argv.append(str(mounts.view(host_file)))
             else:
@@ -411,8 +409,8 @@ class LocalPod:
         argv, env, user). `args` replace the container's (container paths, translated)."""
         template = _find(manifests, "Deployment")["spec"]["template"]
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
-        ensure_dir(self.dir)
         run_as = RunAs.of(template, container)
+        self._shared_dir(self.dir / "volumes", run_as)  # bound into the jail even when only the config is there
         host_dirs = {v["name"]: self._volume(v, manifests, secrets, claims, run_as)
                      for v in template["spec"].get("volumes") or []}
         mounts = Mounts({m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts") or []})
@@ -427,7 +425,6 @@ class LocalPod:
         env = self._env(container, secrets, mounts)
         argv = self._command(container, mounts, run_as, args)
         if run_as is not None:
-            self._shared_dir(self.dir / "volumes", run_as)  # the config alone may be there
             for host in writable:  # the registry's own, as fsGroup makes a volume the pod's
                 own_tree(host, run_as.owner, only_if_top_differs=host in claims.values())
             argv = run_as.argv(argv, mounts.views, writable, port)
@@ -515,12 +512,12 @@ class LocalPod:
 
     def _keep_writable(self) -> None:
         """The writable pod, as it runs now, kept aside before it goes read-only."""
-        files = {}
-        for path in self._config_files(self.manifests()):
+        manifests, files = self.manifests(), {}
+        for path in self._config_files(manifests):
             info = path.lstat()
             files[str(path.relative_to(self.dir))] = {"content": path.read_text(), "mode": info.st_mode & 0o777,
                                                       "owner": [info.st_uid, info.st_gid]}
-        kept = {"manifests": self.manifests(), "launch": json.loads(self.launchfile.read_text()), "files": files}
+        kept = {"manifests": manifests, "launch": json.loads(self.launchfile.read_text()), "files": files}
         write_atomic(self.writablefile, json.dumps(kept).encode(), 0o600)
 
     def is_read_only(self) -> bool:
@@ -548,8 +545,6 @@ def read_only(manifests: list[dict]) -> bool:
         if obj.get("kind") == "ConfigMap":
             for text in (obj.get("data") or {}).values():
                 config = yaml.safe_load(text) if "maintenance" in text else None
-                if isinstance(config, dict):
-                    readonly = ((config.get("storage") or {}).get("maintenance") or {}).get("readonly") or {}
-                    if readonly.get("enabled"):
-                        return True
+                if isinstance(config, dict) and is_read_only(config):
+                    return True
     return False
