@@ -39,11 +39,8 @@ class Generations(BaseModel):
         return all(mine >= theirs for mine, theirs in zip(self.progress(), other.progress()))
 
     @classmethod
-    def load(cls, state_dir: Path) -> Generations:
-        """The generations in use, from generations.json and its copy in the identity record:
-        the one further on (the copy is written first, so it wins a tie), and whichever file
-        was lost or left behind is written again at once. So losing either file, in any order,
-        can neither bring a retired login back nor revoke the current one."""
+    def _held(cls, state_dir: Path) -> tuple[Generations | None, Generations | None, Identity]:
+        """(generations.json, the identity record's copy, the record); None where one is missing."""
         path = state_dir / FILE
         try:
             own = cls.model_validate_json(path.read_text())
@@ -52,11 +49,19 @@ class Generations(BaseModel):
         except ValidationError:
             raise CrflowError(f"{path} is damaged; it only holds generation numbers: fix or restore it") from None
         record = Identity.load(state_dir)
-        copy = cls.model_validate(record.generations) if record.generations else None
+        return own, cls.model_validate(record.generations) if record.generations else None, record
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Generations:
+        """The generations in use, from generations.json and its copy in the identity record:
+        the one further on (the copy is written first, so it wins a tie), and whichever file
+        was lost or left behind is written again at once. So losing either file, in any order,
+        can neither bring a retired login back nor revoke the current one."""
+        own, copy, record = cls._held(state_dir)
         if own is None and copy is None:
             return cls()
         if own is not None and copy is not None and not (copy.at_least(own) or own.at_least(copy)):
-            raise CrflowError(f"{path} ({own.progress()}) and the copy in {state_dir / 'identity.json'} "
+            raise CrflowError(f"{state_dir / FILE} ({own.progress()}) and the copy in {state_dir / 'identity.json'} "
                               f"({copy.progress()}) disagree; restore {state_dir} from a backup (crflow restore)")
         newest = copy if copy is not None and (own is None or copy.at_least(own)) else own
         if own != newest or copy != newest:
@@ -64,20 +69,12 @@ class Generations(BaseModel):
         return newest
 
     def save(self, state_dir: Path) -> Generations:
-        record = Identity.load(state_dir)
-        current = max((g for g in (self._file(state_dir), record.generations and Generations.model_validate(
-            record.generations)) if g is not None), key=Generations.progress, default=Generations())
+        own, copy, record = self._held(state_dir)
+        current = max((g for g in (own, copy) if g is not None), key=Generations.progress, default=Generations())
         if not self.at_least(current):  # a bug, not a user's doing: fail before anything is written
             raise RuntimeError(f"generations would go down from {current.progress()} to {self.progress()}")
         self._write(state_dir, record)
         return self
-
-    @classmethod
-    def _file(cls, state_dir: Path) -> Generations | None:
-        try:
-            return cls.model_validate_json((state_dir / FILE).read_text())
-        except (FileNotFoundError, ValidationError):
-            return None
 
     def _write(self, state_dir: Path, record: Identity) -> None:
         record.generations = self.model_dump()
