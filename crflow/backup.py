@@ -24,8 +24,8 @@ from pathlib import Path
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from crflow.errors import CrflowError
 from crflow import layout
+from crflow.errors import CrflowError
 from crflow.files import private_dir, write_atomic
 from crflow.settings import ResultKey, Site
 from crflow.vault import find_key
@@ -148,7 +148,7 @@ def restore_backup(state_dir: Path, backup: Path, passphrase: str, site: dict) -
         if name == SITE:
             continue
         path = state_dir / name
-        if not path.resolve().is_relative_to(state_dir.resolve()) or not name.split("/")[0] in KEPT_TOP:
+        if not path.resolve().is_relative_to(state_dir.resolve()) or name.split("/")[0] not in KEPT_TOP:
             raise CrflowError(f"{backup} holds {name!r}, which crflow never writes into a backup")
         private_dir(path.parent)
         write_atomic(path, content, 0o600)

@@ -28,11 +28,11 @@ from prefect import flow, task
 from prefect.transactions import transaction
 from pydantic import SecretStr
 
+from crflow.files import remove
 from crflow.flows.alerts import emit_rotation_rolled_back
 from crflow.flows.install import install
 from crflow.flows.site_lock import one_run_per_site
 from crflow.flows.steps import login, server_cert, site_ca, site_vault
-from crflow.files import remove
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site

@@ -40,8 +40,8 @@ from prefect.events import emit_event
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 
-from crflow.errors import CrflowError
 from crflow import layout
+from crflow.errors import CrflowError
 from crflow.files import write_atomic
 from crflow.settings import Site, load_site
 from crflow.state import kept_by

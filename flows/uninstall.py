@@ -10,8 +10,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from crflow.flows.site_lock import one_run_per_site
 from crflow import layout
+from crflow.flows.site_lock import one_run_per_site
 from crflow.settings import Site, load_site
 from crflow.targets import target_for
 from crflow.tasks.report import publish_summary

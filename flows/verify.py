@@ -7,7 +7,6 @@ It uses the client files crflow wrote (ca.crt, auth.json), as any client of the 
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 from cryptography import x509
