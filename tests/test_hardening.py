@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from conftest import curl_status
+from conftest import curl_status, oci_layout, skopeo
 from crflow.tasks.pki import ca_record
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the attacks aim at crflow running as root")
@@ -241,7 +241,7 @@ def test_values_that_weaken_the_registry_are_refused(crflow, make_site, values, 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="kills a crflow run by its process group")
-def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installed):
+def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installed, tmp_path):
     site = installed
     gc = crflow.popen("gc", "-c", str(site.path))
     deadline = time.monotonic() + 120
@@ -255,6 +255,10 @@ def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installe
     assert status.returncode == 5 and "read-only (maintenance)" in status.stdout
     assert "write mode is restored" in status.stdout
     assert crflow("status", "-c", str(site.path), check=False).returncode == 0
+    # skopeo, not crflow, judges that pushes are taken again.
+    oci_layout(tmp_path / "layout", "v1")
+    skopeo("copy", "--dest-authfile", str(site.client / "auth.json"), "--dest-cert-dir", str(site.client),
+           f"oci:{tmp_path / 'layout'}:v1", f"docker://{site.server}/team/after-gc:v1")
     crflow("verify", "-c", str(site.path))
 
 
