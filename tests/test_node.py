@@ -136,7 +136,7 @@ def test_a_load_balancer_nobody_serves_is_named_not_waited_on(node, crflow, tmp_
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({  # the runbook's LoadBalancer, on a cluster with no MetalLB
         "target": "kubernetes", "state_dir": str(tmp_path / "state"), "release": "lb",
-        "cluster": {"kubeconfig": str(node.kubeconfig), "helm_timeout_seconds": 20},
+        "cluster": {"kubeconfig": str(node.kubeconfig), "helm_timeout_seconds": 120},
         "registry": {"ips": ["127.0.0.3"], "dns_names": [], "port": 5443, "service_type": "LoadBalancer"},
         "storage": {"kind": "pvc", "host_path": {"path": str(tmp_path / "data"), "node": NODE}},
         "node_trust": {"enabled": False},
@@ -145,6 +145,6 @@ def test_a_load_balancer_nobody_serves_is_named_not_waited_on(node, crflow, tmp_
     try:
         result = crflow("install", "-c", str(site), check=False)
         line = result.stderr.strip().splitlines()[-1]
-        assert result.returncode == 1 and "has no external IP after 20 s (EXTERNAL-IP <pending>)" in line, line
+        assert result.returncode == 1 and "has no external IP after 60 s (EXTERNAL-IP <pending>)" in line, line
     finally:
         crflow("uninstall", "-c", str(site), "--yes", check=False)
