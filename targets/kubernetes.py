@@ -149,7 +149,7 @@ class KubernetesTarget(Target):
 
         image = f"{self.site.registry.server}/{pushed.repo}@{pushed.digest}"
         return [("a pod on every node pulls it with a pull secret", pull_with_secret,
-                 (self.kube, image, self.client_bundle() / "auth.json", self.site.release))]
+                 (self.kube, image, self.client_bundle() / "auth.json", self.site.namespace, self.site.release))]
 
     def publish_login(self, ca_pem: str, creds) -> list[str]:
         from crflow.tasks.client import save_client_bundle
@@ -233,7 +233,7 @@ class KubernetesTarget(Target):
         from crflow.tasks.helm import remove_node_trust, uninstall_release
         from crflow.tasks.secrets import delete_secrets
         from crflow.tasks.volumes import delete_hostpath_volume
-        from crflow.tasks.workloads import PULL_SECRET, PULL_TEST_NAMESPACE
+        from crflow.tasks.workloads import PULL_TEST_NAMESPACE, pull_test_name
 
         site, timeout, removed = self.site, self.site.cluster.helm_timeout_seconds, []
         if site.node_trust.enabled and remove_node_trust(self.kube, site.release, site.namespace, timeout):
@@ -244,7 +244,8 @@ class KubernetesTarget(Target):
         removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release,
                                                                            site.pull_secrets.name)]
         # verify's own pull Secret holds the login too: left behind, it would be valid again after a reinstall
-        removed += delete_secrets(self.kube, PULL_TEST_NAMESPACE, [PULL_SECRET], site.release)
+        removed += delete_secrets(self.kube, PULL_TEST_NAMESPACE, [pull_test_name(site.namespace, site.release)],
+                                  site.release)
         if purge:
             held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
             removed += delete_secrets(self.kube, site.namespace, held, site.release)

@@ -4,6 +4,7 @@ whose pod on every node pulls an image with a pull secret."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -35,7 +36,16 @@ def read_registry_pod(kube: KubeAccess, namespace: str, deployment: str) -> dict
     return {"template": template, "configMaps": config_maps}
 
 
-PULL_TEST_NAMESPACE, PULL_SECRET, PULL_TEST = "crflow-verify", "crflow-verify-pull", "crflow-verify-pull-test"
+PULL_TEST_NAMESPACE, PULL_TEST = "crflow-verify", "crflow-verify-pull-test"
+
+
+def pull_test_name(namespace: str, release: str) -> str:
+    """The site's pull Secret and DaemonSet in verify's namespace: one pair per site, so two
+    registries on one cluster verify at once, and uninstall one, without touching the other's."""
+    name = f"pull-{release}-{namespace}"
+    if len(name) > 52:  # a label value holds 63, and the DaemonSet's pods add a suffix to its name
+        name = f"{name[:43]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
 # What a kubelet reports for an image it could not get: the runtime's own message follows.
 PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 # What a kubelet reports once the image is there but the container cannot start: the smoke
@@ -128,17 +138,17 @@ def pull_outcomes(api: client.ApiClient, selector: dict[str, str]) -> dict[str, 
 
 
 def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, labels: dict[str, str],
-                  timeout: float) -> str:
+                  name: str, timeout: float) -> str:
     """A DaemonSet in the test namespace whose pod on every node pulls `image` with a pull
     secret; wait until each node has it, then remove it. Raises CrflowError naming each node
     that could not pull, with the runtime's message."""
     apps = client.AppsV1Api(api)
     ensure_namespace(api, PULL_TEST_NAMESPACE, labels)
-    apply_secret(api, PULL_TEST_NAMESPACE, PULL_SECRET, "kubernetes.io/dockerconfigjson",
+    apply_secret(api, PULL_TEST_NAMESPACE, name, "kubernetes.io/dockerconfigjson",
                  {".dockerconfigjson": docker_config}, labels)
-    selector = {"app.kubernetes.io/name": PULL_TEST}
+    selector = {"app.kubernetes.io/name": PULL_TEST, "app.kubernetes.io/instance": name}
     daemonset = client.V1DaemonSet(
-        metadata=client.V1ObjectMeta(name=PULL_TEST, labels={**labels, **selector}),
+        metadata=client.V1ObjectMeta(name=name, labels={**labels, **selector}),
         spec=client.V1DaemonSetSpec(
             selector=client.V1LabelSelector(match_labels=selector),
             template=client.V1PodTemplateSpec(
@@ -148,21 +158,23 @@ def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, l
                     tolerations=[client.V1Toleration(operator="Exists")],
                     automount_service_account_token=False,
                     containers=[client.V1Container(name="pull-test", image=image, image_pull_policy="Always")],
-                    image_pull_secrets=[client.V1LocalObjectReference(name=PULL_SECRET)]))))
-    retrying(f"create DaemonSet {PULL_TEST_NAMESPACE}/{PULL_TEST}",
+                    image_pull_secrets=[client.V1LocalObjectReference(name=name)]))))
+    retrying(f"delete DaemonSet {PULL_TEST_NAMESPACE}/{name}",  # a killed run's
+             lambda: get_or_none(lambda: apps.delete_namespaced_daemon_set(name, PULL_TEST_NAMESPACE)))
+    retrying(f"create DaemonSet {PULL_TEST_NAMESPACE}/{name}",
              lambda: apps.create_namespaced_daemon_set(PULL_TEST_NAMESPACE, daemonset))
     try:
         deadline = time.monotonic() + timeout
         while True:
             status = retrying("read the pull test", lambda: apps.read_namespaced_daemon_set_status(
-                PULL_TEST, PULL_TEST_NAMESPACE)).status
+                name, PULL_TEST_NAMESPACE)).status
             nodes = status and status.desired_number_scheduled
             outcomes = pull_outcomes(api, selector) if nodes else {}
             if nodes and len(outcomes) >= nodes:
                 failed = {node: why for node, why in sorted(outcomes.items()) if why}
                 if failed:
                     raise CrflowError(f"{len(failed)} of {nodes} nodes could not pull {image} with pull secret "
-                                      f"{PULL_TEST_NAMESPACE}/{PULL_SECRET}: " +
+                                      f"{PULL_TEST_NAMESPACE}/{name}: " +
                                       "; ".join(f"node {node}: {why}" for node, why in failed.items()))
                 return f"{image} pulled on {nodes} nodes ({', '.join(sorted(outcomes))})"
             if time.monotonic() > deadline:
@@ -171,16 +183,18 @@ def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, l
                 raise CrflowError(f"pulling {image} in namespace {PULL_TEST_NAMESPACE}: {waiting} after {timeout:.0f} s")
             time.sleep(0.5)
     finally:
-        retrying(f"delete DaemonSet {PULL_TEST_NAMESPACE}/{PULL_TEST}",
-                 lambda: get_or_none(lambda: apps.delete_namespaced_daemon_set(PULL_TEST, PULL_TEST_NAMESPACE)))
+        retrying(f"delete DaemonSet {PULL_TEST_NAMESPACE}/{name}",
+                 lambda: get_or_none(lambda: apps.delete_namespaced_daemon_set(name, PULL_TEST_NAMESPACE)))
 
 
 @task(task_run_name="a pod on every node pulls {image}", retries=1, retry_delay_seconds=5,
       retry_condition_fn=transient_only)
-def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, release: str, timeout: float = 120) -> str:
+def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, namespace: str, release: str,
+                     timeout: float = 120) -> str:
     """Kubernetes: a pod on every node pulls `image` with a pull secret made from the client login."""
     with api_client(kube) as api:
-        return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release), timeout)
+        return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release),
+                             pull_test_name(namespace, release), timeout)
 
 
 # The collection's container: the registry binary, its output kept in /tmp, and what crflow

@@ -14,6 +14,12 @@ what it made: processes by pid, mounts, the bridge, the iptables rules and chain
     cluster = Cluster.start(workdir)      # about 20-40 s
     cluster.kubeconfig                     # admin (system:masters)
     cluster.stop()
+
+The suite shares one cluster among its pytest-xdist workers (`shared`): the first worker that
+needs it starts `python tests/cluster.py serve DIR OWNER`, a supervisor that keeps it running
+(restarting a component that dies, as systemd would on a node) until the session's controller
+ends it with `shutdown`, or until the controller's process is gone. Tests hold it shared
+(`using`); a fault test that freezes or kills a component holds it alone (`exclusive`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import fcntl
 import gzip
 import hashlib
 import io
@@ -31,6 +38,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -55,9 +63,14 @@ SERVICE_IP = "10.96.0.1"
 NODE = "localhost"  # the apiserver reaches the kubelet at 127.0.0.1 by this name
 PAUSE_IMAGE = "localhost/crflow-pause:3.2"
 REGISTRY_IMAGE = "localhost/crflow-registry:2.8.2"
+# The same image under a second tag: an upgrade that changes the image has somewhere to go.
+REGISTRY_IMAGE_NEXT = "localhost/crflow-registry:2.8.2-next"
+ROOT = Path(__file__).resolve().parent.parent
+# The chart's `helm test` image (curl and sh), built here from Debian's curl and held by the
+# node under the name the chart asks for, as an air-gapped node holds what it was given.
+CURL_IMAGE = "docker.io/" + yaml.safe_load((ROOT / "helm_chart" / "values.yaml").read_text())["tests"]["image"]
 SYSCTLS = ["net/ipv4/ip_forward", "net/ipv4/conf/all/route_localnet", "vm/overcommit_memory", "kernel/panic",
            "kernel/panic_on_oops", "net/bridge/bridge-nf-call-iptables"]
-ROOT = Path(__file__).resolve().parent.parent
 POD_LOGS = Path("/var/log/pods")
 
 
@@ -190,6 +203,26 @@ def registry_image(workdir: Path) -> Path:
                          "Env": ["PATH=/bin"], "User": "1000"}, links)
 
 
+def curl_image(workdir: Path) -> Path:
+    """The chart's test image: Debian's curl with the libraries it links (as ldd lists them),
+    busybox for sh, and the CA bundle folder curl expects (empty: the test names its CA)."""
+    busybox = _busybox(workdir)
+    files: dict[str, tuple[bytes | None, int]] = {d: (None, 0o040755) for d in ("bin", "etc", "tmp")}
+    files["tmp"] = (None, 0o041777)
+    files["bin/curl"] = (Path("/usr/bin/curl").read_bytes(), 0o755)
+    files["bin/busybox"] = (busybox, 0o755)
+    libraries = subprocess.run(["ldd", "/usr/bin/curl"], capture_output=True, text=True, check=True,
+                               timeout=30).stdout.split()
+    for lib in (word for word in libraries if word.startswith("/")):
+        parts = Path(lib).parts[1:]
+        for depth in range(1, len(parts)):
+            files.setdefault("/".join(parts[:depth]), (None, 0o040755))
+        files["/".join(parts)] = (Path(os.path.realpath(lib)).read_bytes(), 0o755)
+    files["etc/passwd"] = (b"root:x:0:0:root:/root:/bin/sh\nregistry:x:1000:1000::/tmp:/bin/sh\n", 0o644)
+    return _oci_archive(workdir / "curl.tar", CURL_IMAGE, files, {"Env": ["PATH=/bin"], "User": "1000"},
+                        {"bin/sh": "bin/busybox", "bin/printf": "bin/busybox"})
+
+
 def _busybox(workdir: Path) -> bytes:
     """busybox-static's binary (scripts/build_cluster.sh installs the package): a shell and
     the tools, with no library to carry."""
@@ -211,6 +244,8 @@ class Cluster:
     chains: list[str] = field(default_factory=list)
     pod_logs: set[str] = field(default_factory=set)  # /var/log/pods entries there before it (the kubelet's fixed place)
     started_in: float = 0.0
+    commands: dict[str, tuple[list[str], dict]] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)  # an attached view: the supervisor's processes
 
     @property
     def kubeconfig(self) -> Path:
@@ -271,6 +306,7 @@ class Cluster:
                                    start_new_session=True, env={"PATH": os.environ["PATH"], **(env or {})})
         log.close()
         self.processes[name] = process
+        self.commands[name] = (argv, env or {})
         return process
 
     def _wait(self, check, timeout: float, what: str) -> None:
@@ -431,15 +467,18 @@ state = "{base / 'run' / 'state'}"
 """
         (base / "config.toml").write_text(config)
         self._run("containerd", ["containerd", "--config", str(base / "config.toml")])
-        self._wait(lambda: self._ctr("version").returncode == 0, 60, "containerd")
+        self._wait(lambda: self.ctr("version").returncode == 0, 60, "containerd")
         images = self.workdir / "images"
         images.mkdir(exist_ok=True)
-        for archive in (pause_image(images, self.bin_dir), registry_image(images)):
-            imported = self._ctr("images", "import", "--all-platforms", str(archive))
+        for archive in (pause_image(images, self.bin_dir), registry_image(images), curl_image(images)):
+            imported = self.ctr("images", "import", "--all-platforms", str(archive))
             if imported.returncode != 0:
                 raise RuntimeError(f"ctr images import {archive.name}: {imported.stderr}")
+        tagged = self.ctr("images", "tag", REGISTRY_IMAGE, REGISTRY_IMAGE_NEXT)
+        if tagged.returncode != 0:
+            raise RuntimeError(f"ctr images tag: {tagged.stderr}")
 
-    def _ctr(self, *args: str) -> subprocess.CompletedProcess:
+    def ctr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ctr", "-a", str(self.containerd_socket), "-n", "k8s.io", *args], capture_output=True,
                               text=True, timeout=120)
 
@@ -456,7 +495,10 @@ state = "{base / 'run' / 'state'}"
             "tlsCertFile": str(pki / "kubelet.crt"), "tlsPrivateKeyFile": str(pki / "kubelet.key"),
             "clusterDomain": "cluster.local", "resolvConf": "/etc/resolv.conf", "podCIDR": POD_CIDR,
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99, "serializeImagePulls": False}))
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99, "serializeImagePulls": False,
+            # Mounted Secrets and ConfigMaps are refreshed on a pod's sync: every 5 s, not the
+            # default minute, so rotation tests wait seconds (the same code path, sooner).
+            "syncFrequency": "5s"}))
         self._run("kubelet", [
             str(self.bin_dir / "kubelet"), "--container-runtime=remote",
             f"--container-runtime-endpoint=unix://{self.containerd_socket}", f"--hostname-override={NODE}",
@@ -502,8 +544,8 @@ state = "{base / 'run' / 'state'}"
         for name in ("proxy", "kubelet", "scheduler", "controller-manager"):
             self._stop(name)
         if self.containerd_socket.exists():  # the shims of this containerd only
-            for task in self._ctr("tasks", "list", "-q").stdout.split():
-                self._ctr("tasks", "kill", "-s", "SIGKILL", task)
+            for task in self.ctr("tasks", "list", "-q").stdout.split():
+                self.ctr("tasks", "kill", "-s", "SIGKILL", task)
         self._kill_shims()
         self._stop("containerd")
         for name in ("apiserver", "etcd"):
@@ -571,3 +613,164 @@ state = "{base / 'run' / 'state'}"
                 if parts[:1] == ["-N"] and parts[1].startswith(("KUBE-", "CNI-")):
                     subprocess.run(["iptables", "-t", table, "-F", parts[1]], capture_output=True)
                     subprocess.run(["iptables", "-t", table, "-X", parts[1]], capture_output=True)
+
+
+# --- one cluster for the whole suite ------------------------------------------------------
+STATE = "cluster.json"  # what attached processes read: ports, pids, how long the start took
+
+
+def _save(cluster: Cluster) -> None:
+    state = {"workdir": str(cluster.workdir), "bin_dir": str(cluster.bin_dir), "ports": cluster.ports,
+             "sysctls": cluster.sysctls, "started_in": cluster.started_in,
+             "pids": {name: process.pid for name, process in cluster.processes.items()}}
+    temporary = cluster.workdir / f".{STATE}.tmp"
+    temporary.write_text(json.dumps(state))
+    temporary.replace(cluster.workdir / STATE)
+
+
+def attach(workdir: Path) -> Cluster:
+    """A view of the cluster the supervisor runs: everything but its processes' handles."""
+    state = json.loads((workdir / STATE).read_text())
+    return Cluster(workdir, Path(state["bin_dir"]), ports=state["ports"], sysctls=state["sysctls"],
+                   started_in=state["started_in"], pids=state["pids"])
+
+
+def _pid(cluster: Cluster, name: str) -> int:
+    if name in cluster.processes:
+        return cluster.processes[name].pid
+    return json.loads((cluster.workdir / STATE).read_text())["pids"][name]  # it changes when one is restarted
+
+
+def alive(cluster: Cluster, name: str) -> bool:
+    try:
+        return Path(f"/proc/{_pid(cluster, name)}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def signal_component(cluster: Cluster, name: str, sig: int) -> None:
+    """Send `sig` to one component (SIGSTOP freezes it, SIGKILL has the supervisor restart it)."""
+    os.killpg(_pid(cluster, name), sig)
+
+
+def _supervise(cluster: Cluster) -> None:
+    """Restart a component that died, as systemd restarts a node's services (a fault test
+    kills one): the kubelet's start-up sysctls are set back again after it."""
+    for name, process in list(cluster.processes.items()):
+        if process.poll() is None:
+            continue
+        argv, env = cluster.commands[name]
+        cluster._run(name, argv, env)
+        if name == "kubelet":
+            time.sleep(2)  # it writes them within its first second
+            cluster._restore_sysctls(("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"))
+        _save(cluster)
+
+
+def serve(workdir: Path, owner: int) -> None:
+    """The supervisor: start the cluster, keep it up until SIGTERM or until `owner` is gone,
+    then stop it. A start that fails leaves its reason in workdir/failed."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        cluster = Cluster.start(workdir)
+    except (Unavailable, RuntimeError, OSError, subprocess.SubprocessError) as why:
+        (workdir / "failed").write_text(f"{type(why).__name__}: {why}")
+        return
+    _save(cluster)
+    try:
+        while not stopping and Path(f"/proc/{owner}").exists():
+            _supervise(cluster)
+            time.sleep(0.5)
+    finally:
+        (workdir / STATE).unlink(missing_ok=True)
+        cluster.stop()
+        (workdir / "stopped").write_text("")
+
+
+def shared(root: Path, owner: int, timeout: float = 600) -> Cluster:
+    """The suite's cluster under `root`: started by the first caller (under a lock), attached
+    by the rest. Raises Unavailable with the reason when it cannot run here."""
+    workdir = root / "cluster"
+    with open(root / "start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (workdir / "failed").exists():
+            raise Unavailable((workdir / "failed").read_text())
+        if not (workdir / STATE).exists():
+            if os.geteuid() != 0:
+                raise Unavailable("a kubelet and containerd need root")
+            binaries()  # built (or found) here, where its failure is a one-line skip reason
+            workdir.mkdir(mode=0o700, exist_ok=True)
+            with open(root / "supervisor.log", "ab") as log:
+                supervisor = subprocess.Popen([sys.executable, __file__, "serve", str(workdir), str(owner)],
+                                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              start_new_session=True, cwd=Path(__file__).parent)
+            (root / "supervisor.pid").write_text(str(supervisor.pid))
+            deadline = time.monotonic() + timeout
+            while not (workdir / STATE).exists():
+                if (workdir / "failed").exists():
+                    raise Unavailable((workdir / "failed").read_text())
+                if supervisor.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster's supervisor ended or took over {timeout} s: "
+                                       f"{(root / 'supervisor.log').read_text(errors='replace')[-2000:]}")
+                time.sleep(0.3)
+        return attach(workdir)
+
+
+def shutdown(root: Path, timeout: float = 240) -> None:
+    """Stop the suite's cluster, if one was started under `root`, and wait for its teardown."""
+    pid_file = root / "supervisor.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and not (root / "cluster" / "stopped").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the test cluster did not stop within {timeout} s; see {root}/supervisor.log")
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def using(root: Path):
+    """Hold the cluster shared for a test: many tests at once, none while a fault test runs.
+    A writer waiting at the turnstile keeps new readers out, so it is never starved."""
+    with open(root / "turnstile.lock", "a") as turnstile, open(root / "use.lock", "a") as use:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(use, fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
+
+
+@contextlib.contextmanager
+def exclusive(root: Path):
+    """Hold the cluster alone: a test that freezes or kills a component."""
+    with open(root / "turnstile.lock", "a") as turnstile, open(root / "use.lock", "a") as use:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(use, fcntl.LOCK_EX)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
+
+
+def kubectl(cluster: Cluster, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """The built kubectl, as the cluster's admin."""
+    result = subprocess.run([str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
+                            capture_output=True, text=True, timeout=120, input=input,
+                            stdin=None if input is not None else subprocess.DEVNULL)
+    if check and result.returncode:
+        raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+    return result
+
+
+def ctr_pull(cluster: Cluster, ref: str, user: str, password: str) -> subprocess.CompletedProcess:
+    """The node's containerd pulls `ref` itself (ctr, with the node's certs.d as its hosts
+    folder, as the CRI plugin reads it): what the node trusts, and nothing else."""
+    return subprocess.run(["ctr", "-a", str(cluster.containerd_socket), "-n", "k8s.io", "images", "pull",
+                           "--hosts-dir", str(cluster.certs_d), "--user", f"{user}:{password}", ref],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        serve(Path(sys.argv[2]), int(sys.argv[3]))

@@ -16,6 +16,8 @@ import os
 import pkgutil
 import shutil
 import subprocess
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from kubernetes import client, config
 
 from crflow.localpod import LocalPod
 from crflow.oci import tiny_image
-from servers import BIN, free_port, start_prefect_server, start_server, stop_server, wait_http
+from servers import BIN, free_port, node_port, start_prefect_server, start_server, stop_server, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +91,8 @@ class Site:
     """A site file in a test's tmp dir, with a free port; stops its registry at teardown."""
 
     def __init__(self, tmp_path: Path, **overrides):
-        self.port = free_port()
+        self.port = overrides.get("registry", {}).get("port") or free_port()
+        self.host = "127.0.0.1"
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.state = tmp_path / "state"
         self.settings = {
@@ -109,7 +112,7 @@ class Site:
 
     @property
     def server(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -214,7 +217,7 @@ def curl_status(site, user: str, password: str) -> int:
 
 
 def secret_text(core, namespace: str, name: str, key: str) -> str:
-    """One key of a Secret on the emulated cluster, decoded."""
+    """One key of a Secret on the test cluster, decoded."""
     return base64.b64decode(core.read_namespaced_secret(name, namespace).data[key]).decode()
 
 
@@ -235,102 +238,247 @@ def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-class KubeApi:
-    """The emulated Kubernetes API server (tests/kubeapi), a subprocess with its own kubeconfig.
-    EMULATED: no scheduler, kubelet, admission, RBAC or defaulting (see tests/kubeapi/server.py)."""
-
-    def __init__(self, tmp_path: Path, *options: str):
-        self.kubeconfig = tmp_path / "kubeconfig"  # crflow's: its requests are checked against deployments/ RBAC
-        self.admin_kubeconfig = tmp_path / "admin-kubeconfig"  # the tests', helm's and kubectl's in tests, the kubelet's
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = start_server([str(BIN / "python"), str(ROOT / "tests" / "kubeapi" / "server.py"),
-                                     "--port", str(self.port), "--kubeconfig", str(self.kubeconfig), *options],
-                                    tmp_path / "kubeapi.log")
-        wait_http(f"{self.url}/healthz", 30, "the emulated Kubernetes API", self.process)
-        # helm and kubectl get a HOME of their own, so no cache or config leaks between runs.
-        self.home = tmp_path / "kube-home"
-        self.home.mkdir()
-        self.env = {**os.environ, "KUBECONFIG": str(self.admin_kubeconfig), "HOME": str(self.home)}
-
-    def fault(self, **rule) -> None:
-        """Make the next matching requests fail: fault(method="POST", path="/secrets", status=500, count=3)."""
-        httpx.post(f"{self.url}/_emulator/faults", json=rule).raise_for_status()
-
-    def clear_faults(self) -> None:
-        httpx.delete(f"{self.url}/_emulator/faults").raise_for_status()
-
-    def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/_emulator/requests").json()
-
-    def kubeconfig_as(self, user: str) -> Path:
-        """A kubeconfig whose requests the server logs as `user` (one of tests/rbac.py's SUBJECTS)."""
-        path = self.admin_kubeconfig.with_name(f"{user}-kubeconfig")
-        path.write_text(self.admin_kubeconfig.read_text().replace("/as/test-admin", f"/as/{user}"))
-        path.chmod(0o600)
-        return path
-
-    def run(self, tool: str, *args: str, returncode: int = 0) -> str:
-        """kubectl or helm from .bin/, against this API server; its stdout."""
-        result = subprocess.run([str(ROOT / ".bin" / tool), *args], env=self.env, capture_output=True, text=True,
-                                timeout=120, stdin=subprocess.DEVNULL)
-        assert result.returncode == returncode, f"{tool} {' '.join(args)}:\n{result.stderr}"
-        return result.stdout
+# --- the test cluster: a real Kubernetes 1.20 node (tests/cluster.py) -----------------------
+# One for the whole session, shared by the xdist workers: the controller names its folder and
+# stops it at the end; the first worker that needs it starts it.
+CLUSTER_ROOT, CLUSTER_OWNER = "CRFLOW_TEST_CLUSTER_ROOT", "CRFLOW_TEST_CLUSTER_OWNER"
 
 
-@pytest.fixture
-def kube_api(tmp_path) -> KubeApi:
-    api = KubeApi(tmp_path)
-    yield api
-    requests = api.requests()
-    stop_server(api.process)
-    # Least privilege, checked on every test: each API call crflow (and the helm it runs) made
-    # is one deployments/worker-rbac.yaml allows its worker; each the Prefect worker made, one
-    # deployments/worker.yaml allows it.
-    from rbac import SUBJECTS, denied
-
-    for user, (manifest, _) in SUBJECTS.items():
-        refused = denied(requests, user)
-        assert not refused, f"deployments/{manifest.name} does not allow what {user} did: {refused}"
+def pytest_configure(config):
+    if CLUSTER_ROOT not in os.environ:  # the controller, or a run without xdist: workers inherit these
+        os.environ[CLUSTER_ROOT] = tempfile.mkdtemp(prefix="crflow-k8s-")
+        os.environ[CLUSTER_OWNER] = str(os.getpid())
 
 
-@pytest.fixture
-def kubelet(kube_api, tmp_path):
-    """The test kubelet (tests/kubelet.py) for the emulated cluster. EMULATED: see its docstring."""
-    from containerd import Unavailable
-    from kubelet import Kubelet
+def pytest_sessionfinish(session):
+    if os.environ.get(CLUSTER_OWNER) == str(os.getpid()):
+        from cluster import shutdown
 
-    try:
-        node = Kubelet(kube_api.admin_kubeconfig, tmp_path / "node")
-    except Unavailable as why:  # its nodes pull with a real containerd, or the test would prove nothing
-        pytest.skip(f"the emulated nodes need a real containerd: {why}")
-    yield node
-    node.stop()
-    for error in [*dict.fromkeys(node.errors), *(why for _, why in node.failed.values())]:
-        print(f"kubelet: {error}")  # shown with a failing test's output
+        root = Path(os.environ[CLUSTER_ROOT])
+        shutdown(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 MINIO_KEYS = {"accesskey": "crflow-test-access", "secretkey": "crflow-test-secret-0123456789"}
 
 
+@pytest.fixture(scope="session")
+def k8s():
+    """The session's cluster; the flows' kubeconfig is the worker ServiceAccount's token, bound by
+    deployments/worker-rbac.yaml: the real authorizer judges every call crflow and its helm make."""
+    from cluster import Unavailable, shared
+
+    root = Path(os.environ[CLUSTER_ROOT])
+    try:
+        node = shared(root, int(os.environ[CLUSTER_OWNER]))
+    except Unavailable as why:
+        pytest.skip(f"the test cluster cannot run here: {why}")
+    node.root = root
+    node.worker_kubeconfig = _worker_access(node, root)
+    return node
+
+
+def _worker_access(node, root: Path) -> Path:
+    """Once per cluster: deployments/worker-rbac.yaml applied as shipped, MinIO's Secret where
+    the runbook has it; a kubeconfig with the crflow-worker ServiceAccount's token."""
+    import fcntl
+
+    from cluster import kubectl
+
+    with open(root / "rbac.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "rbac.done").exists():
+            kubectl(node, "create", "namespace", "minio")  # MinIO's, where the file's Role for its keys lives
+            kubectl(node, "apply", "-f", str(ROOT / "deployments" / "worker-rbac.yaml"))
+            kubectl(node, "-n", "minio", "create", "secret", "generic", "minio-access-secret",
+                    *(f"--from-literal={k}={v}" for k, v in MINIO_KEYS.items()))
+            (root / "rbac.done").write_text("")
+    return token_kubeconfig(node, "crflow", "crflow-worker")
+
+
+def token_kubeconfig(node, namespace: str, account: str) -> Path:
+    """A kubeconfig holding the ServiceAccount's token (the token controller's Secret, as
+    Kubernetes 1.20 makes one per account), kept beside the cluster."""
+    from cluster import kubectl
+
+    path = node.root / f"{namespace}-{account}.kubeconfig"
+    if path.exists():
+        return path
+    deadline, token = time.monotonic() + 60, ""
+    while not token:
+        assert time.monotonic() < deadline, f"no token Secret for {namespace}/{account} after 60 s"
+        names = kubectl(node, "-n", namespace, "get", "serviceaccount", account,
+                        "-o", "jsonpath={.secrets[*].name}").stdout.split()
+        if names:
+            token = base64.b64decode(kubectl(node, "-n", namespace, "get", "secret", names[0], "-o",
+                                             "jsonpath={.data.token}").stdout).decode()
+        else:
+            time.sleep(0.3)
+    config_ = yaml.safe_load(node.kubeconfig.read_text())
+    config_["users"] = [{"name": account, "user": {"token": token}}]
+    config_["contexts"][0]["context"]["user"] = account
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(yaml.safe_dump(config_))
+    temporary.chmod(0o600)
+    temporary.replace(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cluster_moto(k8s, tmp_path_factory) -> str:
+    """moto's S3 server (MinIO's stand-in) on the cluster bridge's gateway, where the registry's
+    pods reach it (and this machine too; it is a local address)."""
+    from cluster import GATEWAY
+
+    log = tmp_path_factory.mktemp("cluster-moto") / "moto.log"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    process = start_server([str(BIN / "moto_server"), "-H", GATEWAY, "-p", str(port)], log, env)
+    url = f"http://{GATEWAY}:{port}"
+    wait_http(url, 60, "moto", process)
+    yield url
+    stop_server(process)
+
+
+class ClusterSite(Site):
+    """A kubernetes site on the test cluster, in a namespace of its own: a NodePort on the
+    bridge's gateway, the locally built registry image, node trust into the node's containerd."""
+
+    def __init__(self, tmp_path: Path, node, storage: dict, **overrides):
+        from cluster import GATEWAY, REGISTRY_IMAGE
+
+        self.node, self.namespace = node, f"cr-{uuid.uuid4().hex[:10]}"
+        repository, tag = REGISTRY_IMAGE.split(":")
+        super().__init__(
+            tmp_path, target="kubernetes", namespace=self.namespace, storage=storage,
+            registry={"ips": [GATEWAY], "dns_names": [], "port": node_port(), "service_type": "NodePort"},
+            cluster={"kubeconfig": str(node.worker_kubeconfig), "helm_timeout_seconds": 120},
+            node_trust={"host_dir": str(node.certs_d)},
+            chart={"values": {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}}}, **overrides)
+        self.host = GATEWAY
+        self.home = tmp_path / "kube-home"  # helm's cache and config, per test
+        self.home.mkdir()
+        self.consumers: list[str] = []
+        self.core = client.CoreV1Api(config.new_client_from_config(str(node.kubeconfig)))
+        self._grant()
+
+    def _grant(self) -> None:
+        """deployments/worker-rbac.yaml's Role for the registry's namespace, moved to this one
+        (what its header tells a user with another namespace to do)."""
+        docs = [d for d in yaml.safe_load_all((ROOT / "deployments" / "worker-rbac.yaml").read_text()) if d]
+        moved = []
+        for doc in docs:
+            if doc["metadata"].get("namespace") == "container-registry" or \
+                    (doc["kind"] == "Namespace" and doc["metadata"]["name"] == "container-registry"):
+                doc["metadata"]["namespace" if doc["kind"] != "Namespace" else "name"] = self.namespace
+                moved.append(doc)
+        from cluster import kubectl
+
+        kubectl(self.node, "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in moved))
+
+    def consumer(self, name: str, labels: dict | None = None) -> str:
+        """A consumer namespace of this test's own (its name is this site's namespace and `name`)."""
+        namespace = f"{self.namespace}-{name}"
+        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace, labels=labels)))
+        self.consumers.append(namespace)
+        return namespace
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        from cluster import kubectl
+
+        return kubectl(self.node, *args, check=check, input=input)
+
+    def helm(self, *args: str, returncode: int = 0) -> str:
+        """helm from .bin/, as the cluster's admin; its stdout."""
+        result = subprocess.run([str(ROOT / ".bin" / "helm"), *args], capture_output=True, text=True, timeout=300,
+                                stdin=subprocess.DEVNULL,
+                                env={**os.environ, "KUBECONFIG": str(self.node.kubeconfig), "HOME": str(self.home)})
+        assert result.returncode == returncode, f"helm {' '.join(args)}:\n{result.stderr}"
+        return result.stdout
+
+    def rollouts(self) -> int:
+        """How many times the registry's Deployment rolled out (its revision, as the Deployment
+        controller counts it): a new pod template, a new number."""
+        deployment = client.AppsV1Api(self.core.api_client).read_namespaced_deployment("registry", self.namespace)
+        return int(deployment.metadata.annotations["deployment.kubernetes.io/revision"])
+
+    def wait_for_rollout(self) -> None:
+        self.kubectl("-n", self.namespace, "rollout", "status", "deployment/registry", "--timeout=120s")
+
+    def node_certs(self) -> list[str]:
+        """The node's containerd certs.d entries for this site (the folder is the node's, shared)."""
+        return sorted(p.name for p in self.node.certs_d.iterdir() if p.name.endswith(f":{self.port}"))
+
+    def pod_names(self, component: str) -> list[str]:
+        found = self.kubectl("-n", self.namespace, "get", "pods", "-l", f"app.kubernetes.io/component={component}",
+                             "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+        return sorted(found)
+
+    def kubelet_pulls(self, namespace: str, image: str, timeout: float = 120) -> str | None:
+        """A pod in `namespace` (its default ServiceAccount, no pull secret named) asks the
+        kubelet for `image`: None once containerd has it, else the kubelet's reason and message."""
+        name = f"pull-{uuid.uuid4().hex[:8]}"
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+               "spec": {"containers": [{"name": "c", "image": image, "imagePullPolicy": "Always"}],
+                        "restartPolicy": "Never", "automountServiceAccountToken": False}}
+        self.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        deadline, why = time.monotonic() + timeout, "still pulling"
+        try:
+            while time.monotonic() < deadline:
+                found = self.core.read_namespaced_pod(name, namespace)
+                for status in (found.status and found.status.container_statuses) or []:
+                    waiting = status.state and status.state.waiting
+                    # The image is data (no command): after the pull the kubelet says CreateContainerError.
+                    if status.image_id or (waiting and waiting.reason in ("CreateContainerError", "RunContainerError")):
+                        return None
+                    if waiting and waiting.reason in ("ErrImagePull", "ImagePullBackOff"):
+                        why = f"{waiting.reason}: {waiting.message}"
+                        if waiting.reason == "ErrImagePull":
+                            return why
+                time.sleep(0.3)
+            return why
+        finally:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+
+    def remove(self) -> None:
+        """What the test made on the cluster, gone (in the background: the next test need not wait)."""
+        from crflow.tasks.workloads import PULL_TEST_NAMESPACE, pull_test_name
+
+        release = self.settings.get("release", "registry")
+        self.kubectl("delete", "namespace", "--wait=false", "--ignore-not-found", self.namespace, *self.consumers,
+                     check=False)
+        self.kubectl("delete", "persistentvolume", "--wait=false", "--ignore-not-found",
+                     f"{self.namespace}-{release}-data", check=False)
+        self.kubectl("-n", PULL_TEST_NAMESPACE, "delete", "daemonset,secret", "--wait=false", "--ignore-not-found",
+                     pull_test_name(self.namespace, release), check=False)
+
+
 @pytest.fixture
-def cluster_site(kube_api, kubelet, make_site, moto_s3, crflow):
-    """A kubernetes site on the emulated cluster, with MinIO's secret where the runbook has it."""
-    core = client.CoreV1Api(config.new_client_from_config(str(kube_api.admin_kubeconfig)))
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="minio")))
-    core.create_namespaced_secret("minio", client.V1Secret(
-        metadata=client.V1ObjectMeta(name="minio-access-secret"), string_data=MINIO_KEYS))
-    site = make_site(
-        target="kubernetes",
-        namespace="container-registry",
-        storage={"kind": "s3", "endpoint": moto_s3, "bucket": f"container-registry-{uuid.uuid4().hex[:8]}"},
-        cluster={"kubeconfig": str(kube_api.kubeconfig), "helm_timeout_seconds": 60},
-    )
-    site.settings["registry"]["service_type"] = "LoadBalancer"
-    site.write()
-    crflow.env["HOME"] = str(kube_api.home)  # helm's cache and config, per test
-    site.core = core
-    return site
+def make_cluster_site(k8s, cluster_moto, crflow, tmp_path, request):
+    """Sites on the test cluster, held shared with the other workers' tests (one marked
+    cluster_alone holds it alone); make_cluster_site(storage=...) for other storage than a new
+    bucket on moto."""
+    from cluster import exclusive, using
+
+    sites = []
+
+    def make(storage: dict | None = None, **overrides) -> ClusterSite:
+        storage = storage or {"kind": "s3", "endpoint": cluster_moto, "bucket": f"registry-{uuid.uuid4().hex[:10]}"}
+        site = ClusterSite(tmp_path / f"cluster-site{len(sites)}", k8s, storage, **overrides)
+        sites.append(site)
+        crflow.env["HOME"] = str(site.home)
+        return site
+
+    with (exclusive if request.node.get_closest_marker("cluster_alone") else using)(k8s.root):
+        yield make
+        for site in sites:
+            site.remove()
+
+
+@pytest.fixture
+def cluster_site(make_cluster_site) -> ClusterSite:
+    """A kubernetes site on the test cluster storing into a new bucket on moto."""
+    return make_cluster_site()
 
 
 @pytest.fixture

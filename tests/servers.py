@@ -25,10 +25,13 @@ BIN = Path(sys.executable).parent
 # between the pick and the server's bind. Below it only listeners take ports, and each one
 # this suite hands out is locked (flock, released when the process ends) so that parallel
 # workers and concurrent suites never hand out the same one.
-PORT_RANGE = (20000, 32000)
+PORT_RANGE = (20000, 30000)
+# A test cluster's NodePorts (kube-apiserver's default range is 30000-32767): apart from the
+# servers' ports, so a Service never captures a port another test's server holds.
+NODE_PORTS = (30000, 32768)
 PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "crflow-test-ports"
 _held: list = []
-_next = [PORT_RANGE[0] + (os.getpid() * 97) % (PORT_RANGE[1] - PORT_RANGE[0])]
+_next: dict[tuple[int, int], int] = {}
 
 
 def _bindable(port: int) -> bool:
@@ -41,15 +44,15 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
+def free_port(port_range: tuple[int, int] = PORT_RANGE) -> int:
     """A port no listener has, outside the ephemeral range, reserved for this process."""
-    low, high = PORT_RANGE
+    low, high = port_range
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     high = min(high, ephemeral_low)
     PORT_LOCKS.mkdir(mode=0o777, exist_ok=True)
-    for _ in range(high - low):
-        port = _next[0]
-        _next[0] = low + (port + 1 - low) % (high - low)
+    start = _next.setdefault(port_range, low + (os.getpid() * 97) % (high - low))
+    for step in range(high - low):
+        port = low + (start - low + step) % (high - low)
         lock = open(PORT_LOCKS / str(port), "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,9 +61,15 @@ def free_port() -> int:
             continue
         if _bindable(port):
             _held.append(lock)
+            _next[port_range] = low + (port + 1 - low) % (high - low)
             return port
         lock.close()
     raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def node_port() -> int:
+    """A NodePort for a test's Service on the test cluster, held as free_port holds its ports."""
+    return free_port(NODE_PORTS)
 
 
 def start_server(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:

@@ -248,36 +248,75 @@ def test_gc_on_s3_frees_the_deleted_images_blobs_in_the_bucket(crflow, s3_site, 
            f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")
 
 
+def watch_pods(site, component: str) -> subprocess.Popen:
+    """kubectl's watch of the site's pods of one component: every version the apiserver sends."""
+    return subprocess.Popen([str(site.node.bin_dir / "kubectl"), f"--kubeconfig={site.node.kubeconfig}", "-n",
+                             site.namespace, "get", "pods", "-l", f"app.kubernetes.io/component={component}",
+                             "--watch", "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def watched(watch: subprocess.Popen) -> list[dict]:
+    watch.terminate()
+    text, objects, at = watch.communicate(timeout=30)[0], [], 0
+    decoder = json.JSONDecoder()
+    while text[at:].strip():
+        found, at = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+        objects.append(found)
+    return objects
+
+
 @pytest.mark.kubernetes
-def test_gc_on_the_cluster_rolls_read_only_and_back_and_its_job_matches_no_service(crflow, cluster_site, kubelet,
-                                                                                   moto_s3, tmp_path):
-    """EMULATED cluster (tests/kubeapi, the test kubelet: it runs the Job's script with the
-    registry binary and mounts mapped, and reports its exit and termination message). REAL:
-    helm, the registry processes, the collection itself, skopeo, the bucket on moto."""
+def test_gc_on_the_cluster_rolls_read_only_and_back_and_its_job_matches_no_service(crflow, cluster_site,
+                                                                                   cluster_moto, tmp_path):
+    """On the test cluster (a real Kubernetes 1.20 node): the Job controller and the kubelet run
+    the collection's pod, the Deployment controller rolls the registry read-only and back.
+    REAL: helm, the registry pods, the collection itself, skopeo. EMULATED: moto is MinIO."""
     from kubernetes import client
 
     site, bucket = cluster_site, cluster_site.settings["storage"]["bucket"]
     crflow("install", "-c", str(site.path))
     a, b = a_and_b(site, tmp_path, 100)
-    serial = kubelet.serial
+    rollouts = site.rollouts()
 
     dry = crflow("gc", "-c", str(site.path), "--dry-run").stdout.strip().splitlines()[-1]
-    assert dry.startswith("dry run: 2 blobs") and kubelet.serial == serial  # nothing rolled, nothing deleted
-    assert digest_of(a.config) in in_bucket(moto_s3, bucket)
+    assert dry.startswith("dry run: 2 blobs") and site.rollouts() == rollouts  # nothing rolled, nothing deleted
+    assert digest_of(a.config) in in_bucket(cluster_moto, bucket)
 
+    watch = watch_pods(site, "garbage-collect")
     out = crflow("gc", "-c", str(site.path)).stdout.strip().splitlines()[-1]
     assert out.startswith("gc: 2 blobs deleted"), out
-    assert kubelet.serial == serial + 2  # rolled to read-only, then back
-    left = in_bucket(moto_s3, bucket)
+    assert site.rollouts() == rollouts + 2  # rolled to read-only, then back
+    left = in_bucket(cluster_moto, bucket)
     assert digest_of(a.config) not in left and digest_of(b.config) in left
     skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
            f"docker://{site.server}/team/app:b", f"oci:{tmp_path / 'pulled'}:b")
 
-    job_pod = kubelet.job_history[-1]
-    service = site.core.read_namespaced_service("registry", "container-registry")
-    assert not service.spec.selector.items() <= job_pod["labels"].items()  # the Service sends it no traffic
+    pods = watched(watch)
+    assert pods, "the Job's pod was never seen"
+    job_pod = pods[-1]
+    service = site.core.read_namespaced_service("registry", site.namespace)
+    assert not service.spec.selector.items() <= job_pod["metadata"]["labels"].items()  # the Service sends it no traffic
     assert {v["name"] for v in job_pod["spec"]["volumes"]} == {"config", "tmp"}  # S3: no data volume, no TLS key
-    assert client.BatchV1Api(site.core.api_client).list_namespaced_job("container-registry").items == []
+    assert client.BatchV1Api(site.core.api_client).list_namespaced_job(site.namespace).items == []
+
+
+@pytest.mark.kubernetes
+def test_the_charts_cronjob_is_run_by_the_cronjob_controller_and_frees_the_deleted_images_blobs(
+        crflow, cluster_site, cluster_moto, tmp_path):
+    """garbageCollect.enabled: the chart's CronJob (batch/v1beta1, as 1.20 serves it), every
+    minute; the real CronJob controller starts its Job, the kubelet runs the collection."""
+    site, bucket = cluster_site, cluster_site.settings["storage"]["bucket"]
+    site.settings["chart"]["values"]["garbageCollect"] = {"enabled": True, "schedule": "* * * * *"}
+    site.write()
+    crflow("install", "-c", str(site.path))
+    a, b = a_and_b(site, tmp_path, 100)
+    deadline = time.monotonic() + 180  # the next minute, and the controller's 10 s poll
+    while digest_of(a.config) in in_bucket(cluster_moto, bucket):
+        assert time.monotonic() < deadline, site.kubectl("-n", site.namespace, "get", "cronjobs,jobs,pods").stdout
+        time.sleep(1)
+    assert digest_of(b.config) in in_bucket(cluster_moto, bucket)
+    jobs = json.loads(site.kubectl("-n", site.namespace, "get", "jobs", "-o", "json").stdout)["items"]
+    assert any(o["kind"] == "CronJob" for job in jobs for o in job["metadata"].get("ownerReferences", []))
 
 
 def test_the_usage_report_matches_the_storage_and_shows_growth(crflow, installed, tmp_path):

@@ -67,7 +67,7 @@ def test_the_venv_cannot_import_generic_top_level_names(name, tmp_path):
 
 def test_status_and_export_client_read_the_cluster_where_no_client_files_are(crflow, cluster_site, tmp_path):
     """A machine with the site file and kubectl access but not the state_dir that installed it
-    (EMULATED cluster: tests/kubeapi and the test kubelet; skopeo, independent, is the judge)."""
+    (the test cluster, a real Kubernetes 1.20 node; skopeo, independent, is the judge)."""
     import shutil
 
     from conftest import skopeo

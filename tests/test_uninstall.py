@@ -1,12 +1,10 @@
 """`crflow uninstall` on both targets. The local test is real end to end (registry, skopeo,
-curl); the kubernetes test runs on the emulated cluster (tests/kubeapi and the test kubelet,
-whose two nodes run the chart's node-trust script with their certs.d mapped to directories),
-with real helm."""
+curl); the kubernetes test runs on the test cluster (tests/cluster.py: a real Kubernetes 1.20
+node, whose node-trust pod writes into the node's containerd certs.d), with real helm."""
 
 from __future__ import annotations
 
 import pytest
-from kubernetes import client
 
 from conftest import curl_status, skopeo
 
@@ -46,27 +44,28 @@ def test_uninstall_asks_first_and_without_a_terminal_says_to_add_yes(crflow, ins
 
 
 @pytest.mark.kubernetes
-def test_kubernetes_uninstall_clears_every_node_and_the_pull_secrets_and_keeps_the_ca(crflow, cluster_site, kubelet,
-                                                                                      kube_api):
+def test_kubernetes_uninstall_clears_the_node_and_the_pull_secrets_and_keeps_the_ca(crflow, cluster_site):
     site, core = cluster_site, cluster_site.core
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="team-a")))
-    site.settings["pull_secrets"] = {"namespaces": ["team-a"], "default_service_account": True}
+    team = site.consumer("team-a")
+    site.settings["pull_secrets"] = {"namespaces": [team], "default_service_account": True}
     site.write()
     crflow("install", "-c", str(site.path))
-    assert all(any(node.certs_d.iterdir()) for node in kubelet.nodes)
-    assert core.read_namespaced_service_account("default", "team-a").image_pull_secrets
+    assert site.node_certs() == [site.server]
+    assert core.read_namespaced_service_account("default", team).image_pull_secrets
 
     out = crflow("uninstall", "-c", str(site.path), "--yes").stdout
-    assert "removed: the node-trust files on 2 nodes" in out
-    assert "removed: helm release container-registry/registry" in out
-    assert "removed: pull Secret team-a/registry-pull" in out
-    assert all(list(node.certs_d.iterdir()) == [] for node in kubelet.nodes)  # taken off before the release went
-    assert "registry" not in kube_api.run("helm", "list", "-n", "container-registry", "-q").split()
-    assert [s.metadata.name for s in core.list_namespaced_secret("team-a").items] == []
-    assert not core.read_namespaced_service_account("default", "team-a").image_pull_secrets
-    kept = {s.metadata.name for s in core.list_namespaced_secret("container-registry").items}
+    assert "removed: the node-trust files on 1 nodes" in out
+    assert f"removed: helm release {site.namespace}/registry" in out
+    assert f"removed: pull Secret {team}/registry-pull" in out
+    assert site.node_certs() == []  # taken off before the release went
+    assert "registry" not in site.helm("list", "-n", site.namespace, "-q").split()
+    assert [s.metadata.name for s in core.list_namespaced_secret(team).items
+            if s.type != "kubernetes.io/service-account-token"] == []
+    assert not core.read_namespaced_service_account("default", team).image_pull_secrets
+    kept = {s.metadata.name for s in core.list_namespaced_secret(site.namespace).items}
     assert {"registry-tls", "registry-ca", "registry-login"} <= kept  # the CA and the login stay
 
     out = crflow("uninstall", "-c", str(site.path), "--yes", "--purge").stdout  # a rerun: only the purge is left
-    assert "removed: Secret container-registry/registry-tls" in out
-    assert {s.metadata.name for s in core.list_namespaced_secret("container-registry").items} == set()
+    assert f"removed: Secret {site.namespace}/registry-tls" in out
+    assert {s.metadata.name for s in core.list_namespaced_secret(site.namespace).items
+            if s.type != "kubernetes.io/service-account-token"} == set()

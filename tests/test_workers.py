@@ -2,13 +2,13 @@
 directories and from a Kubernetes work pool's Job carry on the same site. (The state's own
 rules, the earlier layout's migration and the cache in a bucket: tests/test_cluster_state.py.)
 
-EMULATED: the cluster (tests/kubeapi and the test kubelet). The Prefect worker is the real
-prefect-kubernetes 0.8.0 one, with its kopf observer off (the emulated server's watches are
-not what kopf needs); it makes the Job from deployments/base-job-template.json. The test
-kubelet runs the Job's pod: its command and env, in this virtualenv, with the ConfigMap and
-emptyDir mounts mapped to directories; the flow image is neither built nor pulled. The site
-file in that ConfigMap names paths on this machine (state_dir, the kubeconfig), since the pod
-runs here. skopeo and openssl, independent of crflow, are the judges.
+On the test cluster (tests/cluster.py: a real Kubernetes 1.20 node). REAL: the Prefect worker
+is prefect-kubernetes's, with the token of deployments/worker.yaml's ServiceAccount (its kopf
+observer off); it makes the Job from deployments/base-job-template.json; the Job controller
+and the kubelet run its pod, as crflow-worker, with the in-cluster token. EMULATED until the
+flow image is built here: the pod runs this checkout's virtualenv, mounted from the machine
+(hostPath, read-only, on the host's network so it reaches the session's Prefect server on
+loopback) in the locally built busybox image, in place of the flow image. EMULATED: moto is MinIO.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import base64
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,16 +26,16 @@ import pytest
 import yaml
 from kubernetes import client
 
-from conftest import MINIO_KEYS, fingerprint, oci_layout, secret_text, skopeo
+from cluster import REGISTRY_IMAGE, kubectl
+from conftest import MINIO_KEYS, ROOT, fingerprint, oci_layout, secret_text, skopeo, token_kubeconfig
 from servers import BIN
 
 pytestmark = pytest.mark.kubernetes
-REGISTRY_NS = "container-registry"
 
 
-def generations(core) -> dict:
+def generations(site) -> dict:
     """The generations the cluster's state Secret holds (none saved yet: generation 0)."""
-    data = core.read_namespaced_secret("registry-crflow-state", REGISTRY_NS).data
+    data = site.core.read_namespaced_secret("registry-crflow-state", site.namespace).data
     return json.loads(base64.b64decode(data["generations.json"])) if "generations.json" in data else {"credentials": 0}
 
 
@@ -47,16 +48,34 @@ def wait_for_run(api: str, run_id: str, seconds: float) -> dict:
         time.sleep(0.5)
 
 
+def host_run_template(path: Path) -> Path:
+    """deployments/base-job-template.json with the flow image's place taken by this machine's
+    virtualenv: the busybox image, the checkout and /usr mounted read-only, the host's network."""
+    template = json.loads((ROOT / "deployments" / "base-job-template.json").read_text())
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pod["hostNetwork"] = True
+    mounts = {"host-usr": "/usr", "host-checkout": str(ROOT), "host-python": str(Path(sys.base_prefix))}
+    mounts = {name: where for name, where in mounts.items() if name == "host-usr" or not where.startswith("/usr/")}
+    pod["volumes"] += [{"name": name, "hostPath": {"path": where, "type": "Directory"}} for name, where in mounts.items()]
+    container["volumeMounts"] += [{"name": name, "mountPath": where, "readOnly": True} for name, where in mounts.items()]
+    container["image"], container["imagePullPolicy"] = REGISTRY_IMAGE, "Never"
+    container["env"].append({"name": "PATH", "value": f"{BIN}:/usr/bin:/bin"})
+    path.write_text(json.dumps(template))
+    return path
+
+
 def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
-        crflow, cluster_site, kube_api, kubelet, tmp_path, prefect_api, prefect_home):
+        crflow, cluster_site, tmp_path, prefect_api, prefect_home):
     from test_secrets import assert_nowhere
 
     site, core = cluster_site, cluster_site.core
+    namespace = site.namespace
     runs = [crflow("install", "-c", str(site.path))]
     key = (site.state / "result.key").read_text().strip()
-    ca = fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt"))
-    first_login = secret_text(core, REGISTRY_NS, "registry-login", "password")
-    assert generations(core)["credentials"] == 0
+    ca = fingerprint(secret_text(core, namespace, "registry-ca", "ca.crt"))
+    first_login = secret_text(core, namespace, "registry-login", "password")
+    assert generations(site)["credentials"] == 0
 
     def elsewhere(name: str) -> Path:
         """The same site file, with a state_dir nothing has run from."""
@@ -70,19 +89,30 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
     second, with_key = elsewhere("second"), {"CRFLOW_RESULT_KEY": key}
     runs.append(crflow("rotate-credentials", "-c", str(second), "--grace", "0", env=with_key))
     runs.append(crflow("verify", "-c", str(second), env=with_key))
-    assert generations(core)["credentials"] == 1
+    assert generations(site)["credentials"] == 1
 
     # Through a Kubernetes work pool: the worker makes a Job per run. First with a wrong key in the
     # key Secret: install stops before anything is made. Then, with the right one, verify.
     from cryptography.fernet import Fernet
 
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="crflow")))
+    # The Prefect worker's own account, as deployments/worker.yaml makes it (its Deployment aside:
+    # the worker runs here); the Jobs go to the crflow namespace, which worker-rbac.yaml made.
+    accounts = [d for d in yaml.safe_load_all((ROOT / "deployments" / "worker.yaml").read_text())
+                if d and d["kind"] != "Deployment"]
+    kubectl(site.node, "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in accounts))
+    worker_kubeconfig = token_kubeconfig(site.node, "crflow", "prefect-worker")
+    for old in ("secret/crflow-result-key", "configmap/crflow-sites"):  # one test uses them: a rerun's leftovers
+        kubectl(site.node, "-n", "crflow", "delete", old, "--ignore-not-found")
     core.create_namespaced_secret("crflow", client.V1Secret(metadata=client.V1ObjectMeta(name="crflow-result-key"),
                                                             string_data={"result.key": Fernet.generate_key().decode()}))
     third = elsewhere("third")
+    in_job = {**yaml.safe_load(third.read_text()), "state_dir": "/var/lib/crflow/state"}
+    in_job["cluster"] = {k: v for k, v in in_job["cluster"].items() if k != "kubeconfig"}  # the pod's own token
     core.create_namespaced_config_map("crflow", client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(name="crflow-sites"), data={"site.yaml": third.read_text()}))
-    deployed = crflow("deploy", "-c", str(third), "--pool", "crflow-k8s", "--pool-type", "kubernetes")
+        metadata=client.V1ObjectMeta(name="crflow-sites"), data={"site.yaml": yaml.safe_dump(in_job)}))
+    pool = f"crflow-k8s-{site.namespace}"
+    deployed = crflow("deploy", "-c", str(third), "--pool", pool, "--pool-type", "kubernetes",
+                      "--job-template", str(host_run_template(tmp_path / "job-template.json")))
     assert "bound to site.yaml" in deployed.stdout
 
     def through_the_worker(flow: str) -> tuple[dict, str]:
@@ -92,22 +122,26 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
                                  env=crflow.env, capture_output=True, text=True, timeout=120, check=True)
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
         worker = subprocess.run(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "crflow-k8s", "--type", "kubernetes", "--run-once"],
-            env={**crflow.env, "KUBECONFIG": str(kube_api.kubeconfig_as("prefect-worker")),
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "kubernetes", "--run-once"],
+            env={**crflow.env, "KUBECONFIG": str(worker_kubeconfig),
                  "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "worker"),
                  "PREFECT_WORKER_QUERY_SECONDS": "1"},
             capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
         assert "Kubernetes job" in worker.stderr + worker.stdout, worker.stderr[-3000:]
         run = wait_for_run(prefect_api, run_id, 300)
-        pods = [p for p in kubelet.job_history if p["namespace"] == "crflow" and p["labels"].get(
-            "prefect.io/flow-run-id") == run_id]
-        return run, (pods[0]["dir"] / "log").read_text() if pods else "(no Job pod ran)"
+        jobs = kubectl(site.node, "-n", "crflow", "get", "jobs", "-l", f"prefect.io/flow-run-id={run_id}",
+                       "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+        logs = kubectl(site.node, "-n", "crflow", "logs", f"job/{jobs[0]}", check=False) if jobs else None
+        return run, logs.stdout if logs and logs.stdout else f"(no Job pod log: {jobs} {logs and logs.stderr})"
 
-    before = {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(REGISTRY_NS).items}
+    def secrets() -> dict[str, str]:
+        return {s.metadata.name: s.metadata.resource_version for s in core.list_namespaced_secret(namespace).items
+                if s.type != "kubernetes.io/service-account-token"}
+
+    before = secrets()
     refused, log = through_the_worker("install")
     assert refused["state"]["type"] == "FAILED" and "wrong result key" in log, log[-4000:]
-    assert {s.metadata.name: s.metadata.resource_version
-            for s in core.list_namespaced_secret(REGISTRY_NS).items} == before  # nothing made, nothing written
+    assert secrets() == before  # nothing made, nothing written
 
     core.patch_namespaced_secret("crflow-result-key", "crflow", {"stringData": {"result.key": key}})
     run, log = through_the_worker("verify-push-pull")
@@ -125,8 +159,8 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
     assert manifest["spec"]["template"]["spec"]["serviceAccountName"] == "crflow-worker"
 
     # The same CA; the login moved on by exactly one generation, and it pushes and pulls.
-    assert fingerprint(secret_text(core, REGISTRY_NS, "registry-ca", "ca.crt")) == ca
-    assert generations(core) == {**generations(core), "credentials": 1, "rotating_to": None}
+    assert fingerprint(secret_text(core, namespace, "registry-ca", "ca.crt")) == ca
+    assert generations(site) == {**generations(site), "credentials": 1, "rotating_to": None}
     exported = tmp_path / "exported"
     crflow("export-client", "-c", str(elsewhere("fourth")), "--out", str(exported))
     rotated = json.loads((exported / "auth.json").read_text())["auths"][site.server]["auth"]
@@ -140,7 +174,7 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
            f"oci:{tmp_path / 'pulled'}:latest")
 
     secrets = {"result key": key, "MinIO secret key": MINIO_KEYS["secretkey"], "first password": first_login,
-               "rotated password": secret_text(core, REGISTRY_NS, "registry-login", "password")}
+               "rotated password": secret_text(core, namespace, "registry-login", "password")}
     assert_nowhere(secrets, runs, site, prefect_api, prefect_home)
     dumped = json.dumps(manifest)
     assert not any(value in dumped for value in secrets.values())
