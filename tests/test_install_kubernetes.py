@@ -79,7 +79,8 @@ def test_objects_are_the_runbooks_and_a_rerun_changes_none(crflow, cluster_site)
     for name in ("registry-tls", "registry-htpasswd", "registry-http-secret", "registry-s3", "registry-login"):
         _, labels = objects[f"Secret/{namespace}/{name}"]
         assert crflow_labels.items() <= labels.items(), name
-    assert crflow_labels.items() <= objects[f"Namespace/None/{namespace}"][1].items()
+    # The namespace is deployments/worker-rbac.yaml's (the Role lives in it): crflow found it and left it be.
+    assert objects[f"Namespace/None/{namespace}"][1]["app.kubernetes.io/managed-by"] == "crflow"
 
     core = site.core
     tls = core.read_namespaced_secret("registry-tls", namespace)
@@ -111,9 +112,10 @@ def test_a_call_the_authorizer_refuses_fails_clearly_and_leaves_no_half_written_
     result = crflow("install", "-c", str(site.path), check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    # The first Secret written is crflow's record of the new CA, before the registry's own.
-    assert last.startswith(f"crflow: error: Kubernetes API: write Secret {site.namespace}/registry-crflow-state "
+    # The first call there reads crflow's record of the site, before anything is written.
+    assert last.startswith(f"crflow: error: Kubernetes API: read Secret {site.namespace}/registry-crflow-state "
                            "failed with 403"), last
+    assert 'User "system:serviceaccount:crflow:crflow-worker" cannot get resource "secrets"' in last
     assert site.core.list_namespaced_secret(site.namespace).items == [] or all(
         s.type == "kubernetes.io/service-account-token" for s in site.core.list_namespaced_secret(site.namespace).items)
     assert MINIO_KEYS["secretkey"] not in result.stderr + result.stdout
