@@ -119,8 +119,9 @@ def wait_for_load_balancer(kube: KubeAccess, namespace: str, name: str, wanted: 
 
 
 def pull_outcomes(api: client.ApiClient, selector: dict[str, str]) -> dict[str, str | None]:
-    """node -> None once its pod has the image, else the kubelet's reason and message when the
-    pull failed; nodes still pulling are left out."""
+    """node -> None once its pod has the image, else the kubelet's reason and message while a
+    pull fails (its back-off's own message says nothing: the last failure's is kept by the
+    caller); nodes still pulling are left out."""
     core = client.CoreV1Api(api)
     pods = retrying("list the pull-test pods", lambda: core.list_namespaced_pod(
         PULL_TEST_NAMESPACE, label_selector=",".join(f"{k}={v}" for k, v in selector.items())))
@@ -135,6 +136,13 @@ def pull_outcomes(api: client.ApiClient, selector: dict[str, str]) -> dict[str, 
             elif waiting and waiting.reason in PULL_FAILURES:
                 outcomes[pod.spec.node_name] = f"{waiting.reason}: {waiting.message}"
     return outcomes
+
+
+# A node's first failed pull is not yet its answer: a kubelet may pull with a copy of the pull
+# Secret older than the one this run wrote (seen on a real 1.20 kubelet: 401, then the same
+# pull 13 s later succeeded, and its pod's status said so 3 s after that). Its back-off waits
+# 10 s, then 20 s: by 30 s it has tried again and reported.
+PULL_SETTLE_SECONDS = 30.0
 
 
 def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, labels: dict[str, str],
@@ -165,19 +173,34 @@ def run_pull_test(api: client.ApiClient, image: str, docker_config: SecretStr, l
              lambda: apps.create_namespaced_daemon_set(PULL_TEST_NAMESPACE, daemonset))
     try:
         deadline = time.monotonic() + timeout
+        failing_since: dict[str, float] = {}
+        reasons: dict[str, str] = {}
         while True:
             status = retrying("read the pull test", lambda: apps.read_namespaced_daemon_set_status(
                 name, PULL_TEST_NAMESPACE)).status
             nodes = status and status.desired_number_scheduled
             outcomes = pull_outcomes(api, selector) if nodes else {}
-            if nodes and len(outcomes) >= nodes:
-                failed = {node: why for node, why in sorted(outcomes.items()) if why}
+            now = time.monotonic()
+            for node, why in outcomes.items():
+                if why is None:
+                    failing_since.pop(node, None)
+                    continue
+                failing_since.setdefault(node, now)
+                if not why.startswith("ImagePullBackOff") or node not in reasons:
+                    reasons[node] = why
+            settled = {node for node, why in outcomes.items()
+                       if why is None or now - failing_since[node] >= PULL_SETTLE_SECONDS}
+            if nodes and len(settled) >= nodes:
+                failed = {node: reasons[node] for node in sorted(settled) if outcomes[node]}
                 if failed:
                     raise CrflowError(f"{len(failed)} of {nodes} nodes could not pull {image} with pull secret "
                                       f"{PULL_TEST_NAMESPACE}/{name}: " +
                                       "; ".join(f"node {node}: {why}" for node, why in failed.items()))
                 return f"{image} pulled on {nodes} nodes ({', '.join(sorted(outcomes))})"
-            if time.monotonic() > deadline:
+            if now > deadline:
+                if reasons:
+                    raise CrflowError(f"pulling {image} with pull secret {PULL_TEST_NAMESPACE}/{name}: " +
+                                      "; ".join(f"node {node}: {why}" for node, why in sorted(reasons.items())))
                 waiting = "no node runs the pull test" if status and nodes == 0 else \
                     f"{len(outcomes)} of {nodes or '?'} nodes pulled it"
                 raise CrflowError(f"pulling {image} in namespace {PULL_TEST_NAMESPACE}: {waiting} after {timeout:.0f} s")

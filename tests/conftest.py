@@ -431,10 +431,8 @@ class ClusterSite(Site):
                     # The image is data (no command): after the pull the kubelet says CreateContainerError.
                     if status.image_id or (waiting and waiting.reason in ("CreateContainerError", "RunContainerError")):
                         return None
-                    if waiting and waiting.reason in ("ErrImagePull", "ImagePullBackOff"):
+                    if waiting and waiting.reason == "ErrImagePull":  # the kubelet tries again after its back-off
                         why = f"{waiting.reason}: {waiting.message}"
-                        if waiting.reason == "ErrImagePull":
-                            return why
                 time.sleep(0.3)
             return why
         finally:

@@ -260,7 +260,10 @@ def watched(watch: subprocess.Popen) -> list[dict]:
     text, objects, at = watch.communicate(timeout=30)[0], [], 0
     decoder = json.JSONDecoder()
     while text[at:].strip():
-        found, at = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+        try:
+            found, at = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+        except json.JSONDecodeError:
+            break  # the last one, cut off when kubectl was stopped
         objects.append(found)
     return objects
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 from minio import Minio
 
 from conftest import MINIO_KEYS, oci_layout, skopeo
