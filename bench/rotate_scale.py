@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from pydantic import SecretStr  # noqa: E402
 
+from cluster import Cluster  # noqa: E402
 from crflow.tasks.consumers import put_pull_secrets  # noqa: E402
 from crflow.tasks.kubeapi import KubeAccess, api_client  # noqa: E402
-from cluster import Cluster  # noqa: E402
 
 SELECTOR = "bench-rotation=true"
 

@@ -30,6 +30,10 @@ from crflow.errors import CrflowError, transient_only
 KUBECONFIG_HINT = "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config"
 RETRIED_STATUSES = {409, 429, 500, 502, 503, 504}
 POOL_SIZE = 16  # keep-alive connections per client: as many as crflow.tasks.consumers writes in parallel
+# Every call's bound: a frozen or partitioned apiserver is a timeout (retried as any connection
+# error is), never a hang. An apiserver answers a single object in milliseconds and gives up on
+# a slow etcd after 60 s itself; nothing crflow asks for is a watch or a long list.
+CONNECT_SECONDS, READ_SECONDS = 10.0, 30.0
 
 
 class KubeAccess(BaseModel):
@@ -42,6 +46,15 @@ class KubeAccess(BaseModel):
 def managed_labels(release: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "crflow-registry", "app.kubernetes.io/instance": release,
             "app.kubernetes.io/managed-by": "crflow"}
+
+
+class BoundedApiClient(client.ApiClient):
+    """The official client with a timeout on every call that names none (it sends none by
+    default, and a socket without one waits for ever)."""
+
+    def call_api(self, *args, _request_timeout=None, **kwargs):
+        return super().call_api(*args, _request_timeout=_request_timeout or (CONNECT_SECONDS, READ_SECONDS),
+                                **kwargs)
 
 
 @contextlib.contextmanager
@@ -59,7 +72,8 @@ def api_client(kube: KubeAccess) -> Iterator[client.ApiClient]:
         except config.ConfigException as err:
             raise CrflowError(f"kubeconfig {path}: {err}") from None
     configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, POOL_SIZE)
-    api = client.ApiClient(configuration)
+    configuration.retries = 0  # `retrying` is the one place that retries (urllib3 would add 3 of its own per try)
+    api = BoundedApiClient(configuration)
     try:
         yield api
     finally:

@@ -1,4 +1,4 @@
-"""A real containerd for the emulated nodes (Debian's `containerd` package), started by the
+"""A real containerd for `crflow trust --runtime containerd` (Debian's `containerd` package), started by the
 tests as root with its own root, state and socket under temporary directories: no system
 service is touched. Its CRI `config_path` is the node's certs.d directory, and every pull
 goes through `ctr images pull --hosts-dir` on that same directory, so a node trusts the
