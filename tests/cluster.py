@@ -425,8 +425,6 @@ class Cluster:
         self._run("controller-manager", [
             str(self.bin_dir / "kube-controller-manager"), f"--kubeconfig={self.workdir}/controller-manager.kubeconfig",
             "--controllers=*,-nodeipam", "--leader-elect=false", "--use-service-account-credentials",
-            # A silent node is NotReady after 24 s (default 40 s), with its kubelet reporting every 4 s.
-            "--node-monitor-grace-period=24s", "--node-monitor-period=2s",
             f"--root-ca-file={pki}/ca.crt", f"--service-account-private-key-file={pki}/sa.key",
             f"--cluster-signing-cert-file={pki}/ca.crt", "--port=0", f"--secure-port={self.ports['cm']}",
             "--bind-address=127.0.0.1"])
@@ -500,7 +498,7 @@ state = "{base / 'run' / 'state'}"
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99, "serializeImagePulls": False,
             # Mounted Secrets and ConfigMaps are refreshed on a pod's sync: every 5 s, not the
             # default minute, so rotation tests wait seconds (the same code path, sooner).
-            "syncFrequency": "5s", "nodeStatusUpdateFrequency": "4s"}))
+            "syncFrequency": "5s"}))
         self._run("kubelet", [
             str(self.bin_dir / "kubelet"), "--container-runtime=remote",
             f"--container-runtime-endpoint=unix://{self.containerd_socket}", f"--hostname-override={NODE}",
