@@ -169,12 +169,13 @@ def deploy(
     pool_type: str = typer.Option("process", "--pool-type",
                                   help="process: a worker on this machine; kubernetes: each run a Job in the cluster."),
     job_template: Path = typer.Option(None, "--job-template",
-                                      help="The kubernetes pool's base job template (default: deployments/ here)."),
+                                      help="The kubernetes pool's base job template (default: the one crflow ships)."),
     image: str = typer.Option(None, "--image", help="The flow image the kubernetes pool's Jobs run."),
     remove: bool = typer.Option(False, "--remove", help="Delete this site's deployments and automations."),
 ) -> None:
     """Register this site's deployments (install, verify, rotations, upgrade) and alerts on the Prefect server."""
     from crflow.flows.deployments import deploy_site, remove_site
+    from crflow.resources import packaged
 
     site = load_site(config)
     runtime.ensure_server()
@@ -195,7 +196,8 @@ def deploy(
         typer.echo(f"Each run is a Job in the cluster. Give it the site file and the result key, once:\n"
                    f"  kubectl -n crflow create configmap crflow-sites --from-file={done.site_file}={config.resolve()}\n"
                    f"  kubectl -n crflow create secret generic crflow-result-key --from-file=result.key=RESULT_KEY_FILE\n"
-                   f"and run the worker: kubectl apply -f deployments/worker.yaml   (UI: {runtime.ui_url()})")
+                   f"and run the worker: kubectl apply -f {packaged('deployments', 'worker.yaml')}   "
+                   f"(UI: {runtime.ui_url()})")
         return
     auth = f"PREFECT_API_AUTH_STRING=$(cat {runtime.auth_file()}) " if "CRFLOW_OWN_PREFECT" in os.environ else ""
     typer.echo(f"Start a worker: {auth}prefect worker start --pool {done.pool}   (UI: {runtime.ui_url()})")
@@ -338,6 +340,40 @@ def restore(config: Path = SiteFile, backup_file: Path = typer.Argument(..., met
     site = load_site(config)
     restored = restore_backup(site.state_dir, backup_file, _passphrase(confirm=False), site_identity(site))
     typer.echo(f"Restored {', '.join(restored)} into {site.state_dir}; now run crflow install -c {config}")
+
+
+@app.command()
+def doctor(
+    config: Path = typer.Option(None, "--config", "-c", help="Also check what this site needs (target, state_dir, "
+                                "ports, disk)."),
+    fix: bool = typer.Option(False, "--fix", help="Fetch the pinned helm into crflow's data folder if none is found."),
+) -> None:
+    """Check what crflow needs on this machine, a line per check with its fix; exit 0 if a site can be installed."""
+    from crflow.cli.doctor import Level, examine
+
+    findings = examine(load_site(config) if config else None, fix=fix)
+    for finding in findings:
+        typer.echo(finding.line())
+    failed = [f.check for f in findings if f.level is Level.FAIL]
+    if failed:
+        typer.secho(f"crflow: error: {len(failed)} check(s) failed: {', '.join(failed)}", err=True, fg="red")
+        raise typer.Exit(1)
+
+
+def _show_version(shown: bool) -> None:
+    if shown:
+        from crflow.cli.doctor import versions
+
+        typer.echo(versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="crflow's version, and those of the helm, Prefect and distribution it found."),
+) -> None:
+    """A private container registry on your own Kubernetes cluster (or this machine), run by Prefect flows."""
 
 
 @server_app.command("start")

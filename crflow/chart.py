@@ -10,15 +10,16 @@ module, and `tests/test_chart.py` renders the chart and checks every name below 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from crflow.resources import packaged
+
 if TYPE_CHECKING:  # settings derives its list of refused chart.values from CRFLOW_VALUES below
     from crflow.settings import Site
 
-CHART_DIR = Path(__file__).resolve().parent.parent / "helm_chart"
+CHART_DIR = packaged("helm_chart")
 # Writes a runtime's certs.d files: run by the node-trust DaemonSet and by `crflow trust`.
 NODE_TRUST_SCRIPT = CHART_DIR / "files" / "node-trust.sh"
 

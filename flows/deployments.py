@@ -37,6 +37,7 @@ from crflow.flows.rotate import rotate_cert, rotate_credentials
 from crflow.flows.site_lock import site_name, site_tag
 from crflow.flows.upgrade import upgrade
 from crflow.flows.verify import verify
+from crflow.resources import packaged
 from crflow.settings import Site
 
 PoolType = Literal["process", "kubernetes"]
@@ -44,7 +45,6 @@ PoolType = Literal["process", "kubernetes"]
 # run's workspace (in the flow image: /opt/crflow with its virtualenv, on every run). This one
 # only settles in the empty workspace: the flows are imported from the installed package.
 PULL_STEPS = [{"prefect.deployments.steps.set_working_directory": {"directory": "."}}]
-JOB_TEMPLATE = Path(__file__).resolve().parents[1] / "deployments" / "base-job-template.json"  # in a checkout
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ def _schedule(cron: str | None, timezone: str) -> list[CronSchedule]:
 
 
 def job_template(path: Path | None) -> dict:
-    """The kubernetes pool's base job template: `path`, else the one in this checkout's deployments/."""
-    path = path or JOB_TEMPLATE
+    """The kubernetes pool's base job template: `path`, else the one crflow ships."""
+    path = path or packaged("deployments", "base-job-template.json")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

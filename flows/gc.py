@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow
 
 from crflow.chart import read_only, values_for
-from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.site_lock import one_run_per_site, run_name
 from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.flows.verify import report_usage
 from crflow.oci import SMOKE_REPO
@@ -37,7 +37,7 @@ from crflow.tasks.storage import (
 )
 
 
-@flow(name="gc")
+@flow(name="gc", flow_run_name=run_name)
 @one_run_per_site
 def gc(site_file: str, dry_run: bool = False) -> str:
     """Collect the registry's unreferenced blobs in a read-only window; return a one-line summary."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from crflow.chart import values_for
-from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.site_lock import one_run_per_site, run_name
 from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.oci import SMOKE_REPO
 from crflow.settings import load_site
@@ -21,7 +21,7 @@ from crflow.tasks.registry import push_pull_check, wait_until_ready
 from crflow.tasks.report import certificate_rows, publish_summary
 
 
-@flow(name="install")
+@flow(name="install", flow_run_name=run_name)
 @one_run_per_site
 def install(site_file: str, new_ca: bool = False) -> str:
     """Install (or converge) the registry described by `site_file`; return its address.

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from crflow.files import remove
 from crflow.flows.alerts import emit_rotation_rolled_back
 from crflow.flows.install import install
-from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.site_lock import one_run_per_site, run_name
 from crflow.flows.steps import login, server_cert, site_ca, site_vault
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
@@ -59,7 +59,7 @@ def _joined(*lines: SecretStr) -> SecretStr:
     return SecretStr("".join(line.get_secret_value() for line in lines))
 
 
-@flow(name="rotate-credentials")
+@flow(name="rotate-credentials", flow_run_name=run_name)
 @one_run_per_site
 def rotate_credentials(site_file: str, grace_seconds: int | None = None,
                        renew_cert_within_days: int | None = None) -> int:
@@ -121,7 +121,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     return gens.credentials
 
 
-@flow(name="rotate-cert")
+@flow(name="rotate-cert", flow_run_name=run_name)
 @one_run_per_site
 def rotate_cert(site_file: str) -> str:
     """Renew the server certificate from the same CA, roll the registry onto it, check it is served."""

@@ -12,7 +12,7 @@ shortest lease Prefect's server accepts). A holder on this machine also leaves i
 instead of waiting it out. Subflows (install inside rotate-cert, verify inside upgrade) run
 inside their parent's slot.
 
-    @flow(name="install")
+    @flow(name="install", flow_run_name=run_name)
     @one_run_per_site
     def install(site_file: str) -> str: ...
 """
@@ -35,7 +35,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.events import emit_event
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
@@ -143,15 +143,27 @@ def _slot(name: str, site: Site) -> Iterator[None]:
             client.release_concurrency_slots_with_lease(lease)
 
 
-def _name_run(site: Site) -> None:
-    """This run is named after its action and site and carries the site's tag, whether the CLI
-    or a worker started it."""
-    context = get_run_context()
-    run, tag = context.flow_run, site_tag(site)
-    name, tags = f"{context.flow.name} {site_name(site)}", [*run.tags, tag] if tag not in run.tags else run.tags
+def run_name() -> str:
+    """Every crflow flow's `flow_run_name`: `install registry@HOST:PORT`. Prefect names the run
+    with it before its first console line, whether the CLI or a worker started it, so the
+    terminal, the UI and the alerts say the same name."""
+    context = FlowRunContext.get()
+    site_file = context.parameters["site_file"]
+    try:
+        return f"{context.flow.name} {site_name(load_site(Path(site_file)))}"
+    except CrflowError:  # the run then fails on the site file; its name still says which file
+        return f"{context.flow.name} {Path(site_file).name}"
+
+
+def _tag_run(site: Site) -> None:
+    """This run carries the site's tag, whether the CLI (which tags it at creation) or a worker started it."""
+    run, tag = get_run_context().flow_run, site_tag(site)
+    if tag in run.tags:
+        return
+    tags = [*run.tags, tag]
     with get_client(sync_client=True) as client:
-        client.update_flow_run(run.id, name=name, tags=tags)
-    run.name, run.tags = name, tags  # the engine's copy, which its state events (Failed...) are made from
+        client.update_flow_run(run.id, tags=tags)
+    run.tags = tags  # the engine's copy, which its state events (Failed...) are made from
 
 
 def _holders(site: Site) -> str:
@@ -210,7 +222,7 @@ def one_run_per_site(flow_function):
         if name in _held.get():  # a subflow of the run that holds it
             return flow_function(site_file, *args, **kwargs)
         _check_registered(site_file)
-        _name_run(site)
+        _tag_run(site)
         slot = _slot(name, site)
         try:
             slot.__enter__()

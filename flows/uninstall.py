@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from crflow import layout
-from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.site_lock import one_run_per_site, run_name
 from crflow.settings import Site, load_site
 from crflow.targets import target_for
 from crflow.tasks.report import publish_summary
@@ -46,7 +46,7 @@ def removal_plan(site: Site, purge: bool) -> list[str]:
     return plan
 
 
-@flow(name="uninstall")
+@flow(name="uninstall", flow_run_name=run_name)
 @one_run_per_site
 def uninstall(site_file: str, purge: bool = False) -> list[str]:
     """Remove the registry of `site_file`; returns what was removed."""

@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from crflow.chart import values_for
 from crflow.errors import CrflowError, NotInstalled
-from crflow.flows.site_lock import one_run_per_site
+from crflow.flows.site_lock import one_run_per_site, run_name
 from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.flows.verify import verify
 from crflow.settings import load_site
@@ -42,7 +42,7 @@ def publish_diff(release: str, deployed: str, before: list[dict], rendered: list
     return len(changes)
 
 
-@flow(name="upgrade")
+@flow(name="upgrade", flow_run_name=run_name)
 @one_run_per_site
 def upgrade(site_file: str, dry_run: bool = False) -> str:
     """Upgrade the registry of `site_file` to what the file and helm_chart/ say; verify; roll back if it breaks."""

@@ -14,7 +14,7 @@ from prefect import flow
 
 from crflow.errors import CrflowError, StorageFailure
 from crflow.flows.alerts import emit_certificate_days
-from crflow.flows.site_lock import one_run_per_site, site_slug
+from crflow.flows.site_lock import one_run_per_site, run_name, site_slug
 from crflow.oci import SMOKE_REPO, served_certificate
 from crflow.settings import S3Storage, load_site
 from crflow.targets import target_for
@@ -33,7 +33,7 @@ from crflow.tasks.storage import blob_in_bucket, bucket_present, check_pod_stora
 from crflow.tasks.usage import publish_usage, registry_usage
 
 
-@flow(name="verify-push-pull")
+@flow(name="verify-push-pull", flow_run_name=run_name)
 @one_run_per_site
 def verify(site_file: str, source_image: str | None = None, source_ca: str | None = None,
            source_authfile: str | None = None) -> str:

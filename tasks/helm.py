@@ -10,8 +10,6 @@ The chart only references Secrets (see crflow/chart.py); their content never ent
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,20 +21,14 @@ from pyhelm3.errors import ReleaseNotFoundError
 
 from crflow.chart import CHART_DIR, CHART_REPOSITORY, chart_package, chart_reference
 from crflow.errors import CrflowError, transient_only
+from crflow.helmbin import find_helm
 
 if TYPE_CHECKING:  # the local target renders the chart without loading the Kubernetes client
     from crflow.tasks.kubeapi import KubeAccess
 
-HELM_HINT = "run scripts/setup.sh (it fetches helm into .bin/), or put helm on PATH, or set CRFLOW_HELM"
-
-
 def helm_executable() -> str:
-    """The helm binary: $CRFLOW_HELM, else .bin/helm in the checkout, else helm on PATH."""
-    candidates = [os.environ.get("CRFLOW_HELM"), str(CHART_DIR.parent / ".bin" / "helm"), shutil.which("helm")]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise CrflowError(f"helm not found: {HELM_HINT}")
+    """The helm binary crflow runs (crflow/helmbin.py says where it looks)."""
+    return find_helm().path
 
 
 def _said(stderr: str, otherwise: str) -> str:

@@ -28,6 +28,7 @@ from kubernetes import client, config
 
 from crflow.localpod import LocalPod
 from crflow.oci import tiny_image
+from crflow.tasks.helm import helm_executable
 from servers import BIN, free_port, node_port, start_prefect_server, start_server, stop_server, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,9 @@ class Crflow:
 
     def __init__(self, prefect_api: str, home: Path):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
-        self.env.update(PREFECT_API_URL=prefect_api, CRFLOW_HOME=str(home), DO_NOT_TRACK="1")
+        # Its own CRFLOW_HOME has no helm: the one setup found or fetched, by name.
+        self.env.update(PREFECT_API_URL=prefect_api, CRFLOW_HOME=str(home), DO_NOT_TRACK="1",
+                        CRFLOW_HELM=helm_executable())
         self.api = prefect_api
         self.binary = str(BIN / "crflow")
 
@@ -389,8 +392,8 @@ class ClusterSite(Site):
         return kubectl(self.node, *args, check=check, input=input)
 
     def helm(self, *args: str, returncode: int = 0) -> str:
-        """helm from .bin/, as the cluster's admin; its stdout."""
-        result = subprocess.run([str(ROOT / ".bin" / "helm"), *args], capture_output=True, text=True, timeout=300,
+        """helm, as the cluster's admin; its stdout."""
+        result = subprocess.run([helm_executable(), *args], capture_output=True, text=True, timeout=300,
                                 stdin=subprocess.DEVNULL,
                                 env={**os.environ, "KUBECONFIG": str(self.node.kubeconfig), "HOME": str(self.home)})
         assert result.returncode == returncode, f"helm {' '.join(args)}:\n{result.stderr}"

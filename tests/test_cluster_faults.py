@@ -1,6 +1,6 @@
 """Faults of the cluster itself, on the test cluster (tests/cluster.py: a real Kubernetes 1.20
 node): the apiserver frozen (SIGSTOP), etcd frozen, the kubelet killed in the middle of a
-rollout (its supervisor starts it again, as systemd would). Each holds the cluster alone.
+rollout (its supervisor starts it again, as systemd would), the node gone NotReady. Each holds the cluster alone.
 crflow's runs end within their bounds (every API call has a timeout; helm has its own), and
 a rerun converges. REAL: every component; EMULATED: moto stands in for MinIO."""
 
@@ -13,7 +13,7 @@ import pytest
 from test_rotate import push
 from test_upgrade_kubernetes import revisions, set_values
 
-from cluster import REGISTRY_IMAGE_NEXT, alive, signal_component
+from cluster import NODE, REGISTRY_IMAGE_NEXT, alive, signal_component
 from crflow.oci import Registry
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.cluster_alone]
@@ -81,3 +81,30 @@ def test_a_kubelet_killed_in_the_middle_of_a_rollout_comes_back_and_the_upgrade_
     assert alive(site.node, "kubelet") and old_pid is not None  # the supervisor started a new one
     with Registry.from_bundle(site.url, site.client) as registry:
         assert registry.pull_image("team/app", digest)
+
+
+def test_a_node_gone_not_ready_makes_status_unhealthy_in_one_line_and_it_recovers(crflow, cluster_site):
+    """The kubelet frozen: after the node controller's default 40 s grace (the test cluster keeps
+    Kubernetes' defaults here; shorter ones made the node NotReady inside other fault tests'
+    freezes), it marks the node NotReady and its pods unready, the
+    endpoints controller takes the registry out of its Service, and kube-proxy stops sending it
+    anything. `crflow status` says so; once the kubelet runs again, it is healthy again."""
+    site = cluster_site
+    crflow("install", "-c", str(site.path))
+
+    def node_ready() -> str:
+        return site.kubectl("get", "node", NODE, "-o",
+                            'jsonpath={.status.conditions[?(@.type=="Ready")].status}').stdout
+
+    status = lambda: crflow("status", "-c", str(site.path), check=False)  # noqa: E731
+    signal_component(site.node, "kubelet", signal.SIGSTOP)
+    try:
+        wait_until(lambda: node_ready() == "Unknown", 90, "NotReady node")
+        wait_until(lambda: status().returncode == 3, 90, "unhealthy status")
+        answer = status()
+        line = answer.stdout.splitlines()[0]  # the finding; the exit code's name follows on stderr
+        assert site.url in line and "not answering" in line, line
+    finally:
+        signal_component(site.node, "kubelet", signal.SIGCONT)
+    wait_until(lambda: node_ready() == "True", 90, "Ready node")
+    wait_until(lambda: status().returncode == 0, 120, "healthy status")
