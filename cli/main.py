@@ -432,8 +432,8 @@ def main() -> None:
     os.umask(0o077)  # what crflow writes (Prefect's result files too) is its user's only
     sys.stdout = _PipeAware(sys.stdout)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
-    runtime.configure()  # before anything imports prefect: its settings are read once, at import
     try:
+        runtime.configure()  # before anything imports prefect: its settings are read once, at import
         app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit
     except OutputClosed:  # the reader went away (| head): say so once, with nothing more to stdout
         typer.secho("crflow: error: the output was closed before crflow finished writing it (broken pipe)", err=True,

@@ -17,6 +17,8 @@ if [ -n "$extras" ]; then  # the fault tests' independent judges
   command -v curl >/dev/null || packages+=(curl)
   command -v openssl >/dev/null || packages+=(openssl)
   command -v containerd >/dev/null || packages+=(containerd)  # the emulated nodes' real runtime
+  # The flow image: a Debian base (debootstrap), built by buildah and run by podman.
+  for tool in debootstrap buildah podman; do command -v $tool >/dev/null || packages+=($tool); done
 fi
 if [ ${#packages[@]} -gt 0 ]; then
   echo "==> apt-get install ${packages[*]}"

@@ -104,16 +104,48 @@ def wheelhouse(wheel: Path) -> Path:
     return house
 
 
+def add_for_python(house: Path, version: str) -> None:
+    """pip resolved the wheelhouse for the Python running the tests; add what another Python
+    `version` needs besides: requirements whose markers hold only there (redis asks for
+    async-timeout below Python 3.11.3, and Debian bookworm's is 3.11.2)."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    here = {**default_environment(), "extra": ""}
+    there = {**here, "python_full_version": version, "python_version": ".".join(version.split(".")[:2])}
+    for _ in range(5):  # what is added may need more
+        held = {canonicalize_name(wheel.name.split("-")[0]) for wheel in house.glob("*.whl")}
+        wanted = set()
+        for wheel in house.glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                meta = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+                for line in archive.read(meta).decode().splitlines():
+                    if not line.startswith("Requires-Dist:"):
+                        continue
+                    requirement = Requirement(line.split(":", 1)[1].strip())
+                    marker = requirement.marker
+                    if marker and marker.evaluate(there) and not marker.evaluate(here) \
+                            and canonicalize_name(requirement.name) not in held:
+                        requirement.marker = None
+                        wanted.add(str(requirement))
+        if not wanted:
+            return
+        run(sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "-w", str(house),
+            *sorted(wanted), timeout=900)
+    raise AssertionError(f"the wheelhouse for Python {version} did not settle")
+
+
 def _debian_mirror() -> str:
     """The Debian mirror this machine's apt already uses (a deb822 or a one-line source)."""
     for source in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        fields = dict(line.split(":", 1) for line in source.read_text().splitlines()
-                      if ":" in line and not line.startswith("#"))
-        if "bookworm" in fields.get("Suites", "") and fields.get("Types", "").strip() == "deb":
-            return fields["URIs"].split()[0]
+        for stanza in source.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
+            if "bookworm" in fields.get("Suites", "").split() and "deb" in fields.get("Types", "").split():
+                return fields["URIs"].split()[0]
     for line in Path("/etc/apt/sources.list").read_text().splitlines() if Path("/etc/apt/sources.list").exists() else []:
         words = line.split()
-        if len(words) >= 3 and words[0] == "deb" and words[2].startswith("bookworm"):
+        if len(words) >= 3 and words[0] == "deb" and words[2] == "bookworm":
             return words[1]
     raise Unavailable("no Debian bookworm mirror in this machine's apt sources")
 
@@ -167,6 +199,8 @@ def flow_image(wheel: Path) -> str:
         if _image_exists(name):
             return name
         base, house = base_image(), wheelhouse(wheel)
+        add_for_python(house, run("podman", "run", "--rm", *PODMAN_LIMITS, base, "python3", "-c",
+                                  "import platform; print(platform.python_version())").stdout.strip())
         with tempfile.TemporaryDirectory(prefix="crflow-image-") as context:
             dist = Path(context) / "dist"
             shutil.copytree(house, dist)
