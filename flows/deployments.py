@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
@@ -38,7 +39,7 @@ from crflow.flows.site_lock import site_name, site_tag
 from crflow.flows.upgrade import upgrade
 from crflow.flows.verify import verify
 from crflow.resources import packaged
-from crflow.settings import Site
+from crflow.settings import Schedules, Site
 
 PoolType = Literal["process", "kubernetes"]
 # Without a pull step, `prefect flow-run execute` copies its whole working directory into the
@@ -57,6 +58,22 @@ class Deployed:
 
 def _schedule(cron: str | None, timezone: str) -> list[CronSchedule]:
     return [CronSchedule(cron=cron, timezone=timezone)] if cron else []
+
+
+def deployment_plan(every: Schedules) -> list[tuple[Flow, dict, list[CronSchedule], str]]:
+    """Each deployment of a site: (flow, parameters besides site_file, schedules, what it is for).
+    prefect.yaml holds the same deployments, with the default schedules (a test compares them)."""
+    return [
+        (install, {}, [], "Install the registry, or bring it back to the site file (on demand)."),
+        (verify, {}, _schedule(every.verify, every.timezone),
+         "The smoke check: push, pull, catalog, storage, pull secret, delete."),
+        (rotate_credentials, {"renew_cert_within_days": 30}, _schedule(every.rotate_credentials, every.timezone),
+         "A new login, handed to every consumer with an overlap (and a new server certificate near its end)."),
+        (rotate_cert, {}, [], "Renew the server certificate from the same CA (on demand)."),
+        (upgrade, {"dry_run": True}, [], "The diff first; run with dry_run false to apply it (on demand)."),
+        (gc, {}, _schedule(every.gc, every.timezone),
+         "Retention, then garbage collection in a read-only window (pulls keep working)."),
+    ]
 
 
 def job_template(path: Path | None) -> dict:
@@ -91,19 +108,8 @@ def deploy_site(site: Site, site_file: Path, pool: str, pool_type: PoolType = "p
     name, every = site_name(site), site.schedules
     # A Job finds the site file by its name in the mounted ConfigMap; a process worker by its path here.
     bound = {"site_file": site_file.name if kubernetes else str(site_file.resolve())}
-    plan = [  # (flow, extra parameters, schedules, what it is for)
-        (install, {}, [], "Install the registry, or bring it back to the site file (on demand)."),
-        (verify, {}, _schedule(every.verify, every.timezone),
-         "The smoke check: push, pull, catalog, storage, pull secret, delete."),
-        (rotate_credentials, {"renew_cert_within_days": 30}, _schedule(every.rotate_credentials, every.timezone),
-         "A new login, handed to every consumer with an overlap (and a new server certificate near its end)."),
-        (rotate_cert, {}, [], "Renew the server certificate from the same CA (on demand)."),
-        (upgrade, {"dry_run": True}, [], "The diff first; run with dry_run false to apply it (on demand)."),
-        (gc, {}, _schedule(every.gc, every.timezone),
-         "Retention, then garbage collection in a read-only window (pulls keep working)."),
-    ]
     names = []
-    for flow, extra, schedules, description in plan:
+    for flow, extra, schedules, description in deployment_plan(every):
         deployment = flow.to_deployment(
             name=name, parameters={**bound, **extra}, schedules=schedules, description=description,
             tags=["crflow", site_tag(site)], entrypoint_type=EntrypointType.MODULE_PATH,

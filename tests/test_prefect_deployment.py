@@ -11,6 +11,7 @@ import httpx
 
 from conftest import ROOT
 from crflow.health import registry_health
+from crflow.tasks.helm import helm_executable
 from servers import BIN, start_server, stop_server
 
 
@@ -24,7 +25,8 @@ def prefect(*args: str, env: dict) -> str:
 def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
     site = make_site()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
-    env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "prefect-client"), DO_NOT_TRACK="1")
+    env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "prefect-client"), DO_NOT_TRACK="1",
+               CRFLOW_HELM=helm_executable())
     pool = "crflow"
     subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
                    capture_output=True, timeout=60)  # an existing pool is fine
@@ -63,3 +65,23 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
     assert refused_run["state"]["type"] == "FAILED" and "is not the one its deployment was bound to" in \
         refused_run["state"]["message"]
     assert not stranger.state.exists()
+
+
+def test_prefect_yaml_holds_the_deployments_crflow_deploy_makes():
+    """The two ways to deploy cannot drift: each prefect.yaml deployment runs a flow of
+    `crflow deploy`'s plan by its module path (a worker needs crflow installed, not this
+    checkout), with the same extra parameters and the default schedule."""
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    from crflow.flows.deployments import deployment_plan
+    from crflow.settings import Schedules
+
+    shipped = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    plan = {flow.name: (extra, [s.cron for s in schedules]) for flow, extra, schedules, _ in deployment_plan(Schedules())}
+    assert sorted(load_flow_from_entrypoint(d["entrypoint"]).name for d in shipped) == sorted(plan)
+    for deployment in shipped:
+        assert deployment["entrypoint"].startswith("crflow.flows.") and ":" not in deployment["entrypoint"]
+        extra, crons = plan[load_flow_from_entrypoint(deployment["entrypoint"]).name]
+        assert {k: v for k, v in deployment["parameters"].items() if k != "site_file"} == extra, deployment["name"]
+        assert [s["cron"] for s in deployment.get("schedules", [])] == crons, deployment["name"]
