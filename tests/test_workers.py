@@ -5,10 +5,12 @@ rules, the earlier layout's migration and the cache in a bucket: tests/test_clus
 On the test cluster (tests/cluster.py: a real Kubernetes 1.20 node). REAL: the Prefect worker
 is prefect-kubernetes's, with the token of deployments/worker.yaml's ServiceAccount (its kopf
 observer off); it makes the Job from deployments/base-job-template.json; the Job controller
-and the kubelet run its pod, as crflow-worker, with the in-cluster token. EMULATED until the
-flow image is built here: the pod runs this checkout's virtualenv, mounted from the machine
-(hostPath, read-only, on the host's network so it reaches the session's Prefect server on
-loopback) in the locally built busybox image, in place of the flow image. EMULATED: moto is MinIO.
+and the kubelet run its pod, as crflow-worker, with the in-cluster token. The pod runs the
+flow image (deployments/Dockerfile, built by buildah from this tree's wheel: tests/shipping.py),
+which the kubelet pulls from the registry crflow installed on the cluster, trusting it through
+the node trust and logging in with the pull Secret crflow put in the Job's namespace: the
+whole loop a user runs. The one change to the shipped template: the pod is on the host's
+network, to reach the session's Prefect server on loopback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import base64
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from cluster import REGISTRY_IMAGE, kubectl
+from cluster import NODE, kubectl
 from conftest import MINIO_KEYS, ROOT, fingerprint, oci_layout, secret_text, skopeo, token_kubeconfig
 from servers import BIN
 
@@ -48,21 +49,33 @@ def wait_for_run(api: str, run_id: str, seconds: float) -> dict:
         time.sleep(0.5)
 
 
-def host_run_template(path: Path) -> Path:
-    """deployments/base-job-template.json with the flow image's place taken by this machine's
-    virtualenv: the busybox image, the checkout and /usr mounted read-only, the host's network."""
+def job_template(path: Path, pull_secret: str) -> Path:
+    """deployments/base-job-template.json as a user pulling the flow image from crflow's own
+    registry has it (the pull Secret named), on the host's network (the Prefect server here is
+    on loopback); the pod may wait for its image as long as a first pull takes."""
     template = json.loads((ROOT / "deployments" / "base-job-template.json").read_text())
     pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
     pod["hostNetwork"] = True
-    mounts = {"host-usr": "/usr", "host-checkout": str(ROOT), "host-python": str(Path(sys.base_prefix))}
-    mounts = {name: where for name, where in mounts.items() if name == "host-usr" or not where.startswith("/usr/")}
-    pod["volumes"] += [{"name": name, "hostPath": {"path": where, "type": "Directory"}} for name, where in mounts.items()]
-    container["volumeMounts"] += [{"name": name, "mountPath": where, "readOnly": True} for name, where in mounts.items()]
-    container["image"], container["imagePullPolicy"] = REGISTRY_IMAGE, "Never"
-    container["env"].append({"name": "PATH", "value": f"{BIN}:/usr/bin:/bin"})
+    pod["imagePullSecrets"] = [{"name": pull_secret}]
+    template["variables"]["properties"]["pod_watch_timeout_seconds"]["default"] = 300
     path.write_text(json.dumps(template))
     return path
+
+
+def push_flow_image(site, tmp_path: Path) -> str:
+    """The flow image, built from this tree's wheel, pushed into the site's registry with the
+    client files crflow wrote: its name there."""
+    from shipping import Unavailable, build_wheel, check_tools, flow_image
+
+    try:
+        check_tools()
+    except Unavailable as why:
+        pytest.skip(f"the flow image cannot be built here: {why}")
+    image = flow_image(build_wheel(tmp_path / "wheel"))
+    pushed = f"{site.server}/crflow/flow:{image.rsplit(':', 1)[1]}"
+    skopeo("copy", "--dest-authfile", str(site.client / "auth.json"), "--dest-cert-dir", str(site.client),
+           f"containers-storage:{image}", f"docker://{pushed}")
+    return pushed
 
 
 def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
@@ -71,7 +84,13 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
 
     site, core = cluster_site, cluster_site.core
     namespace = site.namespace
+    # The Jobs' namespace gets the pull Secret; the registry's blobs go to a hostPath PV (the
+    # flow image is large for moto's memory).
+    site.settings["pull_secrets"] = {"namespaces": ["crflow"]}
+    site.settings["storage"] = {"kind": "pvc", "host_path": {"path": str(tmp_path / "data"), "node": NODE}}
+    site.write()
     runs = [crflow("install", "-c", str(site.path))]
+    flow_image = push_flow_image(site, tmp_path)
     key = (site.state / "result.key").read_text().strip()
     ca = fingerprint(secret_text(core, namespace, "registry-ca", "ca.crt"))
     first_login = secret_text(core, namespace, "registry-login", "password")
@@ -111,8 +130,8 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
     core.create_namespaced_config_map("crflow", client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name="crflow-sites"), data={"site.yaml": yaml.safe_dump(in_job)}))
     pool = f"crflow-k8s-{site.namespace}"
-    deployed = crflow("deploy", "-c", str(third), "--pool", pool, "--pool-type", "kubernetes",
-                      "--job-template", str(host_run_template(tmp_path / "job-template.json")))
+    deployed = crflow("deploy", "-c", str(third), "--pool", pool, "--pool-type", "kubernetes", "--image", flow_image,
+                      "--job-template", str(job_template(tmp_path / "job-template.json", "registry-pull")))
     assert "bound to site.yaml" in deployed.stdout
 
     def through_the_worker(flow: str) -> tuple[dict, str]:
@@ -147,6 +166,11 @@ def test_fresh_directories_and_a_kubernetes_workers_job_carry_on_the_same_site(
     run, log = through_the_worker("verify-push-pull")
     assert run["state"]["type"] == "COMPLETED", log[-4000:]
     assert "Downloading flow code" not in log  # the deployment's pull step: no copy of the image's files per run
+    # The kubelet ran the flow image, pulled from crflow's registry.
+    job_name = kubectl(site.node, "-n", "crflow", "get", "jobs", "-l", f"prefect.io/flow-run-id={run['id']}",
+                       "-o", "jsonpath={.items[0].metadata.name}").stdout
+    pod = core.list_namespaced_pod("crflow", label_selector=f"job-name={job_name}").items[0]
+    assert pod.spec.containers[0].image == flow_image and pod.status.container_statuses[0].image_id
     assert run["parameters"] == {"site_file": "site.yaml"}  # the file's name in the mounted ConfigMap, nothing more
 
     # The Job as the worker made it: the key only by reference; no secret in it.
