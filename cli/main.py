@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import typer
@@ -368,12 +369,18 @@ def _show_version(shown: bool) -> None:
         raise typer.Exit()
 
 
+_debug = False  # --debug: an error's traceback, causes included, before its one line
+
+
 @app.callback()
 def _options(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                  help="crflow's version, and those of the helm, Prefect and distribution it found."),
+    debug: bool = typer.Option(False, "--debug", help="On an error, print its traceback (with its causes) too."),
 ) -> None:
     """A private container registry on your own Kubernetes cluster (or this machine), run by Prefect flows."""
+    global _debug
+    _debug = debug
 
 
 @server_app.command("start")
@@ -428,6 +435,11 @@ class _PipeAware:
             self._closed()
 
 
+def _traceback(err: BaseException) -> None:
+    if _debug:
+        traceback.print_exception(err, file=sys.stderr)
+
+
 def main() -> None:
     os.umask(0o077)  # what crflow writes (Prefect's result files too) is its user's only
     sys.stdout = _PipeAware(sys.stdout)
@@ -440,18 +452,22 @@ def main() -> None:
                     fg="red")
         sys.exit(128 + signal.SIGPIPE)
     except NotInstalled as err:
+        _traceback(err)
         typer.secho(f"crflow: error: {err}", err=True, fg="red")
         sys.exit(int(Status.NOT_INSTALLED))
     except ONE_LINE_ERRORS as err:
+        _traceback(err)
         typer.secho(f"crflow: error: {err}", err=True, fg="red")
         sys.exit(1)
     except OSError as err:  # the machine's, not crflow's: a full disk, a busy mount, a file it cannot reach
+        _traceback(err)
         where = f": {err.filename}" if err.filename else ""
         why = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror or str(err)
         typer.secho(f"crflow: error: {why}{where}", err=True, fg="red")
         sys.exit(1)
     except Exception as err:  # not ours: say what and where to look, still one line
-        typer.secho(f"crflow: error: {type(err).__name__}: {err}", err=True, fg="red")
+        _traceback(err)
+        typer.secho(f"crflow: error: {type(err).__name__}: {err} (crflow --debug ... shows where)", err=True, fg="red")
         sys.exit(1)
 
 

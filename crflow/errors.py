@@ -8,6 +8,12 @@ class CrflowError(Exception):
     """A failure the user can act on. Tasks do not retry it: a retry cannot fix a wrong setting."""
 
 
+class Transient(CrflowError):
+    """A failure a later try may not meet: the API's 409, 429 or 5xx, a connection refused or
+    reset, a timeout, helm's "another operation is in progress". Tasks retry it; once their
+    retries are spent, its one line is the error. Raised with the cause chained."""
+
+
 class NotInstalled(CrflowError):
     """The site has no registry yet (no client files, no release, no local pod)."""
 
@@ -33,12 +39,29 @@ class NotAnswering(ConnectionError):
     tasks retry it, and once the retries are spent its message is the whole story."""
 
 
+def is_transient(err: BaseException) -> bool:
+    """Worth another try: a Transient, or a connection or timeout the libraries crflow calls
+    raise as their own types. Anything else, a bug (KeyError, TypeError...) above all, is not."""
+    if isinstance(err, (Transient, ConnectionError, TimeoutError)):
+        return True
+    # The transport errors of httpx (the registry, Prefect) and urllib3 (Kubernetes, MinIO),
+    # and S3's own "try again", by their module, so that this module imports none of them.
+    kinds = {f"{kind.__module__}.{kind.__name__}" for kind in type(err).__mro__}
+    if "minio.error.S3Error" in kinds:
+        return getattr(err, "code", None) in _S3_TRY_AGAIN
+    return bool(kinds & _TRANSPORT) or "minio.error.ServerError" in kinds
+
+
+_TRANSPORT = {"httpx.TransportError", "urllib3.exceptions.ProtocolError", "urllib3.exceptions.TimeoutError",
+              "urllib3.exceptions.NewConnectionError", "urllib3.exceptions.MaxRetryError",
+              "ssl.SSLEOFError", "http.client.RemoteDisconnected", "http.client.IncompleteRead"}
+_S3_TRY_AGAIN = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+
+
 def transient_only(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry everything but a CrflowError."""
+    """Prefect ``retry_condition_fn``: retry what is transient, and nothing else (a bug fails at once)."""
     try:
         state.result()
-    except CrflowError:
-        return False
-    except Exception:
-        return True
+    except Exception as err:
+        return is_transient(err)
     return False

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 from prefect import task
 from pyhelm3 import Client
 from pyhelm3.command import Command
+from pyhelm3.errors import ConnectionError as HelmConnectionError
 from pyhelm3.errors import Error as HelmError
 from pyhelm3.errors import ReleaseNotFoundError
 
 from crflow.chart import CHART_DIR, CHART_REPOSITORY, chart_package, chart_reference
-from crflow.errors import CrflowError, transient_only
+from crflow.errors import CrflowError, Transient, transient_only
 from crflow.helmbin import find_helm
 
 if TYPE_CHECKING:  # the local target renders the chart without loading the Kubernetes client
@@ -39,6 +40,14 @@ def _said(stderr: str, otherwise: str) -> str:
 
 def _reason(err: HelmError) -> str:
     return _said(str(err), type(err).__name__)
+
+
+def _failed(err: HelmError, doing: str) -> CrflowError:
+    """helm's failure as a one-line CrflowError; Transient where a later try may pass: the
+    cluster unreachable, or another operation on the release still in progress."""
+    said = _reason(err)
+    transient = isinstance(err, HelmConnectionError) or "another operation" in said
+    return (Transient if transient else CrflowError)(f"{doing}: {said}")
 
 
 class _TemplateFor(Command):
@@ -71,7 +80,7 @@ def render_chart(release: str, namespace: str, values: dict, kube_version: str |
     try:
         return asyncio.run(_render(release, namespace, values, kube_version))
     except HelmError as err:
-        raise CrflowError(f"helm could not render {CHART_DIR}: {_reason(err)}") from None
+        raise _failed(err, f"helm could not render {CHART_DIR}") from err
 
 
 def _client(kube: KubeAccess) -> Client:
@@ -102,7 +111,7 @@ def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, t
     try:
         return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds, always))
     except HelmError as err:
-        raise CrflowError(f"helm could not install or upgrade release {namespace}/{release}: {_reason(err)}") from None
+        raise _failed(err, f"helm could not install or upgrade release {namespace}/{release}") from err
 
 
 async def _deployed(kube: KubeAccess, release: str, namespace: str) -> tuple[int | None, list[dict]]:
@@ -120,7 +129,7 @@ def deployed_release(kube: KubeAccess, release: str, namespace: str) -> tuple[in
     try:
         return asyncio.run(_deployed(kube, release, namespace))
     except HelmError as err:
-        raise CrflowError(f"helm could not read release {namespace}/{release}: {_reason(err)}") from None
+        raise _failed(err, f"helm could not read release {namespace}/{release}") from err
 
 
 async def _rollback(kube: KubeAccess, release: str, namespace: str, revision: int, timeout_seconds: int) -> int:
@@ -136,7 +145,7 @@ def rollback_release(kube: KubeAccess, release: str, namespace: str, revision: i
     try:
         return asyncio.run(_rollback(kube, release, namespace, revision, timeout_seconds))
     except HelmError as err:
-        raise CrflowError(f"helm could not roll release {namespace}/{release} back to revision {revision}: {_reason(err)}") from None
+        raise _failed(err, f"helm could not roll release {namespace}/{release} back to revision {revision}") from err
 
 
 
@@ -160,7 +169,7 @@ def remove_node_trust(kube: KubeAccess, release: str, namespace: str, timeout_se
     try:
         return asyncio.run(_node_trust_off(kube, release, namespace, timeout_seconds))
     except HelmError as err:
-        raise CrflowError(f"helm could not upgrade release {namespace}/{release}: {_reason(err)}") from None
+        raise _failed(err, f"helm could not upgrade release {namespace}/{release}") from err
 
 
 async def _uninstall(kube: KubeAccess, release: str, namespace: str, timeout_seconds: int) -> bool:
@@ -178,7 +187,7 @@ def uninstall_release(kube: KubeAccess, release: str, namespace: str, timeout_se
     try:
         return asyncio.run(_uninstall(kube, release, namespace, timeout_seconds))
     except HelmError as err:
-        raise CrflowError(f"helm could not uninstall release {namespace}/{release}: {_reason(err)}") from None
+        raise _failed(err, f"helm could not uninstall release {namespace}/{release}") from err
 
 
 @task(task_run_name="publish the chart to oci://{server}/" + CHART_REPOSITORY, retries=2, retry_delay_seconds=2,

@@ -25,7 +25,7 @@ from kubernetes.client.rest import ApiException
 from prefect import task
 from pydantic import BaseModel
 
-from crflow.errors import CrflowError, transient_only
+from crflow.errors import CrflowError, Transient, transient_only
 
 KUBECONFIG_HINT = "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config"
 RETRIED_STATUSES = {409, 429, 500, 502, 503, 504}
@@ -88,25 +88,25 @@ def _reason(err: ApiException) -> str:
 
 
 def retrying(what: str, call: Callable, attempts: int = 6, first_delay: float = 0.2):
-    """Run `call` (a whole read-compare-write) until it succeeds or fails for good."""
+    """Run `call` (a whole read-compare-write) until it succeeds or fails for good: a 409, 429,
+    5xx or an unreachable API is retried here, then raised as Transient (so the task's own
+    retries may try again later); any other status is a CrflowError at once. Causes are chained."""
     delay = first_delay
     for attempt in range(attempts):
         last = attempt == attempts - 1
         try:
             return call()
         except ApiException as err:
-            if err.status in RETRIED_STATUSES and not last:
-                time.sleep(delay)
-                delay *= 2
-                continue
-            raise CrflowError(f"Kubernetes API: {what} failed with {err.status}: {_reason(err)}") from None
+            if err.status not in RETRIED_STATUSES:
+                raise CrflowError(f"Kubernetes API: {what} failed with {err.status}: {_reason(err)}") from err
+            if last:
+                raise Transient(f"Kubernetes API: {what} failed with {err.status}: {_reason(err)}") from err
         except (urllib3.exceptions.HTTPError, ConnectionError) as err:
-            if not last:
-                time.sleep(delay)
-                delay *= 2
-                continue
-            raise CrflowError(f"Kubernetes API unreachable during {what} ({type(err).__name__}); "
-                              f"check the kubeconfig (`{KUBECONFIG_HINT}`)") from None
+            if last:
+                raise Transient(f"Kubernetes API unreachable during {what} ({type(err).__name__}); "
+                                f"check the kubeconfig (`{KUBECONFIG_HINT}`)") from err
+        time.sleep(delay)
+        delay *= 2
 
 
 def get_or_none(read: Callable):

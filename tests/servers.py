@@ -72,11 +72,11 @@ def node_port() -> int:
     return free_port(NODE_PORTS)
 
 
-def start_server(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def start_server(argv: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """A detached server process (its own session, so it can be stopped as a group)."""
     with open(log, "ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, cwd=cwd, start_new_session=True)
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -6,6 +6,7 @@ emulated; the apiserver, the kubelet and containerd are the judges."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -74,6 +75,9 @@ def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(k8s, make_clus
     site.settings["pull_secrets"] = {"namespaces": [team], "default_service_account": True}
     site.write()
     namespace = site.namespace
+    # doctor reads the cluster's version with the worker's token before anything is made.
+    assert re.search(r"^ok\s+cluster\s+Kubernetes v1\.20\.2 \(kubeconfig ", crflow("doctor", "-c", str(site.path)).stdout,
+                     re.M)
     crflow("install", "-c", str(site.path))
     assert (data.stat().st_uid, data.stat().st_gid) == (1000, 1000)  # the hostPath the kubelet made, given over
     # Rendered for the cluster's own version, the chart is what the cluster holds (a CronJob at

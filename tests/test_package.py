@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,40 @@ def test_from_an_unrelated_folder_doctor_fetches_helm_and_crflow_installs_verifi
         assert f"{flow} registry@{site.server}" in names, (flow, names)
         assert all(re.fullmatch(rf"[a-z-]+ registry@{re.escape(site.server)}", name) for name in names), names
         assert f"Beginning flow run '{flow} registry@{site.server}'" in said
+
+
+def test_a_process_worker_in_an_unrelated_folder_runs_the_install_deployment_from_the_wheel(
+        venv, prefect_api, make_site, tmp_path):
+    import uuid
+
+    import httpx
+
+    from crflow.tasks.helm import helm_executable
+    from servers import start_server, stop_server
+
+    # helm by name (the doctor test above fetches one); the rest as in the test above.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path / "home"),
+           "CRFLOW_HOME": str(tmp_path / "crflow-home"), "PREFECT_API_URL": prefect_api, "DO_NOT_TRACK": "1",
+           "CRFLOW_HELM": helm_executable(), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    site, pool = make_site(), f"wheel-{uuid.uuid4().hex[:8]}"
+    in_venv(venv, "deploy", "-c", str(site.path), "--pool", pool, cwd=elsewhere, env=env)
+    started = subprocess.run([str(venv / "bin" / "prefect"), "deployment", "run", f"install/registry@{site.server}"],
+                             capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120, check=True)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    worker = start_server([str(venv / "bin" / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
+                          tmp_path / "worker.log", env, cwd=elsewhere)
+    try:
+        deadline, run = time.monotonic() + 240, {}
+        while time.monotonic() < deadline:
+            run = httpx.get(f"{prefect_api}/flow_runs/{run_id}", timeout=30).json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+    finally:
+        stop_server(worker)
+    assert run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+    assert run["name"] == f"install registry@{site.server}"
+    assert curl_status(site, *site.login()) == 200
