@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import yaml
+from test_install_local import VAULT_TASKS
 
 from conftest import cached_tasks
 from servers import BIN
@@ -94,5 +95,5 @@ def test_wrong_result_key_is_an_error(crflow, installed):
     # The right key in the environment works as well as the key file does.
     right = (installed.state / "result.key").read_text().strip()
     os.rename(installed.state / "result.key", installed.state / "result.key.moved")
-    run = crflow("install", "-c", str(installed.path), env={"CRFLOW_RESULT_KEY": right})
-    assert run.returncode == 0 and len(cached_tasks(crflow.api, installed.path)) == 5
+    crflow("install", "-c", str(installed.path), env={"CRFLOW_RESULT_KEY": right})
+    assert cached_tasks(crflow.api, installed.path) == sorted(VAULT_TASKS)  # every secret read back, none made

