@@ -230,8 +230,11 @@ def uninstall(
     for what in removal_plan(site, purge):
         typer.echo(f"  - {what}")
     _confirm(yes, "Go ahead?", "crflow uninstall")
-    for line in _run_flow(uninstall_flow, site, config, purge):
-        typer.echo(f"{'' if line.startswith('kept') else 'removed: '}{line}")
+    done = _run_flow(uninstall_flow, site, config, purge)
+    for line in done.removed:
+        typer.echo(f"removed: {line}")
+    for line in done.kept:
+        typer.echo(f"kept: {line}")
 
 
 def _confirm(yes: bool, question: str, command: str) -> None:

@@ -76,7 +76,11 @@ class FernetSerializer(Serializer):
         return _fernet(_keys[self.key_id]).encrypt(pickle.dumps(obj))
 
     def loads(self, blob: bytes):
-        keys = [_keys[self.key_id]] if self.key_id in _keys else list(_keys.values())
+        # A record names its key by id and is read with that key only; one written before ids
+        # (with key_file instead) is tried with the keys open here.
+        if self.key_id is not None and self.key_id not in _keys:
+            raise CrflowError("a cached result does not decrypt with the result key")
+        keys = [_keys[self.key_id]] if self.key_id is not None else list(_keys.values())
         if not keys:
             raise CrflowError("no result key to read a cached result with: set CRFLOW_RESULT_KEY or the site's "
                               "result_key")

@@ -6,6 +6,7 @@ that still trust the same CA.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, task
@@ -18,13 +19,20 @@ from crflow.tasks.report import publish_summary
 from crflow.trust import trust, trusted
 
 
+@dataclass(frozen=True)
+class Uninstalled:
+    """What an uninstall removed and what it left, a line each."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
 @task(task_run_name="remove what crflow made in {state_dir}")
-def purge_state(state_dir: Path) -> list[str]:
+def purge_state(state_dir: Path) -> Uninstalled:
     """The state directory's entries crflow made (the CA, the logins, the cache, the client
     files), gone for good, and the folder if nothing else is in it; what stayed is said."""
     removed, left = layout.purge(state_dir)
-    lines = [f"the state directory {state_dir} ({', '.join(removed)})"] if removed else []
-    return lines + [f"kept: {why}" for why in left]
+    return Uninstalled([f"the state directory {state_dir} ({', '.join(removed)})"] if removed else [], left)
 
 
 @task(task_run_name="undo crflow trust on this machine")
@@ -48,16 +56,18 @@ def removal_plan(site: Site, purge: bool) -> list[str]:
 
 @flow(name="uninstall", flow_run_name=run_name)
 @one_run_per_site
-def uninstall(site_file: str, purge: bool = False) -> list[str]:
-    """Remove the registry of `site_file`; returns what was removed."""
+def uninstall(site_file: str, purge: bool = False) -> Uninstalled:
+    """Remove the registry of `site_file`; returns what was removed and what was kept."""
     site = load_site(Path(site_file))
     removed = target_for(site).uninstall(purge)
     removed += untrust_this_machine(site)
-    kept = "kept: nothing (purged)" if purge else f"kept: the stored images, the CA and the logins in {site.state_dir}"
+    kept = ["nothing (purged)"] if purge else [f"the stored images, the CA and the logins in {site.state_dir}"]
     if purge:
         if getattr(site.storage, "kind", None) == "s3":
-            kept = f"kept: the images in bucket {site.storage.bucket} (delete them in the S3 service)"
-        removed += purge_state(site.state_dir)
+            kept = [f"the images in bucket {site.storage.bucket} (delete them in the S3 service)"]
+        purged = purge_state(site.state_dir)
+        removed, kept = removed + purged.removed, kept + purged.kept
     publish_summary("crflow-uninstall", f"Registry {site.release} uninstalled",
-                    [*(("Removed", what) for what in removed or ["nothing: it was not installed"]), ("Kept", kept)])
-    return [*removed, kept]
+                    [*(("Removed", what) for what in removed or ["nothing: it was not installed"]),
+                     *(("Kept", what) for what in kept)])
+    return Uninstalled(removed, kept)

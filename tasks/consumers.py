@@ -21,6 +21,7 @@ from prefect import task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
+from crflow.outcomes import Change
 from crflow.tasks.kubeapi import POOL_SIZE, KubeAccess, api_client, get_or_none, managed_labels, retrying
 from crflow.tasks.secrets import snapshot_secret, write_secret_undoably
 from crflow.undo import undo, undoable
@@ -67,20 +68,19 @@ def _set_default_account_secret(api: client.ApiClient, namespace: str, secret: s
 @task(task_run_name="pull Secret {name} in every consumer namespace",
       retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def put_pull_secrets(kube: KubeAccess, namespaces: list[str], selector: str | None, name: str,
-                     docker_config: SecretStr, default_service_account: bool, release: str) -> dict[str, str]:
-    """The pull Secret `name` holding `docker_config` in every consumer namespace;
-    returns namespace -> "created", "updated" or "unchanged"."""
+                     docker_config: SecretStr, default_service_account: bool, release: str) -> dict[str, Change]:
+    """The pull Secret `name` holding `docker_config` in every consumer namespace; what each got."""
     labels = managed_labels(release)
     data = {".dockerconfigjson": docker_config}
     with api_client(kube) as api, undoable() as on_undo:
         targets = consumer_namespaces(api, namespaces, selector)
 
-        def one(namespace: str) -> str:
+        def one(namespace: str) -> Change:
             outcome = write_secret_undoably(kube, api, namespace, name, "kubernetes.io/dockerconfigjson", data,
                                             labels, on_undo)
             if default_service_account and _set_default_account_secret(api, namespace, name, listed=True):
                 on_undo(_unlist(kube, namespace, name))
-                outcome = "updated" if outcome == "unchanged" else outcome
+                outcome = Change.UPDATED if outcome is Change.UNCHANGED else outcome
             return outcome
 
         pool = ThreadPoolExecutor(WORKERS)

@@ -26,6 +26,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from crflow.errors import CrflowError, Transient, transient_only
+from crflow.outcomes import Change
 
 KUBECONFIG_HINT = "kubectl config view --raw > ~/.kube/config; chmod 600 ~/.kube/config"
 RETRIED_STATUSES = {409, 429, 500, 502, 503, 504}
@@ -119,14 +120,14 @@ def get_or_none(read: Callable):
         raise
 
 
-def ensure_namespace(api: client.ApiClient, name: str, labels: dict[str, str]) -> str:
+def ensure_namespace(api: client.ApiClient, name: str, labels: dict[str, str]) -> Change:
     core = client.CoreV1Api(api)
 
-    def attempt() -> str:
+    def attempt() -> Change:
         if get_or_none(lambda: core.read_namespace(name)) is not None:
-            return "unchanged"
+            return Change.UNCHANGED
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels)))
-        return "created"
+        return Change.CREATED
 
     return retrying(f"create namespace {name}", attempt)
 
@@ -140,7 +141,7 @@ def server_version(kube: KubeAccess) -> str:
 
 
 @task(task_run_name="namespace {namespace}", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
-def create_namespace(kube: KubeAccess, namespace: str, release: str) -> str:
+def create_namespace(kube: KubeAccess, namespace: str, release: str) -> Change:
     """The registry's namespace, labelled as crflow's."""
     with api_client(kube) as api:
         return ensure_namespace(api, namespace, managed_labels(release))

@@ -16,6 +16,7 @@ from prefect import task
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError, transient_only
+from crflow.outcomes import Change
 from crflow.state import to_hold
 from crflow.tasks.kubeapi import KubeAccess, api_client, ensure_namespace, get_or_none, managed_labels, retrying
 from crflow.tasks.storage import S3Keys
@@ -23,28 +24,28 @@ from crflow.undo import undo, undoable
 
 
 def apply_secret(api: client.ApiClient, namespace: str, name: str, secret_type: str,
-                 data: dict[str, SecretStr], labels: dict[str, str]) -> str:
-    """Make Secret namespace/name hold exactly `data`: "created", "updated" or "unchanged"."""
+                 data: dict[str, SecretStr], labels: dict[str, str]) -> Change:
+    """Make Secret namespace/name hold exactly `data`."""
     core = client.CoreV1Api(api)
     encoded = {k: base64.b64encode(v.get_secret_value().encode()).decode() for k, v in data.items()}
 
-    def attempt() -> str:
+    def attempt() -> Change:
         current = get_or_none(lambda: core.read_namespaced_secret(name, namespace))
         if current is None:
             core.create_namespaced_secret(namespace, client.V1Secret(
                 metadata=client.V1ObjectMeta(name=name, labels=labels), type=secret_type, data=encoded))
-            return "created"
+            return Change.CREATED
         current_labels = current.metadata.labels or {}
         if current.data == encoded and current.type == secret_type and labels.items() <= current_labels.items():
-            return "unchanged"
+            return Change.UNCHANGED
         if current.type != secret_type:  # the type of a Secret cannot change: replace it whole
             core.delete_namespaced_secret(name, namespace)
             core.create_namespaced_secret(namespace, client.V1Secret(
                 metadata=client.V1ObjectMeta(name=name, labels=labels), type=secret_type, data=encoded))
-            return "updated"
+            return Change.UPDATED
         current.data, current.metadata.labels = encoded, {**current_labels, **labels}
         core.replace_namespaced_secret(name, namespace, current)  # 409 if someone wrote since: retried
-        return "updated"
+        return Change.UPDATED
 
     return retrying(f"write Secret {namespace}/{name}", attempt)
 
@@ -69,10 +70,10 @@ def restore_secret(kube: KubeAccess, namespace: str, name: str, before: client.V
 
 
 def write_secret_undoably(kube: KubeAccess, api: client.ApiClient, namespace: str, name: str, secret_type: str,
-                          data: dict[str, SecretStr], labels: dict[str, str], on_undo: Callable) -> str:
+                          data: dict[str, SecretStr], labels: dict[str, str], on_undo: Callable) -> Change:
     before = snapshot_secret(api, namespace, name)
     outcome = apply_secret(api, namespace, name, secret_type, data, labels)
-    if outcome != "unchanged":
+    if outcome is not Change.UNCHANGED:
         on_undo(lambda: restore_secret(kube, namespace, name, before))
     return outcome
 
@@ -95,7 +96,7 @@ def read_secret(api: client.ApiClient, namespace: str, name: str, keys: list[str
 
 @task(task_run_name="Secret {namespace}/{name}", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def put_secret(kube: KubeAccess, namespace: str, name: str, secret_type: str, data: dict[str, SecretStr],
-               release: str) -> str:
+               release: str) -> Change:
     """One of the registry's Secrets, written only where it differs (put back on rollback)."""
     with api_client(kube) as api, undoable() as on_undo:
         return write_secret_undoably(kube, api, namespace, name, secret_type, data, managed_labels(release), on_undo)
@@ -157,14 +158,13 @@ def read_state(kube: KubeAccess, namespace: str, name: str) -> dict[str, bytes] 
 
 @task(task_run_name="the site's state to Secret {namespace}/{name}", retries=2, retry_delay_seconds=5,
       retry_condition_fn=transient_only)
-def keep_state(kube: KubeAccess, namespace: str, name: str, state_dir: Path, release: str) -> str:
-    """The state Secret brought up to date with state_dir: "created", "updated", "unchanged",
-    or "nothing to hold" before the site has a CA."""
+def keep_state(kube: KubeAccess, namespace: str, name: str, state_dir: Path, release: str) -> Change | None:
+    """The state Secret brought up to date with state_dir; None: nothing to hold yet (no CA)."""
     with api_client(kube) as api:
         held = _decoded(snapshot_secret(api, namespace, name))
         data = to_hold(state_dir, held or {})
         if data is None:
-            return "nothing to hold"
+            return None
         if held is None:  # the site's first state comes before the install step that makes the namespace
             ensure_namespace(api, namespace, managed_labels(release))
         # Every file held is text: JSON records and Fernet tokens.

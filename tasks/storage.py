@@ -97,9 +97,10 @@ def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Key
         return True
 
 
-# The S3 keys of each endpoint that holds a result cache, in this process only: Prefect stores
-# a result storage block's fields on its server, so the keys are never one of them.
-_result_keys: dict[str, S3Keys] = {}
+# The S3 keys of each result cache (endpoint, bucket, prefix), in this process only: Prefect
+# stores a result storage block's fields on its server, so the keys are never one of them. Two
+# sites on one endpoint may log in as two users: the endpoint alone does not name the keys.
+_result_keys: dict[tuple[str, str, str], S3Keys] = {}
 
 
 class S3Results(WritableFileSystem):
@@ -120,9 +121,10 @@ class S3Results(WritableFileSystem):
         return f"{self.prefix.strip('/')}/{Path(path).name}"  # Prefect may pass the key as a path
 
     def _client(self):
-        keys = _result_keys.get(self.endpoint)
+        keys = _result_keys.get((self.endpoint, self.bucket, self.prefix))
         if keys is None:
-            raise CrflowError(f"no S3 keys for {self.endpoint} in this process: the site's vault opens the cache")
+            raise CrflowError(f"no S3 keys for {self.endpoint}/{self.bucket}/{self.prefix} in this process: the "
+                              "site's vault opens the cache")
         return _minio(self.endpoint, self.region, keys, self.ca_bundle, self.skip_verify)
 
     def read_path(self, path: str, **_) -> bytes:
@@ -154,7 +156,7 @@ def results_in_bucket(name: str, endpoint: str, bucket: str, prefix: str, region
                       ca_bundle: Path | None, skip_verify: bool) -> S3Results:
     """The result storage for a bucket and prefix, saved as the block `name` (Prefect stores a
     task's result storage by reference; the block holds no key)."""
-    _result_keys[endpoint] = keys
+    _result_keys[(endpoint, bucket, prefix)] = keys
     storage = S3Results(endpoint=endpoint, bucket=bucket, prefix=prefix, region=region, ca_bundle=ca_bundle,
                         skip_verify=skip_verify)
     storage.save(name, overwrite=True)
