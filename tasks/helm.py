@@ -42,6 +42,22 @@ def _reason(err: HelmError) -> str:
     return _said(str(err), type(err).__name__)
 
 
+READ_SECONDS = 120  # helm template, get, version: no wait of helm's own; a frozen API server must not hang them
+BEYOND_WAIT_SECONDS = 60  # what a waiting helm may take past its own --timeout before it is stopped
+
+
+def _bounded(work, seconds: float, doing: str):
+    """Run helm's coroutine for at most `seconds`; past that pyhelm3 stops helm (SIGTERM) and
+    the step is Transient: a later try may find the cluster answering."""
+    async def bounded():
+        return await asyncio.wait_for(work, seconds)
+
+    try:
+        return asyncio.run(bounded())
+    except TimeoutError:
+        raise Transient(f"{doing}: helm did not finish in {seconds:.0f} s; stopped it") from None
+
+
 def _failed(err: HelmError, doing: str) -> CrflowError:
     """helm's failure as a one-line CrflowError; Transient where a later try may pass: the
     cluster unreachable, or another operation on the release still in progress."""
@@ -78,7 +94,7 @@ def render_chart(release: str, namespace: str, values: dict, kube_version: str |
     """`helm template` of our chart: the manifests a release with these values consists of, on
     a cluster of `kube_version` (None: helm's default)."""
     try:
-        return asyncio.run(_render(release, namespace, values, kube_version))
+        return _bounded(_render(release, namespace, values, kube_version), READ_SECONDS, "helm template")
     except HelmError as err:
         raise _failed(err, f"helm could not render {CHART_DIR}") from err
 
@@ -109,7 +125,8 @@ def helm_release(kube: KubeAccess, release: str, namespace: str, values: dict, t
     (a template edited without a version bump, a release changed by hand) applies them anyway.
     Returns the release's revision (unchanged on a rerun with the same settings)."""
     try:
-        return asyncio.run(_ensure_release(kube, release, namespace, values, timeout_seconds, always))
+        return _bounded(_ensure_release(kube, release, namespace, values, timeout_seconds, always),
+                        timeout_seconds + BEYOND_WAIT_SECONDS, f"helm upgrade --install {release}")
     except HelmError as err:
         raise _failed(err, f"helm could not install or upgrade release {namespace}/{release}") from err
 
@@ -127,7 +144,7 @@ async def _deployed(kube: KubeAccess, release: str, namespace: str) -> tuple[int
 def deployed_release(kube: KubeAccess, release: str, namespace: str) -> tuple[int | None, list[dict]]:
     """The release's current revision and its manifests (`helm get manifest`); (None, []) if none."""
     try:
-        return asyncio.run(_deployed(kube, release, namespace))
+        return _bounded(_deployed(kube, release, namespace), READ_SECONDS, f"helm get {release}")
     except HelmError as err:
         raise _failed(err, f"helm could not read release {namespace}/{release}") from err
 
@@ -143,7 +160,8 @@ async def _rollback(kube: KubeAccess, release: str, namespace: str, revision: in
 def rollback_release(kube: KubeAccess, release: str, namespace: str, revision: int, timeout_seconds: int) -> int:
     """`helm rollback` to `revision` and wait until it is ready; returns the new revision's number."""
     try:
-        return asyncio.run(_rollback(kube, release, namespace, revision, timeout_seconds))
+        return _bounded(_rollback(kube, release, namespace, revision, timeout_seconds),
+                        timeout_seconds + BEYOND_WAIT_SECONDS, f"helm rollback {release}")
     except HelmError as err:
         raise _failed(err, f"helm could not roll release {namespace}/{release} back to revision {revision}") from err
 
@@ -167,7 +185,8 @@ def remove_node_trust(kube: KubeAccess, release: str, namespace: str, timeout_se
     """An upgrade that sets nodeTrust.remove: each node-trust pod deletes what it wrote, then
     idles. Returns whether there was a release to change (wait for its pods after)."""
     try:
-        return asyncio.run(_node_trust_off(kube, release, namespace, timeout_seconds))
+        return _bounded(_node_trust_off(kube, release, namespace, timeout_seconds),
+                        timeout_seconds + BEYOND_WAIT_SECONDS, f"helm upgrade {release}")
     except HelmError as err:
         raise _failed(err, f"helm could not upgrade release {namespace}/{release}") from err
 
@@ -185,7 +204,8 @@ async def _uninstall(kube: KubeAccess, release: str, namespace: str, timeout_sec
 def uninstall_release(kube: KubeAccess, release: str, namespace: str, timeout_seconds: int) -> bool:
     """Remove the release, waited for; returns whether there was one."""
     try:
-        return asyncio.run(_uninstall(kube, release, namespace, timeout_seconds))
+        return _bounded(_uninstall(kube, release, namespace, timeout_seconds),
+                        timeout_seconds + BEYOND_WAIT_SECONDS, f"helm uninstall {release}")
     except HelmError as err:
         raise _failed(err, f"helm could not uninstall release {namespace}/{release}") from err
 

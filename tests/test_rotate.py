@@ -60,6 +60,15 @@ def status(site, user: str, password: str) -> int:
     return httpx.get(f"{site.url}/v2/", auth=(user, password), verify=trust).status_code
 
 
+def wait_for_pulls(loop: PullLoop, count: int, timeout: float = 60, failing: bool = False) -> None:
+    """Until the client has pulled `count` more times (it has seen the registry answer); with
+    no failure on the way, unless `failing` allows them (a restart's refused connections)."""
+    wanted, deadline = loop.ok + count, time.monotonic() + timeout
+    while loop.ok < wanted:
+        assert time.monotonic() < deadline and (failing or not loop.failures), loop.failures[:5]
+        time.sleep(0.05)
+
+
 def htpasswd_users(site) -> list[str]:
     return [line.split(":")[0] for line in (site.state / "pod" / "volumes" / "auth" / "htpasswd").read_text().splitlines()]
 
@@ -68,9 +77,9 @@ def test_credential_rotation_fails_no_pull_and_keeps_the_registry_running(crflow
     digest, old = push(installed), installed.login()
     pid = installed.pod.pid()
     loop = PullLoop(installed.url, installed.client / "ca.crt", installed.login, "team/app", digest)
-    time.sleep(0.5)
+    wait_for_pulls(loop, 5)  # pulling with the old login
     run = crflow("rotate-credentials", "-c", str(installed.path), "--grace", "2")
-    time.sleep(0.5)
+    wait_for_pulls(loop, 5)  # and on, with the new one
     loop.stop()
 
     new = installed.login()
@@ -124,11 +133,11 @@ def test_certificate_renewal_restarts_the_local_registry_and_reports_the_gap(crf
     digest = push(installed)
     before = LocalPod(installed.state / "pod").pid()
     loop = PullLoop(installed.url, installed.client / "ca.crt", installed.login, "team/app", digest)
-    time.sleep(0.5)
+    wait_for_pulls(loop, 5)
     started = time.monotonic()
     run = crflow("rotate-cert", "-c", str(installed.path))
     elapsed = time.monotonic() - started
-    time.sleep(0.5)
+    wait_for_pulls(loop, 5, failing=True)  # pulling again after the restart
     loop.stop()
 
     assert installed.pod.pid() != before

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from cryptography import x509
 from kubernetes import client
-from test_rotate import PullLoop, push, status
+from test_rotate import PullLoop, push, status, wait_for_pulls
 
 from cluster import signal_component
 from crflow.tasks.pki import fingerprint as fingerprint_of
@@ -59,14 +59,6 @@ def cluster_state(site) -> dict:
         accounts = core.list_namespaced_service_account(namespace).items
         state[f"{namespace}/sa"] = [[r.name for r in a.image_pull_secrets or []] for a in accounts]
     return state
-
-
-def wait_for_pulls(loop: PullLoop, count: int, timeout: float = 60) -> None:
-    """Until the client has pulled `count` more times (it has seen the registry answer)."""
-    wanted, deadline = loop.ok + count, time.monotonic() + timeout
-    while loop.ok < wanted:
-        assert time.monotonic() < deadline and not loop.failures, loop.failures[:5]
-        time.sleep(0.05)
 
 
 def test_rotation_fails_no_pull_and_reaches_every_consumer_namespace(crflow, consumers):
