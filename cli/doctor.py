@@ -20,6 +20,7 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 from crflow import runtime
+from crflow.config import environment
 from crflow.errors import CrflowError
 from crflow.helmbin import PINNED, data_bin, fetch, find_helm
 from crflow.settings import Site
@@ -104,7 +105,7 @@ def _helm(fix: bool) -> Finding:
         if not fix:
             return Finding("helm", Level.FAIL, str(err).split(":")[0],
                            f"crflow doctor --fix (fetches helm {PINNED['helm'].version} into {data_bin()})")
-        if os.environ.get("CRFLOW_HELM"):  # the user's explicit choice is theirs to mend
+        if environment().helm:  # the user's explicit choice is theirs to mend
             return Finding("helm", Level.FAIL, str(err), "point CRFLOW_HELM at helm 3.8 or newer, or unset it")
     fetch(data_bin(), ["helm"], progress=lambda line: print(f"      fix: {line}", flush=True))
     helm = find_helm()

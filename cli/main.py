@@ -25,6 +25,7 @@ from pathlib import Path
 import typer
 
 from crflow import runtime
+from crflow.config import BACKUP_PASSPHRASE, environment
 from crflow.errors import CrflowError, NotInstalled
 from crflow.files import write_atomic
 from crflow.health import Status
@@ -200,7 +201,7 @@ def deploy(
                    f"and run the worker: kubectl apply -f {packaged('deployments', 'worker.yaml')}   "
                    f"(UI: {runtime.ui_url()})")
         return
-    auth = f"PREFECT_API_AUTH_STRING=$(cat {runtime.auth_file()}) " if "CRFLOW_OWN_PREFECT" in os.environ else ""
+    auth = f"PREFECT_API_AUTH_STRING=$(cat {runtime.auth_file()}) " if environment().own_prefect else ""
     typer.echo(f"Start a worker: {auth}prefect worker start --pool {done.pool}   (UI: {runtime.ui_url()})")
 
 
@@ -314,15 +315,12 @@ def trust_command(
         typer.echo(line)
 
 
-PASSPHRASE_ENV = "CRFLOW_BACKUP_PASSPHRASE"
-
-
 def _passphrase(confirm: bool) -> str:
     """From the environment, else asked for (never an argument: it would sit in shell history)."""
-    if passphrase := os.environ.get(PASSPHRASE_ENV):
-        return passphrase
+    if passphrase := environment().backup_passphrase:
+        return passphrase.get_secret_value()
     if not sys.stdin.isatty():
-        raise CrflowError(f"no passphrase: set {PASSPHRASE_ENV} or run this in a terminal to be asked")
+        raise CrflowError(f"no passphrase: set {BACKUP_PASSPHRASE} or run this in a terminal to be asked")
     return typer.prompt("Backup passphrase", hide_input=True, confirmation_prompt=confirm)
 
 

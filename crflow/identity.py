@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from crflow.config import RESULT_KEY
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, write_atomic
 from crflow.state import IDENTITY_FILE as FILE
@@ -65,5 +66,4 @@ def guard(state_dir: Path, kind: str, key: str, found: str) -> None:
         raise CrflowError(
             f"the {what} in the cache {state_dir / 'results'} is not the one this site uses (recorded in "
             f"{state_dir / FILE}: {recorded}); the cache was damaged or read with another key, and crflow will "
-            f"not make a new one: restore {state_dir} from a backup or set the right "
-            "CRFLOW_RESULT_KEY")
+            f"not make a new one: restore {state_dir} from a backup or set the right {RESULT_KEY}")

@@ -47,6 +47,7 @@ import yaml
 from pydantic import SecretStr
 
 from crflow.chart import COMMAND, CONTAINER, SecretData, is_read_only
+from crflow.config import environment
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, opened_dir, own_tree, write_atomic
 
@@ -55,7 +56,8 @@ BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu),
 
 
 def registry_binary() -> str:
-    binary = os.environ.get("CRFLOW_REGISTRY_BINARY") or shutil.which("docker-registry")
+    chosen = environment().registry_binary
+    binary = str(chosen) if chosen else shutil.which("docker-registry")
     if not binary or not os.access(binary, os.X_OK):
         raise CrflowError(f"the registry binary docker-registry was not found: {BINARY_HINT}")
     return binary

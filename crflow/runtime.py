@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from crflow.config import OWN_PREFECT, environment
 from crflow.errors import CrflowError
 from crflow.files import create_once, private_dir, write_atomic
 
@@ -28,24 +29,24 @@ DEFAULT_PORT = 4200
 
 
 def crflow_home() -> Path:
-    return Path(os.environ.get("CRFLOW_HOME", "~/.local/share/crflow")).expanduser()
+    return environment().home.expanduser()
 
 
 def _port() -> int:
-    return int(os.environ.get("CRFLOW_PREFECT_PORT", DEFAULT_PORT))
+    return environment().prefect_port
 
 
 def configure() -> bool:
     """Point this process's Prefect at crflow's local server; False if the user chose another.
     Call it before prefect is imported: Prefect reads its settings once, at import."""
-    if os.environ.get("PREFECT_API_URL") and "CRFLOW_OWN_PREFECT" not in os.environ:
+    if os.environ.get("PREFECT_API_URL") and not environment().own_prefect:
         return False
     home = crflow_home() / "prefect"
     private_dir(home)  # Prefect makes its home without parents, and warns; its database is crflow's alone
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_port()}/api"
     os.environ["PREFECT_API_AUTH_STRING"] = _auth_string()
-    os.environ["CRFLOW_OWN_PREFECT"] = "1"  # so a second call (and child processes) know it is ours
+    os.environ[OWN_PREFECT] = "1"  # so a second call (and child processes) know it is ours
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return True

@@ -7,7 +7,6 @@ plain values. Errors name the key, what is wrong with it and the fix, in one lin
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from crflow.chart import CRFLOW_VALUES
+from crflow.config import environment
 from crflow.errors import CrflowError
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -536,14 +536,11 @@ def _plain_yaml(path: Path, text: str) -> None:
                               "write the values out")
 
 
-SITES_ENV = "CRFLOW_SITES"  # where a relative site file is found: a worker's job mounts its site files there
-
-
 def site_path(path: Path) -> Path:
     """A site file's path; a relative one is under $CRFLOW_SITES when that is set (a deployment
     for a Kubernetes work pool names its site file so: the job template mounts them there)."""
-    sites = os.environ.get(SITES_ENV)
-    return Path(sites) / path if sites and not path.is_absolute() else path
+    sites = environment().sites
+    return sites / path if sites and not path.is_absolute() else path
 
 
 def load_site(path: Path) -> Site:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Literal
@@ -25,11 +24,11 @@ from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
 from prefect.utilities.hashing import hash_objects
 
+from crflow.config import RESULT_KEY, environment
 from crflow.errors import CrflowError
 from crflow.files import create_once, ensure_dir, private_dir, write_atomic
 from crflow.settings import ResultKey
 
-KEY_ENV = "CRFLOW_RESULT_KEY"
 KEYCHECK = ".keycheck"
 KEYCHECK_TEXT = b"crflow result key check"
 # Every result key a vault was opened with in this process, by id. Records name their key by
@@ -40,8 +39,8 @@ _keys: dict[str, bytes] = {}
 
 def read_key(key_file: Path) -> bytes | None:
     """The result key: CRFLOW_RESULT_KEY, else the key file; None if neither is there."""
-    if key := os.environ.get(KEY_ENV):
-        return key.encode()
+    if key := environment().result_key:
+        return key.get_secret_value().encode()
     try:
         return key_file.read_bytes().strip()
     except FileNotFoundError:
@@ -124,7 +123,7 @@ class Vault:
         if not _readable(path.read_bytes(), self.key):
             raise CrflowError(f"the cache record {path} is damaged or was written with another result key, and "
                               f"crflow will not make a new one over it: restore the state_dir (crflow restore) or "
-                              f"set {KEY_ENV} or the site's result_key to the key that wrote it")
+                              f"set {RESULT_KEY} or the site's result_key to the key that wrote it")
         return True
 
     def is_empty(self) -> bool:
@@ -161,7 +160,7 @@ def _configured_key(source: ResultKey) -> bytes | None:
             return source.file.read_bytes().strip() or None
         except FileNotFoundError:
             raise CrflowError(f"result_key.file: {source.file} does not exist; mount the result-key Secret there "
-                              f"or set {KEY_ENV}") from None
+                              f"or set {RESULT_KEY}") from None
     if source.prefect_secret is not None:
         from prefect.blocks.system import Secret
 
@@ -176,7 +175,7 @@ def _configured_key(source: ResultKey) -> bytes | None:
 def find_key(state_dir: Path, source: ResultKey) -> bytes | None:
     """The site's result key: CRFLOW_RESULT_KEY, else what `source` names (an error if that is
     missing or empty), else `<state_dir>/result.key`; None if there is none yet."""
-    if (source.file is not None or source.prefect_secret is not None) and not os.environ.get(KEY_ENV):
+    if (source.file is not None or source.prefect_secret is not None) and not environment().result_key:
         key = _configured_key(source)
         if key is None:
             raise CrflowError("result_key: the key it names is empty; put the site's result key there")
@@ -195,7 +194,7 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: Writabl
     if key is None:
         if keycheck.exists():
             raise CrflowError(
-                f"missing result key for {results_dir}: set {KEY_ENV} or the site's result_key, or restore {key_file} "
+                f"missing result key for {results_dir}: set {RESULT_KEY} or the site's result_key, or restore {key_file} "
                 f"from a backup (removing {state_dir} would also remove the stored images and every login clients "
                 "hold)")
         key = _new_key_file(key_file)
@@ -206,7 +205,7 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: Writabl
         except InvalidToken:
             raise CrflowError(
                 f"wrong result key for {results_dir}: it is not the key that encrypted the cached "
-                f"certificates and credentials; set {KEY_ENV} or the site's result_key to that key, or restore "
+                f"certificates and credentials; set {RESULT_KEY} or the site's result_key to that key, or restore "
                 f"{key_file}") from None
     else:
         # A lost key check beside records: the key must read them before it is taken as the
@@ -216,7 +215,7 @@ def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: Writabl
         if records and not any(_readable(p.read_bytes(), key) for p in records):
             raise CrflowError(
                 f"wrong result key for {results_dir}: it reads none of the cached records (and the key check "
-                f"{keycheck.name} is gone); set {KEY_ENV} or the site's result_key to the key that wrote them, or "
+                f"{keycheck.name} is gone); set {RESULT_KEY} or the site's result_key to the key that wrote them, or "
                 "restore the state_dir (crflow restore)")
         create_once(keycheck, cipher.encrypt(KEYCHECK_TEXT), 0o600)
     return Vault(results_dir, key, remote)
