@@ -66,3 +66,57 @@ def test_unverifiable_s3_certificate_says_how_to_trust_it(tmp_path):
         (tmp_path / "ca.crt").write_text(ca.cert_pem)
         with pytest.raises(CrflowError, match=r"refused bucket container-registry \(AccessDenied\)"):
             bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, tmp_path / "ca.crt", False)
+
+
+class Recording(BaseHTTPRequestHandler):
+    """Answers every request 404 NoSuchKey, and notes which access key signed it, per bucket."""
+
+    seen: dict[str, str] = {}
+
+    def do_GET(self):
+        bucket = self.path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+        credential = self.headers.get("Authorization", "").split("Credential=", 1)[-1].split("/", 1)[0]
+        Recording.seen[bucket] = credential
+        body = b"<Error><Code>NoSuchKey</Code><Message>none</Message></Error>"
+        self.send_response(404)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+KEYS_SCRIPT = """
+import sys
+from pydantic import SecretStr
+from crflow.tasks.storage import S3Keys, results_in_bucket
+
+endpoint = sys.argv[1]
+caches = [results_in_bucket(f"crflow-keys-{site}", endpoint, f"bucket-{site}", "registry", "us-east-1",
+                            S3Keys(access_key=SecretStr(f"AKIA-SITE-{site.upper()}"), secret_key=SecretStr("s" * 24)),
+                            None, False) for site in ("a", "b")]
+for cache in caches:
+    try:
+        cache.read_path("record")
+    except Exception:
+        pass
+"""
+
+
+def test_two_sites_result_caches_on_one_endpoint_sign_with_their_own_keys(prefect_api, tmp_path):
+    """Both caches opened in one process, as two sites' runs in one worker would: each request
+    reaches the S3 endpoint signed with its own site's access key (the endpoint sees it)."""
+    import subprocess
+    import sys
+
+    Recording.seen = {}
+    with http_server(Recording) as url:
+        done = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, url], capture_output=True, text=True, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "PREFECT_API_URL": prefect_api, "DO_NOT_TRACK": "1",
+                                   "PREFECT_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Recording.seen == {"bucket-a": "AKIA-SITE-A", "bucket-b": "AKIA-SITE-B"}
