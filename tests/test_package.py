@@ -34,6 +34,16 @@ def venv(tmp_path_factory) -> Path:
     return venv
 
 
+def elsewhere(tmp_path: Path, prefect_api: str, **extra: str) -> tuple[Path, dict]:
+    """An unrelated folder, and an environment with nothing of the checkout or of the test's
+    virtualenv: a PATH with no helm, a HOME and a crflow home of its own, the session's Prefect."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    return folder, {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "HOME": str(tmp_path / "home"), "CRFLOW_HOME": str(tmp_path / "crflow-home"),
+                    "PREFECT_API_URL": prefect_api, "DO_NOT_TRACK": "1", "COLUMNS": "1000", **extra}
+
+
 def in_venv(venv: Path, *args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(venv / "bin" / "crflow"), *args], capture_output=True, text=True, cwd=cwd, env=env,
                             stdin=subprocess.DEVNULL, timeout=300)
@@ -67,38 +77,33 @@ def test_the_wheel_carries_the_chart_and_it_renders_byte_for_byte_as_the_checkou
 
 def test_from_an_unrelated_folder_doctor_fetches_helm_and_crflow_installs_verifies_and_rotates(
         venv, prefect_api, make_site, tmp_path):
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    # Nothing of the checkout or of the test's virtualenv: a PATH with no helm, a crflow home of its own.
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path / "home"),
-           "CRFLOW_HOME": str(tmp_path / "crflow-home"), "PREFECT_API_URL": prefect_api, "DO_NOT_TRACK": "1",
-           "COLUMNS": "1000"}
+    folder, env = elsewhere(tmp_path, prefect_api)
     assert subprocess.run(["sh", "-c", "command -v helm"], env=env, capture_output=True).returncode != 0
 
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import crflow, sys; print(crflow.__file__); "
                             "print(any(p.startswith(sys.argv[1]) for p in sys.path))", str(ROOT)],
-                           capture_output=True, text=True, cwd=elsewhere, env=env, check=True).stdout.split()
+                           capture_output=True, text=True, cwd=folder, env=env, check=True).stdout.split()
     assert Path(where[0]).is_relative_to(venv) and where[1] == "False"
 
-    doctor = in_venv(venv, "doctor", cwd=elsewhere, env=env, check=False)
+    doctor = in_venv(venv, "doctor", cwd=folder, env=env, check=False)
     assert doctor.returncode == 1, doctor.stdout
     assert re.search(r"^FAIL\s+helm\s+helm not found; fix: crflow doctor --fix", doctor.stdout, re.M), doctor.stdout
     assert "crflow: error: 1 check(s) failed: helm" in doctor.stderr
-    fixed = in_venv(venv, "doctor", "--fix", cwd=elsewhere, env=env)
+    fixed = in_venv(venv, "doctor", "--fix", cwd=folder, env=env)
     helm = tmp_path / "crflow-home" / "bin" / "helm"
     assert f"helm v4.3.1 -> {helm} (sha256 checked)" in fixed.stdout
     assert re.search(r"^ok\s+helm\s+v4\.3\.1 \(crflow's data folder", fixed.stdout, re.M), fixed.stdout
-    version = in_venv(venv, "--version", cwd=elsewhere, env=env).stdout
+    version = in_venv(venv, "--version", cwd=folder, env=env).stdout
     assert re.fullmatch(r"crflow 0\.1\.0 \(Python 3\.\d+\.\d+, Prefect 3\.9\.1, helm v4\.3\.1 \(" + re.escape(str(helm))
                         + r"\), distribution 2\.8\.2\S* \(/usr/bin/docker-registry\)\)\n", version), version
 
     site = make_site(rotation={"grace_seconds": 1})
-    site_file = elsewhere / "site.yaml"
+    site_file = folder / "site.yaml"
     site_file.write_text(site.path.read_text())
-    checked = in_venv(venv, "doctor", "-c", "site.yaml", cwd=elsewhere, env=env).stdout
+    checked = in_venv(venv, "doctor", "-c", "site.yaml", cwd=folder, env=env).stdout
     assert re.search(rf"^ok\s+ports\s+127\.0\.0\.1:{site.port} and ", checked, re.M), checked
 
-    outputs = {flow: in_venv(venv, command, "-c", "site.yaml", cwd=elsewhere, env=env)
+    outputs = {flow: in_venv(venv, command, "-c", "site.yaml", cwd=folder, env=env)
                for command, flow in FLOWS.items()}
     assert curl_status(site, *site.login()) == 200  # the rotated login, over TLS, trusting only crflow's CA
     # Every run (subflows too) is named after its action and site from its first console line on.
@@ -119,20 +124,16 @@ def test_a_process_worker_in_an_unrelated_folder_runs_the_install_deployment_fro
     from crflow.tasks.helm import helm_executable
     from servers import start_server, stop_server
 
-    # helm by name (the doctor test above fetches one); the rest as in the test above.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path / "home"),
-           "CRFLOW_HOME": str(tmp_path / "crflow-home"), "PREFECT_API_URL": prefect_api, "DO_NOT_TRACK": "1",
-           "CRFLOW_HELM": helm_executable(), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    # helm by name (the doctor test above fetches one).
+    folder, env = elsewhere(tmp_path, prefect_api, CRFLOW_HELM=helm_executable(),
+                            PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_WORKER_QUERY_SECONDS="1")
     site, pool = make_site(), f"wheel-{uuid.uuid4().hex[:8]}"
-    in_venv(venv, "deploy", "-c", str(site.path), "--pool", pool, cwd=elsewhere, env=env)
+    in_venv(venv, "deploy", "-c", str(site.path), "--pool", pool, cwd=folder, env=env)
     started = subprocess.run([str(venv / "bin" / "prefect"), "deployment", "run", f"install/registry@{site.server}"],
-                             capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120, check=True)
+                             capture_output=True, text=True, cwd=folder, env=env, timeout=120, check=True)
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     worker = start_server([str(venv / "bin" / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
-                          tmp_path / "worker.log", env, cwd=elsewhere)
+                          tmp_path / "worker.log", env, cwd=folder)
     try:
         deadline, run = time.monotonic() + 240, {}
         while time.monotonic() < deadline:
