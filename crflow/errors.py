@@ -44,7 +44,8 @@ def is_transient(err: BaseException) -> bool:
     raise as their own types. Anything else, a bug (KeyError, TypeError...) above all, is not."""
     if isinstance(err, (Transient, ConnectionError, TimeoutError)):
         return True
-    # The transport errors of httpx (the registry, Prefect) and urllib3 (Kubernetes, MinIO),
+    # The transport errors of httpx (Prefect), requests (python-dxf: the registry) and urllib3
+    # (Kubernetes, MinIO),
     # and S3's own "try again", by their module, so that this module imports none of them.
     kinds = {f"{kind.__module__}.{kind.__name__}" for kind in type(err).__mro__}
     if "minio.error.S3Error" in kinds:
@@ -52,7 +53,8 @@ def is_transient(err: BaseException) -> bool:
     return bool(kinds & _TRANSPORT) or "minio.error.ServerError" in kinds
 
 
-_TRANSPORT = {"httpx.TransportError", "urllib3.exceptions.ProtocolError", "urllib3.exceptions.TimeoutError",
+_TRANSPORT = {"httpx.TransportError", "requests.exceptions.ConnectionError", "requests.exceptions.Timeout",
+              "requests.exceptions.ChunkedEncodingError", "urllib3.exceptions.ProtocolError", "urllib3.exceptions.TimeoutError",
               "urllib3.exceptions.NewConnectionError", "urllib3.exceptions.MaxRetryError",
               "ssl.SSLEOFError", "http.client.RemoteDisconnected", "http.client.IncompleteRead"}
 _S3_TRY_AGAIN = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}

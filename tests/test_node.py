@@ -71,8 +71,6 @@ def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(k8s, make_clus
     data = tmp_path / "data"
     site = make_cluster_site(storage={"kind": "pvc", "host_path": {"path": str(data), "node": NODE}})
     site.settings["chart"]["values"]["garbageCollect"] = {"enabled": True}
-    team = site.consumer("team")
-    site.settings["pull_secrets"] = {"namespaces": [team], "default_service_account": True}
     site.write()
     namespace = site.namespace
     # doctor reads the cluster's version with the worker's token before anything is made.
@@ -96,9 +94,6 @@ def test_crflow_installs_verifies_and_uninstalls_on_the_real_node(k8s, make_clus
            f"oci:{tmp_path / 'layout'}:v1", ref)
     skopeo("inspect", "--authfile", str(client / "auth.json"), "--cert-dir", str(client), ref)
     assert list(data.rglob("docker/registry/v2/repositories/team/app"))  # on the node's disk, through the claim
-    # A pod in a consumer namespace names no pull secret and no CA: the kubelet pulls what skopeo
-    # pushed with only the pull Secret crflow gave the default ServiceAccount and the node trust.
-    assert site.kubelet_pulls(team, f"{site.server}/team/app:v1") is None
     # The node-trust pod's PID 1 ends on SIGTERM (it ignored it, and every stop took the whole
     # grace period): the kubelet restarts it, and it says it exited 0.
     trust_pod = site.kubectl("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component=node-trust",

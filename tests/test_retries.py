@@ -93,3 +93,18 @@ def test_debug_shows_the_traceback_and_the_one_line_stays_last(crflow, tmp_path)
     assert debugged.returncode == 1 and debugged.stderr.startswith("Traceback (most recent call last):")
     assert "in load_site" in debugged.stderr
     assert debugged.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_the_clients_transport_errors_are_transient_and_a_bug_is_not():
+    """What each client crflow calls raises for a dropped or slow connection (python-dxf's
+    requests timed out under a busy CI before this list had it, and the install failed)."""
+    import httpx
+    import requests
+    import urllib3
+
+    for err in (requests.exceptions.ReadTimeout("read timed out"), requests.exceptions.ConnectionError("reset"),
+                httpx.ConnectError("refused"), urllib3.exceptions.ProtocolError("reset"), TimeoutError(),
+                ConnectionResetError(), Transient("503")):
+        assert is_transient(err), err
+    for err in (KeyError("x"), TypeError("x"), CrflowError("wrong setting"), requests.exceptions.HTTPError("404")):
+        assert not is_transient(err), err
