@@ -31,7 +31,7 @@ def size(image: str) -> int:
 def cold_start(image: str, *command: str) -> float:
     # A cold Python each time: no bytecode cache survives --rm, and the page cache is the host's.
     started = time.perf_counter()
-    subprocess.run(["podman", "run", "--rm", *PODMAN_LIMITS, "--read-only", "--tmpfs",
+    subprocess.run(["podman", "run", "--rm", *PODMAN_LIMITS, "--network", "none", "--read-only", "--tmpfs",
                     "/var/lib/crflow:rw,mode=0700,U", image, *command], capture_output=True, check=True, timeout=300)
     return time.perf_counter() - started
 

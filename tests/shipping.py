@@ -30,6 +30,8 @@ CACHE = Path(os.environ.get("CRFLOW_CACHE") or ("/var/cache/crflow" if os.geteui
 BASE_IMAGE = "localhost/crflow-base:bookworm-python3"
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 # This sandbox lacks CAP_SYS_RESOURCE: podman's default raised rlimits fail, these do not.
+# Runs that need no network say --network none: podman's default bridge switches the host's
+# ip_forward on and leaves it so.
 PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
 
@@ -199,7 +201,7 @@ def flow_image(wheel: Path) -> str:
         if _image_exists(name):
             return name
         base, house = base_image(), wheelhouse(wheel)
-        add_for_python(house, run("podman", "run", "--rm", *PODMAN_LIMITS, base, "python3", "-c",
+        add_for_python(house, run("podman", "run", "--rm", *PODMAN_LIMITS, "--network", "none", base, "python3", "-c",
                                   "import platform; print(platform.python_version())").stdout.strip())
         with tempfile.TemporaryDirectory(prefix="crflow-image-") as context:
             dist = Path(context) / "dist"

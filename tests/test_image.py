@@ -34,7 +34,9 @@ def podman_run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def test_the_image_runs_crflow_as_uid_10001_on_a_read_only_root(image):
-    locked_down = ["--read-only", "--tmpfs", HOME, "--cap-drop", "all", "--security-opt", "no-new-privileges"]
+    # No network: podman's default bridge would switch the host's ip_forward on, and leave it on.
+    locked_down = ["--network", "none", "--read-only", "--tmpfs", HOME, "--cap-drop", "all", "--security-opt",
+                   "no-new-privileges"]
     said = podman_run(*locked_down, image).stdout  # its default command: crflow --version
     assert re.fullmatch(r"crflow 0\.1\.0 \(Python 3\.11\.\d+, Prefect 3\.9\.1, helm v4\.3\.1 \(/usr/local/bin/helm\), "
                         r"distribution not found\)\n", said), said
