@@ -22,7 +22,7 @@ from pathlib import Path
 from crflow import runtime
 from crflow.config import environment
 from crflow.errors import CrflowError
-from crflow.helmbin import PINNED, data_bin, fetch, find_helm
+from crflow.helmbin import PINNED, HelmMissing, data_bin, fetch, find_helm
 from crflow.settings import Site
 
 FREE_DISK_FAIL = 200 * 2**20  # below this a push of one layer fails
@@ -101,12 +101,12 @@ def _helm(fix: bool) -> Finding:
     try:
         helm = find_helm()
         return Finding("helm", Level.OK, f"{helm.version} ({helm.where}: {helm.path})")
-    except CrflowError as err:
+    except HelmMissing as err:
+        if environment().helm:  # the user's explicit choice is theirs to mend: --fix does not replace it
+            return Finding("helm", Level.FAIL, err.finding, "point CRFLOW_HELM at helm 3.8 or newer, or unset it")
         if not fix:
-            return Finding("helm", Level.FAIL, str(err).split(":")[0],
+            return Finding("helm", Level.FAIL, err.finding,
                            f"crflow doctor --fix (fetches helm {PINNED['helm'].version} into {data_bin()})")
-        if environment().helm:  # the user's explicit choice is theirs to mend
-            return Finding("helm", Level.FAIL, str(err), "point CRFLOW_HELM at helm 3.8 or newer, or unset it")
     fetch(data_bin(), ["helm"], progress=lambda line: print(f"      fix: {line}", flush=True))
     helm = find_helm()
     return Finding("helm", Level.OK, f"{helm.version} ({helm.where}: {helm.path}), fetched now")

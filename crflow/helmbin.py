@@ -56,7 +56,11 @@ OLDEST = (3, 8)
 
 
 class HelmMissing(CrflowError):
-    pass
+    """No usable helm; `finding` says what was found without the fix (doctor prints its own)."""
+
+    def __init__(self, message: str, finding: str | None = None):
+        super().__init__(message)
+        self.finding = finding or message
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,12 @@ def _shown(version: tuple[int, ...]) -> str:
 @functools.cache
 def find_helm() -> Helm:
     """The helm crflow runs (cached for the process: `fetch` clears it)."""
-    chosen = environment().helm and str(environment().helm)
+    chosen = str(environment().helm or "")
     if chosen:
         version = helm_version(chosen)
         if version is None:
-            raise HelmMissing(f"CRFLOW_HELM={chosen} does not run as helm: point it at a helm binary, or unset it")
+            raise HelmMissing(f"CRFLOW_HELM={chosen} does not run as helm: point it at a helm binary, or unset it",
+                              f"CRFLOW_HELM={chosen} does not run as helm")
         if version < OLDEST:
             raise HelmMissing(f"CRFLOW_HELM={chosen} is helm {_shown(version)}; crflow needs 3.8 or newer")
         return Helm(chosen, _shown(version), "CRFLOW_HELM")
@@ -111,7 +116,8 @@ def find_helm() -> Helm:
     if version is not None:
         return Helm(str(own), _shown(version), "crflow's data folder")
     raise HelmMissing(f"helm not found{skipped}: run `crflow doctor --fix` (it fetches helm "
-                      f"{PINNED['helm'].version} into {data_bin()}), or put helm 3.8+ on PATH, or set CRFLOW_HELM")
+                      f"{PINNED['helm'].version} into {data_bin()}), or put helm 3.8+ on PATH, or set CRFLOW_HELM",
+                      f"helm not found{skipped}")
 
 
 def fetch(dest: Path, names: Iterable[str], progress: Callable[[str], None] = print) -> list[Path]:
