@@ -102,10 +102,10 @@ class LocalTarget(Target):
         if not pod.manifests() and not (self.bundle / "auth.json").exists():
             return Health(Status.NOT_INSTALLED, f"no registry installed in {self.site.state_dir}; run crflow install")
         pid = pod.pid()
+        if pod.is_read_only():  # before the process check: a gc killed inside its restart leaves none running
+            return self._read_only(pod, pid)
         if pid is None:
             return Health(Status.UNHEALTHY, "the local registry process is not running; crflow install starts it")
-        if pod.is_read_only():
-            return self._read_only(pod, pid)
         # The chart's probes, as a kubelet asks them: live is the process, ready includes its storage.
         if not pod.probe("liveness"):
             return Health(Status.UNHEALTHY, f"registry process {pid} does not answer its liveness probe (the debug "
@@ -123,17 +123,22 @@ class LocalTarget(Target):
                                                 f"left on device: {free >> 10} KiB free in {self.site.data_dir})")
         return Health(health.status, f"registry process {pid}: {health.detail}")
 
-    def _read_only(self, pod: LocalPod, pid: int) -> Health:
+    def _read_only(self, pod: LocalPod, pid: int | None) -> Health:
         """Read-only maintenance: a gc's window while a run holds the site; else one that a gc
-        stopped inside it left, which ends here (the writable pod it kept aside comes back)."""
+        stopped inside it left, which ends here (the writable pod it kept aside comes back, even
+        when the gc died between stopping one process and starting the next)."""
         holder = layout.lock_holder(self.site.state_dir)
-        if holder is not None and holder[1]:
-            return Health(Status.READ_ONLY, f"registry process {pid} is read-only (maintenance): a crflow run (pid "
+        if holder is not None and holder[1]:  # that run owns the pod: it is not ours to restore
+            process = f"registry process {pid}" if pid is not None else "the registry (restarting)"
+            return Health(Status.READ_ONLY, f"{process} is read-only (maintenance): a crflow run (pid "
                                             f"{holder[0].get('pid')}) holds the site, as gc does; pushes resume when "
                                             "it ends")
         if pod.restore_writable():
             return Health(Status.READ_ONLY, f"the registry was read-only (maintenance), left so by a gc stopped in its "
                                             f"window; write mode is restored (registry process {pod.pid()})")
+        if pid is None:
+            return Health(Status.UNHEALTHY, "the local registry process is not running, and its last pod was "
+                                            "read-only (maintenance); crflow install starts it in write mode")
         return Health(Status.READ_ONLY, f"registry process {pid} is read-only (maintenance), left so by a gc stopped "
                                         "in its window; crflow gc or crflow install restores write mode")
 

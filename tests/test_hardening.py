@@ -241,7 +241,8 @@ def test_values_that_weaken_the_registry_are_refused(crflow, make_site, values, 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="kills a crflow run by its process group")
-def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installed, tmp_path):
+@pytest.mark.parametrize("between_processes", [False, True], ids=["in-the-window", "between-stop-and-start"])
+def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installed, tmp_path, between_processes):
     site = installed
     gc = crflow.popen("gc", "-c", str(site.path))
     deadline = time.monotonic() + 120
@@ -251,6 +252,8 @@ def test_a_gc_killed_in_its_read_only_window_is_ended_by_status(crflow, installe
     assert gc.poll() is None, "gc ended before its window could be caught"
     gc.send_signal(signal.SIGKILL)
     gc.wait(timeout=30)
+    if between_processes:  # a gc killed after it stopped one registry process and before it started the next
+        site.pod.stop()
     status = crflow("status", "-c", str(site.path), check=False)
     assert status.returncode == 5 and "read-only (maintenance)" in status.stdout
     assert "write mode is restored" in status.stdout
