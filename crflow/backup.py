@@ -33,7 +33,8 @@ from crflow.vault import find_key
 MAGIC = b"crflow-backup-1\n"
 SALT_BYTES = 16
 # What a restore brings back, relative to state_dir; the encrypted cache is the whole results/ folder.
-KEPT = ["result.key", "results", "generations.json", "identity.json", "client/ca.crt", "client/auth.json"]
+KEPT = [layout.RESULT_KEY, layout.RESULTS, layout.GENERATIONS, layout.IDENTITY, f"{layout.CLIENT}/ca.crt",
+        f"{layout.CLIENT}/auth.json"]
 KEPT_TOP = {name.split("/")[0] for name in KEPT}
 SITE = "site.json"  # whose backup it is: release, addresses, target (not restored; checked)
 
@@ -88,7 +89,8 @@ def backups_beside(state_dir: Path) -> list[Path]:
 def write_backup(state_dir: Path, out: Path, passphrase: str, source: ResultKey, site: dict) -> list[str]:
     """Write the backup (with the result key from wherever the site keeps it); returns what it
     holds (paths relative to state_dir)."""
-    if not (state_dir / "identity.json").exists() and not (state_dir / "results").exists():
+    state = layout.StateDir(state_dir)
+    if not state.identity.exists() and not state.results.exists():
         raise CrflowError(f"nothing to back up in {state_dir}: run crflow install first")
     key = find_key(state_dir, source)
     if key is None:
@@ -98,7 +100,7 @@ def write_backup(state_dir: Path, out: Path, passphrase: str, source: ResultKey,
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name in KEPT:
             path = state_dir / name
-            if name == "result.key" and not path.exists():  # the key came from CRFLOW_RESULT_KEY or result_key
+            if name == layout.RESULT_KEY and not path.exists():  # the key came from CRFLOW_RESULT_KEY or result_key
                 info = tarfile.TarInfo(name)
                 info.size, info.mode = len(key) + 1, 0o600
                 tar.addfile(info, io.BytesIO(key + b"\n"))
@@ -119,7 +121,8 @@ def write_backup(state_dir: Path, out: Path, passphrase: str, source: ResultKey,
 def restore_backup(state_dir: Path, backup: Path, passphrase: str, site: dict) -> list[str]:
     """Bring a backup of `site` (as site_identity says) back into a state_dir that holds no
     site; returns what it restored."""
-    if (state_dir / "identity.json").exists() or any((state_dir / "results").glob("*")):
+    state = layout.StateDir(state_dir)
+    if state.identity.exists() or any(state.results.glob("*")):
         raise CrflowError(f"{state_dir} already holds a site; move it away before restoring into it")
     try:
         blob = backup.read_bytes()

@@ -118,14 +118,13 @@ def registry_secrets(release: str, *, ca_pem: str, cert_pem: str, key_pem: Secre
 def values_for(site: Site, cert_fingerprint: str) -> dict:
     """The chart values of `site`: its own `chart.values` with crflow's on top.
     `cert_fingerprint` lands in `secretsChecksum`, so a new server certificate rolls the pod."""
-    storage, address = site.storage, site.registry
+    address = site.registry
     values: dict = {
         "service": {"type": address.service_type, "port": address.port},
         "tlsSecretName": secret_name(site.release, "tls"),
         "secrets": {"htpasswdSecretName": secret_name(site.release, "htpasswd"),
                     "haSharedSecretName": secret_name(site.release, "http")},
         "secretsChecksum": cert_fingerprint,
-        "storage": "s3" if storage.kind == "s3" else "filesystem",
     }
     if site.target == "kubernetes":
         trust = site.node_trust
@@ -139,23 +138,34 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         values["service"]["loadBalancerIP"] = address.ips[0]
     if address.service_type == "NodePort":  # clients reach node:port, so the node port is the registry's port
         values["service"]["nodePort"] = address.port
-    if storage.kind == "s3":
-        values["secrets"]["s3"] = {"secretRef": secret_name(site.release, "s3")}
-        values["s3"] = {
-            "regionEndpoint": storage.endpoint,
-            "bucket": storage.bucket,
-            "region": storage.region,
-            "rootdirectory": storage.root_directory,
-            "secure": storage.endpoint.startswith("https://"),
-            "caBundleSecretName": secret_name(site.release, "s3_ca") if storage.ca_bundle else "",
-            "skipVerify": storage.skip_verify,
-        }
-    else:
-        claim = storage.existing_claim if storage.kind == "pvc" else None
-        values["persistence"] = {"enabled": True, "existingClaim": claim or data_claim(site.release),
-                                 # crflow's hostPath PV: the kubelet makes its folder root's
-                                 "chownOnStart": getattr(storage, "host_path", None) is not None}
-    return merged(site.chart.values, values)
+    return merged(site.chart.values, merged(values, storage_values(site)))
+
+
+def storage_values(site: Site) -> dict:
+    """The chart values of the site's storage: the S3 driver, or a claim the pod mounts."""
+    from crflow.settings import FilesystemStorage, PvcStorage, S3Storage
+
+    storage, release = site.storage, site.release
+    match storage:
+        case S3Storage():
+            return {"storage": "s3", "secrets": {"s3": {"secretRef": secret_name(release, "s3")}}, "s3": {
+                "regionEndpoint": storage.endpoint,
+                "bucket": storage.bucket,
+                "region": storage.region,
+                "rootdirectory": storage.root_directory,
+                "secure": storage.endpoint.startswith("https://"),
+                "caBundleSecretName": secret_name(release, "s3_ca") if storage.ca_bundle else "",
+                "skipVerify": storage.skip_verify,
+            }}
+        case PvcStorage():
+            # crflow's hostPath PV: the kubelet makes its folder root's, so the pod chowns it
+            return {"storage": "filesystem", "persistence": {
+                "enabled": True, "existingClaim": storage.existing_claim or data_claim(release),
+                "chownOnStart": storage.host_path is not None}}
+        case FilesystemStorage():
+            return {"storage": "filesystem", "persistence": {
+                "enabled": True, "existingClaim": data_claim(release), "chownOnStart": False}}
+    raise TypeError(f"no chart values for {type(storage).__name__}")
 
 
 def read_only(values: dict) -> dict:

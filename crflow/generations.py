@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from crflow.errors import CrflowError
 from crflow.files import write_atomic
 from crflow.identity import Identity
-from crflow.state import GENERATIONS_FILE as FILE
+from crflow.layout import GENERATIONS as FILE
 from crflow.state import written
 
 

@@ -2,7 +2,7 @@
 from: one authenticated GET /v2/ with the client files, over TLS trusting only crflow's CA.
 No Prefect here: `crflow status` answers in a fraction of a second.
 
-    health = registry_health("https://127.0.0.1:5000", state_dir / "client")
+    health = registry_health("https://127.0.0.1:5000", StateDir(state_dir).client)
     health.status is Status.HEALTHY, health.detail
 """
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from crflow.config import RESULT_KEY
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, write_atomic
-from crflow.state import IDENTITY_FILE as FILE
+from crflow.layout import IDENTITY as FILE
 from crflow.state import written
 
 

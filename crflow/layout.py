@@ -4,6 +4,8 @@ A state_dir may be a folder crflow made, or one the user already had (`state_dir
 notes and the site file itself). So crflow records which of its own names it made
 (`.crflow-made`), and `uninstall --purge` removes exactly those: never a blind rmtree.
 
+    state = StateDir(site.state_dir)
+    state.identity          # state_dir/identity.json: every name is spelt here, and only here
     claim(state_dir)        # at a run's start: what was there before crflow, if this is the first
     note_made(state_dir)    # at its end: crflow's names that are there now, and were not before
     purge(state_dir)        # (removed, left): crflow's own entries gone, and what stayed
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from crflow.errors import CrflowError
@@ -36,6 +39,57 @@ OWN = frozenset({RESULT_KEY, RESULTS, IDENTITY, GENERATIONS, CLIENT, POD, DATA, 
                  USAGE_CACHE, GC_WINDOW, MADE})
 
 
+@dataclass(frozen=True)
+class StateDir:
+    """A site's state_dir and where each thing crflow keeps in it lives."""
+
+    path: Path
+
+    @property
+    def result_key(self) -> Path:
+        return self.path / RESULT_KEY  # 0600: the key of the encrypted cache, unless the site keeps it elsewhere
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS  # the encrypted cache: CA, server certificates, logins
+
+    @property
+    def identity(self) -> Path:
+        return self.path / IDENTITY  # what the site's CA and logins are, to check the cache against
+
+    @property
+    def generations(self) -> Path:
+        return self.path / GENERATIONS  # which CA, certificate and login are in use
+
+    @property
+    def client(self) -> Path:
+        return self.path / CLIENT  # ca.crt and auth.json, for the site's clients
+
+    @property
+    def pod(self) -> Path:
+        return self.path / POD  # the local target's registry process and its volumes
+
+    @property
+    def data(self) -> Path:
+        return self.path / DATA  # the local target's blobs, unless storage.path says elsewhere
+
+    @property
+    def trusted(self) -> Path:
+        return self.path / TRUSTED  # what `crflow trust` wrote on this machine
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK  # the lease of the run that holds the site
+
+    @property
+    def rotation(self) -> Path:
+        return self.path / ROTATION  # a rotation's client files for the old and the new login
+
+    @property
+    def usage_cache(self) -> Path:
+        return self.path / USAGE_CACHE
+
+
 def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -45,7 +99,7 @@ def lock_holder(state_dir: Path) -> tuple[dict, bool] | None:
     boot), and whether it is alive (a process of another boot counts as alive: its lease
     decides); None when no lock file is there."""
     try:
-        holder = json.loads((state_dir / LOCK).read_text())
+        holder = json.loads(StateDir(state_dir).lock.read_text())
     except (FileNotFoundError, ValueError):
         return None
     gone = holder.get("boot") == boot_id() and not Path(f"/proc/{holder.get('pid')}").exists()

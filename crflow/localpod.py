@@ -23,7 +23,7 @@ As on Kubernetes, a change to the pod spec (including its checksum annotations) 
 resolved env restarts the process; a change to mounted Secret content only refreshes the
 files, which the registry re-reads (htpasswd) without a restart.
 
-    pod = LocalPod(state_dir / "pod")
+    pod = LocalPod(StateDir(state_dir).pod)
     pod.apply(manifests, secrets, claims={"registry-data": data_dir}, listen=("127.0.0.1", 5000), debug_port=5001)
     pod.probe("readiness")                       # True: the registry and its storage answer
     pod.stop()

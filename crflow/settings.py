@@ -27,6 +27,7 @@ from pydantic import (
 from crflow.chart import CRFLOW_VALUES
 from crflow.config import environment
 from crflow.errors import CrflowError
+from crflow.layout import StateDir
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 HOSTNAME = r"^([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*$"
@@ -469,10 +470,15 @@ class Site(Strict):
         return path
 
     @property
+    def state(self) -> StateDir:
+        """Where each thing crflow keeps for this site lives in its state_dir."""
+        return StateDir(self.state_dir)
+
+    @property
     def data_dir(self) -> Path:
         """Where the local target keeps blobs when storage is filesystem."""
         assert isinstance(self.storage, FilesystemStorage)
-        return self.storage.path or self.state_dir / "data"
+        return self.storage.path or self.state.data
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

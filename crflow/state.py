@@ -7,8 +7,7 @@ in it).
     data = pack(state_dir)             # what the Secret holds: file name -> bytes
     merge(state_dir, held)             # bring state_dir up to date from the Secret
 
-    with kept_by(target.keep_state):   # every state write below reaches the Secret at once
-        ...
+    run.keep_state = target.keep_state  # every state write of the run reaches the Secret at once
 
 Every write of the generations or the identity record is pushed before the run goes on: a
 rotation killed after it retired a login must leave the cluster's copy past that login, or
@@ -17,9 +16,6 @@ the next run, on a fresh worker, would hand the retired login out again.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,19 +23,16 @@ from pydantic import ValidationError
 
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, private_dir, write_atomic
+from crflow.layout import GENERATIONS as GENERATIONS_FILE
+from crflow.layout import IDENTITY as IDENTITY_FILE
+from crflow.layout import RESULTS
+from crflow.runcontext import current_run
 
 if TYPE_CHECKING:  # identity.py reports its writes here
     from crflow.identity import Identity
 
-GENERATIONS_FILE = "generations.json"
-IDENTITY_FILE = "identity.json"
-RESULTS = "results"
 CACHE_PREFIX = "results."  # a Secret's keys are flat: results/<name> is held as results.<name>
 MAX_BYTES = 900 * 1024  # the API server refuses Secrets over 1 MiB; stop short of it with a clear line
-
-_keeper: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("crflow_state_keeper",
-                                                                                    default=None)
-
 
 def secret_name(release: str) -> str:
     """The Secret that holds a release's state, beside the registry's own."""
@@ -125,18 +118,9 @@ def merge(state_dir: Path, held: dict[str, bytes], where: str) -> None:
             write_atomic(state_dir / RESULTS / file, content, 0o600)
 
 
-@contextlib.contextmanager
-def kept_by(keep: Callable[[], None]) -> Iterator[None]:
-    """While inside, every `written()` calls `keep` (the target's push of the state)."""
-    token = _keeper.set(keep)
-    try:
-        yield
-    finally:
-        _keeper.reset(token)
-
-
 def written() -> None:
-    """The state on disk changed: push it now, if a run holds it elsewhere."""
-    keep = _keeper.get()
-    if keep is not None:
-        keep()
+    """The state on disk changed: push it now, if the run holds it elsewhere (its context's
+    `keep_state`, which the run sets where it takes the site's slot)."""
+    run = current_run()
+    if run is not None and run.keep_state is not None:
+        run.keep_state()

@@ -29,7 +29,7 @@ from pathlib import Path
 from crflow.chart import NODE_TRUST_SCRIPT
 from crflow.errors import CrflowError, NotInstalled
 from crflow.files import opened_dir, read_bytes, write_atomic
-from crflow.layout import TRUSTED, note_made
+from crflow.layout import note_made
 from crflow.settings import Site
 
 SCRIPT_SECONDS = 30  # the script copies two small files per address
@@ -49,7 +49,6 @@ RUNTIMES = {
     "containers": Layout("/etc/containers/certs.d", "certs"),  # podman, skopeo, buildah
     "system": Layout("/usr/local/share/ca-certificates", "system"),  # update-ca-certificates (Debian, WSL)
 }
-RECORD = TRUSTED  # in state_dir: [{"runtime", "root", "files": [paths under root]}, ...]
 
 
 def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[str]:
@@ -61,7 +60,7 @@ def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[st
     if not root.is_dir():
         raise CrflowError(f"--root {root}: not a directory")
     root = Path(os.path.realpath(root))
-    ca_file = site.state_dir / "client" / "ca.crt"
+    ca_file = site.state.client / "ca.crt"
     if not remove and not ca_file.is_file():
         raise NotInstalled(f"no CA for registry {site.release} yet: run crflow install -c SITE first")
     directory = root / layout.directory.lstrip("/")
@@ -211,7 +210,7 @@ def _update_system_bundle(root: Path) -> list[str]:
 def _recorded(site: Site) -> dict[tuple[str, str], list[str] | None]:
     """(runtime, root) -> the files this site wrote there (None: an earlier version's record,
     which named no files)."""
-    content = read_bytes(site.state_dir / RECORD)
+    content = read_bytes(site.state.trusted)
     if content is None:
         return {}
     done = {}
@@ -231,7 +230,7 @@ def _record(site: Site, runtime: str, root: Path, files: list[str]) -> None:
     if site.state_dir.is_dir():
         entries = [{"runtime": r, "root": d, "files": f} for (r, d), f in sorted(done.items()) if f is not None]
         entries += [[r, d] for (r, d), f in sorted(done.items()) if f is None]
-        write_atomic(site.state_dir / RECORD, json.dumps(entries).encode(), 0o600)
+        write_atomic(site.state.trusted, json.dumps(entries).encode(), 0o600)
         note_made(site.state_dir)
 
 

@@ -27,14 +27,19 @@ from prefect.utilities.hashing import hash_objects
 from crflow.config import RESULT_KEY, environment
 from crflow.errors import CrflowError
 from crflow.files import create_once, ensure_dir, private_dir, write_atomic
+from crflow.layout import StateDir
+from crflow.runcontext import open_run
 from crflow.settings import ResultKey
 
 KEYCHECK = ".keycheck"
 KEYCHECK_TEXT = b"crflow result key check"
-# Every result key a vault was opened with in this process, by id. Records name their key by
-# id, never by path: the cache may be read from another directory (a worker's, after the
-# cluster's copy was fetched), where a path written into the record would mean nothing.
-_keys: dict[str, bytes] = {}
+
+
+def _keys() -> dict[str, bytes]:
+    """The result keys this run opened, by id. Records name their key by id, never by path:
+    the cache may be read from another directory (a worker's, after the cluster's copy was
+    fetched), where a path written into the record would mean nothing."""
+    return open_run("the encrypted cache").keys
 
 
 def read_key(key_file: Path) -> bytes | None:
@@ -70,16 +75,18 @@ class FernetSerializer(Serializer):
     key_file: str | None = None  # how records written before key ids named their key: read with the open keys
 
     def dumps(self, obj) -> bytes:
-        if self.key_id not in _keys:
-            raise CrflowError("no result key is open in this process: open the site's vault first")
-        return _fernet(_keys[self.key_id]).encrypt(pickle.dumps(obj))
+        keys = _keys()
+        if self.key_id not in keys:
+            raise CrflowError("no result key is open in this run: open the site's vault first")
+        return _fernet(keys[self.key_id]).encrypt(pickle.dumps(obj))
 
     def loads(self, blob: bytes):
         # A record names its key by id and is read with that key only; one written before ids
         # (with key_file instead) is tried with the keys open here.
-        if self.key_id is not None and self.key_id not in _keys:
+        opened = _keys()
+        if self.key_id is not None and self.key_id not in opened:
             raise CrflowError("a cached result does not decrypt with the result key")
-        keys = [_keys[self.key_id]] if self.key_id is not None else list(_keys.values())
+        keys = [opened[self.key_id]] if self.key_id is not None else list(opened.values())
         if not keys:
             raise CrflowError("no result key to read a cached result with: set CRFLOW_RESULT_KEY or the site's "
                               "result_key")
@@ -101,7 +108,7 @@ class Vault:
 
     def __init__(self, results_dir: Path, key: bytes, remote: WritableFileSystem | None = None):
         self.results_dir, self.remote, self.key = results_dir, remote, key
-        _keys[key_id(key)] = key
+        _keys()[key_id(key)] = key
         self.options = dict(
             persist_result=True,
             result_storage=remote or results_dir,
@@ -180,13 +187,13 @@ def find_key(state_dir: Path, source: ResultKey) -> bytes | None:
         if key is None:
             raise CrflowError("result_key: the key it names is empty; put the site's result key there")
         return key
-    return read_key(state_dir / "result.key") or None  # an empty file is a key never written (a run killed making it)
+    return read_key(StateDir(state_dir).result_key) or None  # an empty file is a key never written (a run killed making it)
 
 
 def open_vault(state_dir: Path, source: ResultKey = ResultKey(), remote: WritableFileSystem | None = None) -> Vault:
     """Check (or on first use, create) the result key for this state directory (whose
     results/ keeps the key check even when the records are `remote`)."""
-    results_dir, key_file = state_dir / "results", state_dir / "result.key"
+    results_dir, key_file = StateDir(state_dir).results, StateDir(state_dir).result_key
     private_dir(state_dir)  # also one that existed with other modes: nothing below it is anyone else's
     ensure_dir(results_dir)
     keycheck = results_dir / KEYCHECK

@@ -14,35 +14,26 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow
 
 from crflow.chart import read_only, values_for
-from crflow.flows.site_lock import one_run_per_site, run_name
+from crflow.flows.site_lock import one_run_per_site, run_name, this_run
 from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.flows.verify import report_usage
 from crflow.oci import SMOKE_REPO
-from crflow.settings import S3Storage, load_site
-from crflow.targets import target_for
 from crflow.tasks.gc import retention_plan, untagged_plan, wait_until_read_only
 from crflow.tasks.helm import render_chart
 from crflow.tasks.registry import delete_by_digest, push_pull_check, wait_until_ready
 from crflow.tasks.report import publish_summary
-from crflow.tasks.storage import (
-    manifest_revisions_in_bucket,
-    manifest_revisions_in_directory,
-    stored_blobs_in_bucket,
-    stored_blobs_in_directory,
-)
 
 
 @flow(name="gc", flow_run_name=run_name)
 @one_run_per_site
 def gc(site_file: str, dry_run: bool = False) -> str:
     """Collect the registry's unreferenced blobs in a read-only window; return a one-line summary."""
-    site = load_site(Path(site_file))
-    target = target_for(site)
+    run = this_run()
+    site, target = run.site, run.target
     url, bundle = target.url, target.client_bundle()
     secrets = site_secrets(site, site_vault(site, target), target)
     storage_and_secrets(site, target, secrets)
@@ -54,14 +45,14 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     rules = [rule.model_dump() for rule in site.retention]
     doomed = retention_plan(url, bundle, rules)
     if any(rule.untagged_older_than_days is not None for rule in site.retention):
-        doomed += untagged_plan(url, bundle, manifest_revisions(site), rules, time.time())
+        doomed += untagged_plan(url, bundle, target.store.manifest_revisions(), rules, time.time())
     rows = [("Retention would delete" if dry_run else "Retention deleted",
              f"{d.repo}{':' + d.tag if d.tag else '@' + d.digest} ({d.rule})") for d in doomed]
     if not dry_run:
         for digest, repo in sorted({(d.digest, d.repo) for d in doomed}):
             delete_by_digest(url, bundle, repo, digest)
 
-    before = stored_blobs(site)
+    before = target.store.stored_blobs()
     plan = target.collect(manifests, dry_run=True, delete_untagged=site.gc.delete_untagged)
     would_free = sum(before.get(digest, 0) for digest in plan.blobs) if before is not None else None
     rows += [("Blobs eligible", str(plan.blob_count)), ("Manifests eligible", str(plan.manifest_count)),
@@ -81,7 +72,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
         target.deploy(values, manifests)
         wait_until_ready(url, bundle)
         window = time.monotonic() - started
-    after = stored_blobs(site)  # before the proof push adds its own
+    after = target.store.stored_blobs()  # before the proof push adds its own
     push_pull_check(url, bundle, SMOKE_REPO, "gc")
 
     freed = sum(before.values()) - sum(after.values()) if before is not None and after is not None else None
@@ -95,24 +86,3 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     return f"gc: {collected.blob_count} blobs deleted ({freed} bytes freed), read-only for {window:.1f} s"
 
 
-def stored_blobs(site) -> dict[str, int] | None:
-    """digest -> bytes of every stored blob, where crflow can read the storage (a directory
-    here, or S3); None for a claim on a cluster node."""
-    storage = site.storage
-    if isinstance(storage, S3Storage):
-        keys = target_for(site).s3_keys()
-        return stored_blobs_in_bucket(storage.endpoint, storage.bucket, storage.region, storage.root_directory,
-                                      keys, storage.ca_bundle, storage.skip_verify)
-    if storage.kind == "filesystem":
-        return stored_blobs_in_directory(site.data_dir)
-    return None
-
-
-def manifest_revisions(site) -> list:
-    """Every manifest the storage holds, with when it was pushed and whether a tag names it
-    (settings allow the untagged rule only where crflow can read the storage)."""
-    storage = site.storage
-    if isinstance(storage, S3Storage):
-        return manifest_revisions_in_bucket(storage.endpoint, storage.bucket, storage.region, storage.root_directory,
-                                            target_for(site).s3_keys(), storage.ca_bundle, storage.skip_verify)
-    return manifest_revisions_in_directory(site.data_dir)

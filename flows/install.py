@@ -6,16 +6,12 @@ encrypted, under the state directory).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from crflow.chart import values_for
-from crflow.flows.site_lock import one_run_per_site, run_name
+from crflow.flows.site_lock import one_run_per_site, run_name, this_run
 from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.oci import SMOKE_REPO
-from crflow.settings import load_site
-from crflow.targets import target_for
 from crflow.tasks.helm import publish_chart, render_chart
 from crflow.tasks.registry import push_pull_check, wait_until_ready
 from crflow.tasks.report import certificate_rows, publish_summary
@@ -26,8 +22,8 @@ from crflow.tasks.report import certificate_rows, publish_summary
 def install(site_file: str, new_ca: bool = False) -> str:
     """Install (or converge) the registry described by `site_file`; return its address.
     `new_ca`: replace the site's CA (every client and node must then trust the new one)."""
-    site = load_site(Path(site_file))
-    target = target_for(site)
+    run = this_run()
+    site, target = run.site, run.target
     target.check_host()
     secrets = site_secrets(site, site_vault(site, target), target, new_ca)
 

@@ -31,12 +31,10 @@ from pydantic import SecretStr
 from crflow.files import remove
 from crflow.flows.alerts import emit_rotation_rolled_back
 from crflow.flows.install import install
-from crflow.flows.site_lock import one_run_per_site, run_name
+from crflow.flows.site_lock import one_run_per_site, run_name, this_run
 from crflow.flows.steps import login, server_cert, site_ca, site_vault
 from crflow.generations import Generations
 from crflow.oci import SMOKE_REPO
-from crflow.settings import load_site
-from crflow.targets import target_for
 from crflow.tasks.client import save_client_bundle
 from crflow.tasks.pki import days_left
 from crflow.tasks.registry import check_served_certificate, login_accepted, push_pull_check, wait_for_login
@@ -64,8 +62,8 @@ def _joined(*lines: SecretStr) -> SecretStr:
 def rotate_credentials(site_file: str, grace_seconds: int | None = None,
                        renew_cert_within_days: int | None = None) -> int:
     """Rotate the registry login to a new generation with no failed pull; return the generation."""
-    site = load_site(Path(site_file))
-    target = target_for(site)
+    run = this_run()
+    site, target = run.site, run.target
     grace = site.rotation.grace_seconds if grace_seconds is None else grace_seconds
     timeout = site.rotation.propagation_timeout_seconds
     vault = site_vault(site, target)
@@ -78,7 +76,7 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     ca = site_ca(site, vault, target)
     old, old_line = login(site, vault, gens.credentials)
     new, new_line = login(site, vault, gens.rotating_to)
-    url, workdir = target.url, site.state_dir / "rotation"
+    url, workdir = target.url, site.state.rotation
     old_bundle = save_client_bundle(workdir / "old", site.registry.servers, ca.cert_pem, old)
     new_bundle = save_client_bundle(workdir / "new", site.registry.servers, ca.cert_pem, new)
     retired = old_login_retired(url, old_bundle, new_bundle)
@@ -125,13 +123,13 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
 @one_run_per_site
 def rotate_cert(site_file: str) -> str:
     """Renew the server certificate from the same CA, roll the registry onto it, check it is served."""
-    site = load_site(Path(site_file))
+    run = this_run()
+    site, target = run.site, run.target
     gens = Generations.load(site.state_dir)
     if not gens.renewing_cert:  # a rerun after an interruption finishes the same renewal
         gens = gens.model_copy(update={"server_cert": gens.server_cert + 1, "renewing_cert": True})
         gens.save(site.state_dir)
     url = install(site_file)  # the registry converged onto the new certificate, push/pull checked
-    target = target_for(site)
     vault = site_vault(site, target)
     ca = site_ca(site, vault, target)
     cert = server_cert(site, vault, ca, gens.server_cert)

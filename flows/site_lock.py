@@ -43,8 +43,8 @@ from prefect.logging import get_run_logger
 from crflow import layout
 from crflow.errors import CrflowError
 from crflow.files import write_atomic
+from crflow.runcontext import RunContext, open_run, running
 from crflow.settings import Site, load_site
-from crflow.state import kept_by
 
 LEASE_SECONDS = 60  # the server refuses shorter leases; a killed holder elsewhere blocks at most this long
 _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("crflow_sites_held", default=frozenset())
@@ -106,7 +106,7 @@ def heartbeat(run) -> None:
 def _slot(name: str, site: Site) -> Iterator[None]:
     """Hold the site's slot: acquired (or TimeoutError), renewed while held, released after."""
     run = get_run_context().flow_run
-    lock = site.state_dir / layout.LOCK  # this machine's holder: its lease, pid and boot
+    lock = site.state.lock  # this machine's holder: its lease, pid and boot
     with get_client(sync_client=True) as client:
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
@@ -178,23 +178,28 @@ def _holders(site: Site) -> str:
 
 
 @contextlib.contextmanager
-def _state_held(site: Site) -> Iterator[None]:
+def _state_held(run: RunContext) -> Iterator[None]:
     """The site's state fetched from where its target holds it, and every change pushed back at
     once (and once more at the end, for cache records no change of generation announced)."""
-    from crflow.targets import target_for
-
-    target = target_for(site)
+    target = run.target
     target.fetch_state()
-    with kept_by(target.keep_state):
+    run.keep_state = target.keep_state
+    try:
+        yield
+    except Exception:  # (not on SIGTERM or ^C: every change was pushed as it was made; end promptly)
         try:
-            yield
-        except Exception:  # (not on SIGTERM or ^C: every change was pushed as it was made; end promptly)
-            try:
-                target.keep_state()
-            except Exception as err:  # the run's own error is the one to report; this one is logged
-                get_run_logger().warning("the site's state was not pushed after the failure: %s", err)
-            raise
+            target.keep_state()
+        except Exception as err:  # the run's own error is the one to report; this one is logged
+            get_run_logger().warning("the site's state was not pushed after the failure: %s", err)
+        raise
+    finally:
+        run.keep_state = None
     target.keep_state()
+
+
+def this_run() -> RunContext:
+    """The run a flow's steps belong to: its site and the one target built for it."""
+    return open_run("a crflow flow")
 
 
 def _check_registered(site_file: str) -> None:
@@ -231,7 +236,9 @@ def one_run_per_site(flow_function):
                               f"after {site.runs.wait_seconds} s (runs.wait_seconds); try again later") from None
         token = _held.set(_held.get() | {name})
         try:
-            with _state_held(site):
+            from crflow.targets import target_for
+
+            with running(RunContext(site, target_for(site))) as run, _state_held(run):
                 return flow_function(site_file, *args, **kwargs)
         finally:
             _held.reset(token)

@@ -12,11 +12,10 @@ from crflow.errors import CrflowError
 from crflow.flows.site_lock import site_slug
 from crflow.generations import Generations
 from crflow.identity import Identity, guard
-from crflow.settings import S3Storage, Site
+from crflow.settings import Site
 from crflow.targets import Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
 from crflow.tasks.pki import KeyPair, ca_record, fingerprint_of_pem, make_ca, make_server_cert
-from crflow.tasks.storage import ensure_bucket, results_in_bucket
 from crflow.vault import Vault, open_vault
 
 
@@ -33,12 +32,9 @@ class SiteSecrets:
 
 def site_vault(site: Site, target: Target) -> Vault:
     """The site's encrypted cache: under state_dir, or in the bucket `result_storage` names."""
-    remote, storage, results = None, site.storage, site.result_storage
-    if results is not None and isinstance(storage, S3Storage):
-        keys = target.s3_keys()
-        ensure_bucket(storage.endpoint, results.bucket, storage.region, keys, storage.ca_bundle, storage.skip_verify)
-        remote = results_in_bucket(f"crflow-results-{site_slug(site)}", storage.endpoint, results.bucket,
-                                   results.prefix, storage.region, keys, storage.ca_bundle, storage.skip_verify)
+    remote = None
+    if site.result_storage is not None:
+        remote = target.store.result_cache(f"crflow-results-{site_slug(site)}", site.result_storage)
     return open_vault(site.state_dir, site.result_key, remote)
 
 
@@ -128,11 +124,8 @@ def storage_and_secrets(site: Site, target: Target, secrets: SiteSecrets) -> Non
     """What the registry's pod mounts, made ready: the namespace and its storage (a directory
     or volume, or the S3 bucket with MinIO's keys), then every Secret the chart references."""
     target.prepare()
-    storage, s3_keys, s3_ca_pem = site.storage, None, None
-    if isinstance(storage, S3Storage):
-        keys = target.s3_keys()
-        ensure_bucket(storage.endpoint, storage.bucket, storage.region, keys, storage.ca_bundle, storage.skip_verify)
-        s3_keys, s3_ca_pem = (keys.access_key, keys.secret_key), storage.ca_pem()
+    target.store.prepare()
+    s3_keys, s3_ca_pem = target.store.s3_secret()
     target.put_secrets(registry_secrets(
         site.release, ca_pem=secrets.ca.cert_pem, cert_pem=secrets.server_cert.cert_pem,
         key_pem=secrets.server_cert.key_pem, htpasswd=secrets.htpasswd, http_secret=secrets.http_secret,

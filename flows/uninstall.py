@@ -12,8 +12,8 @@ from pathlib import Path
 from prefect import flow, task
 
 from crflow import layout
-from crflow.flows.site_lock import one_run_per_site, run_name
-from crflow.settings import Site, load_site
+from crflow.flows.site_lock import one_run_per_site, run_name, this_run
+from crflow.settings import Site
 from crflow.targets import target_for
 from crflow.tasks.report import publish_summary
 from crflow.trust import trust, trusted
@@ -58,13 +58,13 @@ def removal_plan(site: Site, purge: bool) -> list[str]:
 @one_run_per_site
 def uninstall(site_file: str, purge: bool = False) -> Uninstalled:
     """Remove the registry of `site_file`; returns what was removed and what was kept."""
-    site = load_site(Path(site_file))
-    removed = target_for(site).uninstall(purge)
+    run = this_run()
+    site, target = run.site, run.target
+    removed = target.uninstall(purge)
     removed += untrust_this_machine(site)
     kept = ["nothing (purged)"] if purge else [f"the stored images, the CA and the logins in {site.state_dir}"]
     if purge:
-        if getattr(site.storage, "kind", None) == "s3":
-            kept = [f"the images in bucket {site.storage.bucket} (delete them in the S3 service)"]
+        kept = target.store.kept_after_purge()
         purged = purge_state(site.state_dir)
         removed, kept = removed + purged.removed, kept + purged.kept
     publish_summary("crflow-uninstall", f"Registry {site.release} uninstalled",

@@ -14,18 +14,14 @@ will change, changes it, proves the registry still works, and undoes itself if i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from crflow.chart import values_for
 from crflow.errors import CrflowError, NotInstalled
-from crflow.flows.site_lock import one_run_per_site, run_name
+from crflow.flows.site_lock import one_run_per_site, run_name, this_run
 from crflow.flows.steps import site_secrets, site_vault, storage_and_secrets
 from crflow.flows.verify import verify
-from crflow.settings import load_site
-from crflow.targets import target_for
 from crflow.tasks.helm import render_chart
 from crflow.tasks.manifests import diff_manifests
 from crflow.tasks.report import publish_summary
@@ -46,8 +42,8 @@ def publish_diff(release: str, deployed: str, before: list[dict], rendered: list
 @one_run_per_site
 def upgrade(site_file: str, dry_run: bool = False) -> str:
     """Upgrade the registry of `site_file` to what the file and helm_chart/ say; verify; roll back if it breaks."""
-    site = load_site(Path(site_file))
-    target = target_for(site)
+    run = this_run()
+    site, target = run.site, run.target
     secrets = site_secrets(site, site_vault(site, target), target)
     values = values_for(site, secrets.server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values, target.kube_version())

@@ -14,10 +14,8 @@ from prefect import flow
 
 from crflow.errors import CrflowError, StorageFailure
 from crflow.flows.alerts import emit_certificate_days
-from crflow.flows.site_lock import one_run_per_site, run_name, site_slug
+from crflow.flows.site_lock import one_run_per_site, run_name, site_slug, this_run
 from crflow.oci import SMOKE_REPO, served_certificate
-from crflow.settings import S3Storage, load_site
-from crflow.targets import target_for
 from crflow.tasks.pki import days_left
 from crflow.tasks.registry import (
     copy_source_image,
@@ -29,7 +27,7 @@ from crflow.tasks.registry import (
     unlink_blobs,
 )
 from crflow.tasks.report import Checks
-from crflow.tasks.storage import blob_in_bucket, bucket_present, check_pod_storage
+from crflow.tasks.storage import check_pod_storage
 from crflow.tasks.usage import publish_usage, registry_usage
 
 
@@ -39,8 +37,9 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
            source_authfile: str | None = None) -> str:
     """Check that the registry of `site_file` takes, serves and stores images; fail if not.
     With `source_image` (host/repo:tag), first copy that image from its registry and check it too."""
-    site = load_site(Path(site_file))
-    target, storage = target_for(site), site.storage
+    run = this_run()
+    site, target = run.site, run.target
+    store = target.store
     url, bundle = target.url, target.client_bundle()
     with Checks(f"Registry {site.release} verified", site.registry.server, verify_table_key(site)) as checks:
         server_days, ca_days = certificate_days(site.registry.host.strip("[]"), site.registry.port, bundle / "ca.crt")
@@ -50,9 +49,8 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
         try:
             pushed = checks.check("push a new image", push_unique_image, url, bundle, SMOKE_REPO)
         except StorageFailure as err:
-            if isinstance(storage, S3Storage):
-                checks.check("diagnose the storage", bucket_present, storage.endpoint, storage.bucket,
-                             storage.region, target.s3_keys(), storage.ca_bundle, storage.skip_verify, str(err))
+            if (diagnosis := store.diagnose(str(err))) is not None:
+                checks.check(diagnosis.name, diagnosis.task, *diagnosis.arguments)
             raise
         deleted = False
         try:
@@ -66,15 +64,11 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
                                       url, bundle, f"{SMOKE_REPO}/source")
                 checks.check("pull the copy back", pull_everything, url, bundle, copied.repo, copied.digest)
 
-            bucket = storage.bucket if isinstance(storage, S3Storage) else None
             checks.check("the pod stores blobs where the site says", check_pod_storage, target.running_pod(),
-                         storage.kind, bucket)
-            if isinstance(storage, S3Storage):
-                checks.check("the layer is in the bucket", blob_in_bucket, storage.endpoint, storage.bucket, storage.region,
-                             storage.root_directory, target.s3_keys(), storage.ca_bundle, storage.skip_verify,
-                             pushed.blobs[-1])
-            for name, check, arguments in target.checks(pushed):  # the storage directory here; a pod's pull there
-                checks.check(name, check, *arguments)
+                         store.kind, store.bucket)
+            # Where the layer landed (the bucket, the directory); on a cluster, a pod's pull of it.
+            for check in store.checks(pushed.blobs[-1]) + target.checks(pushed):
+                checks.check(check.name, check.task, *check.arguments)
             checks.check("delete it by digest", delete_by_digest, url, bundle, pushed.repo, pushed.digest)
             deleted = True
         finally:
@@ -91,7 +85,7 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
 
 def report_usage(site, url: str, bundle: Path) -> int:
     """What the registry stores, per repository, and its growth: the site's usage table."""
-    return publish_usage(registry_usage(url, bundle, site.state_dir / "usage-cache.json"),
+    return publish_usage(registry_usage(url, bundle, site.state.usage_cache),
                          f"crflow-usage-{site_slug(site)}", site.registry.server)
 
 

@@ -1,7 +1,8 @@
 """Where the registry runs: one interface, two targets, chosen once from the site file.
 
     target = target_for(site)      # LocalTarget or KubernetesTarget
-    target.prepare()               # the namespace; the directory or volume blobs go to
+    target.prepare()               # the namespace; the volume blobs go to on a node
+    target.store.prepare()         # the bucket or directory (targets/blobstore.py)
     target.put_secrets(contents)   # the Secrets the chart references
     target.deploy(values, manifests)
 
@@ -13,10 +14,9 @@ compares `site.target`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
@@ -24,6 +24,7 @@ from crflow.chart import SecretData
 from crflow.errors import NotInstalled
 from crflow.health import Health
 from crflow.settings import Site
+from crflow.targets.blobstore import BlobStore, Check, blob_store
 
 if TYPE_CHECKING:  # the task modules import Prefect, which `crflow status` must not pay for
     from crflow.tasks.credentials import Credentials
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # the task modules import Prefect, which `crflow status` must
     from crflow.tasks.registry import Pushed
     from crflow.tasks.storage import S3Keys
 
-Check = tuple[str, Callable[..., Any], tuple]  # (what it checks, the task, its arguments)
+__all__ = ["Check", "Release", "Target", "target_for"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class Target(ABC):
     def __init__(self, site: Site):
         self.site = site
         self.url = f"https://{site.registry.server}"
-        self.bundle = site.state_dir / "client"  # the client files: ca.crt and auth.json
+        self.bundle = site.state.client  # the client files: ca.crt and auth.json
+        self.store: BlobStore = blob_store(site, self.s3_keys)
 
     @abstractmethod
     def check_host(self) -> None:
@@ -84,7 +86,7 @@ class Target(ABC):
 
     @abstractmethod
     def prepare(self) -> None:
-        """The namespace, and where blobs go when storage is not S3 (a directory or a volume)."""
+        """The namespace, and the volume blobs go to on a node (`store.prepare` makes the rest)."""
 
     @abstractmethod
     def s3_keys(self) -> S3Keys:

@@ -69,7 +69,7 @@ class KubernetesTarget(Target):
 
         site = self.site
         create_namespace(self.kube, site.namespace, site.release)
-        volume = getattr(site.storage, "host_path", None)
+        volume = self.store.node_volume
         if volume is not None:
             create_hostpath_volume(self.kube, site.namespace, data_claim(site.release), volume.path, volume.node,
                                    volume.size, site.release)
@@ -148,8 +148,8 @@ class KubernetesTarget(Target):
         from crflow.tasks.workloads import pull_with_secret
 
         image = f"{self.site.registry.server}/{pushed.repo}@{pushed.digest}"
-        return [("a pod on every node pulls it with a pull secret", pull_with_secret,
-                 (self.kube, image, self.client_bundle() / "auth.json", self.site.namespace, self.site.release))]
+        return [Check("a pod on every node pulls it with a pull secret", pull_with_secret,
+                      (self.kube, image, self.client_bundle() / "auth.json", self.site.namespace, self.site.release))]
 
     def publish_login(self, ca_pem: str, creds) -> list[str]:
         from crflow.tasks.client import save_client_bundle
@@ -224,7 +224,7 @@ class KubernetesTarget(Target):
         if purge:
             plan.append(f"the registry's Secrets in {site.namespace} (CA, certificate, htpasswd, login) and crflow's "
                         "record of them (a later install makes a new CA)")
-            if getattr(site.storage, "host_path", None) is not None:
+            if self.store.node_volume is not None:
                 plan.append(f"the claim {data_claim(site.release)} and its PersistentVolume (the node's directory stays)")
         return plan
 
@@ -249,7 +249,7 @@ class KubernetesTarget(Target):
         if purge:
             held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
             removed += delete_secrets(self.kube, site.namespace, held, site.release)
-            if getattr(site.storage, "host_path", None) is not None:
+            if self.store.node_volume is not None:
                 removed += delete_hostpath_volume(self.kube, site.namespace, data_claim(site.release))
         return removed
 

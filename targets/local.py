@@ -26,9 +26,11 @@ FULL_BELOW = 1 << 20  # free bytes under which the storage counts as full: less 
 class LocalTarget(Target):
     def __init__(self, site: Site):
         super().__init__(site)
-        self.pod_dir = site.state_dir / "pod"
+        self.pod_dir = site.state.pod
         self.contents: SecretData | None = None
-        self.claims: dict[str, Path] = {}
+        # The data claim is the store's directory, as a claim is bound to its volume.
+        directory = self.store.directory
+        self.claims: dict[str, Path] = {data_claim(site.release): directory} if directory is not None else {}
 
     def check_host(self) -> None:
         from crflow.tasks.localpod import check_local_host
@@ -45,10 +47,7 @@ class LocalTarget(Target):
         pass
 
     def prepare(self) -> None:
-        from crflow.tasks.storage import ensure_directory
-
-        if self.site.storage.kind == "filesystem":
-            self.claims[data_claim(self.site.release)] = ensure_directory(self.site.data_dir)
+        pass  # no namespace here; the store makes its directory
 
     def s3_keys(self):
         from crflow.tasks.storage import read_s3_keys_file
@@ -85,11 +84,7 @@ class LocalTarget(Target):
         return read_local_pod(self.pod_dir)
 
     def checks(self, pushed) -> list[Check]:
-        from crflow.tasks.storage import blob_in_directory
-
-        if self.site.storage.kind != "filesystem":
-            return []
-        return [("the layer is in the storage directory", blob_in_directory, (self.site.data_dir, pushed.blobs[-1]))]
+        return []  # the pod is this machine's process: the store's checks see where its blobs went
 
     def publish_login(self, ca_pem: str, creds) -> list[str]:
         from crflow.tasks.client import save_client_bundle
@@ -116,11 +111,12 @@ class LocalTarget(Target):
             return Health(Status.UNHEALTHY, f"registry process {pid} is live but not ready: {why}; it serves again "
                                             "once its storage answers, with no restart")
         health = registry_health(self.url, self.bundle)
-        if health.status is Status.HEALTHY and self.site.storage.kind == "filesystem":
-            free = shutil.disk_usage(self.site.data_dir).free
+        directory = self.store.directory
+        if health.status is Status.HEALTHY and directory is not None:
+            free = shutil.disk_usage(directory).free
             if free < FULL_BELOW:  # it answers, but no push can land
                 return Health(Status.UNHEALTHY, f"registry process {pid}: the registry's storage is full (no space "
-                                                f"left on device: {free >> 10} KiB free in {self.site.data_dir})")
+                                                f"left on device: {free >> 10} KiB free in {directory})")
         return Health(health.status, f"registry process {pid}: {health.detail}")
 
     def _read_only(self, pod: LocalPod, pid: int | None) -> Health:
@@ -155,14 +151,14 @@ class LocalTarget(Target):
 
     def removal_plan(self, purge: bool) -> list[str]:
         plan = [f"the local registry process ({self.pod_dir})"]
-        if purge and self.site.storage.kind == "filesystem":
-            plan.append(f"the stored images in {self.site.data_dir}")
+        if purge and self.store.directory is not None:
+            plan.append(f"the stored images in {self.store.directory}")
         return plan
 
     def uninstall(self, purge: bool) -> list[str]:
         from crflow.tasks.localpod import remove_images
 
         removed = ["the local registry process"] if self.down() else []
-        if purge and self.site.storage.kind == "filesystem":
-            removed += remove_images(self.site.data_dir)
+        if purge and self.store.directory is not None:
+            removed += remove_images(self.store.directory)
         return removed

@@ -3,8 +3,8 @@ and where does a running registry pod really keep them? (And, with `result_stora
 bucket that holds crflow's encrypted cache.)
 
     keys = read_s3_keys_file(Path("minio-keys.yaml"), "accesskey", "secretkey")
-    ensure_bucket("https://minio.local:9000", "container-registry", "us-east-1", keys,
-                  ca_bundle=Path("minio-ca.crt"), skip_verify=False)
+    minio = S3Endpoint("https://minio.local:9000", "us-east-1", ca_bundle=Path("minio-ca.crt"))
+    ensure_bucket(minio, "container-registry", keys)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import urllib3
@@ -23,6 +24,7 @@ from pydantic import BaseModel, SecretStr
 from crflow.chart import CONFIG_FILE, CONFIG_VOLUME, CONTAINER
 from crflow.errors import CrflowError, transient_only
 from crflow.files import private_dir
+from crflow.runcontext import open_run
 
 
 class S3Keys(BaseModel):
@@ -42,65 +44,59 @@ def read_s3_keys(path: Path, access_key_key: str, secret_key_key: str) -> S3Keys
     return S3Keys(access_key=str(data[access_key_key]), secret_key=str(data[secret_key_key]))
 
 
-def _http_client(ca_bundle: Path | None, skip_verify: bool) -> urllib3.PoolManager:
-    if skip_verify:
-        return urllib3.PoolManager(cert_reqs=ssl.CERT_NONE, retries=urllib3.Retry(total=2, backoff_factor=0.5))
-    return urllib3.PoolManager(
-        cert_reqs=ssl.CERT_REQUIRED,
-        ca_certs=str(ca_bundle) if ca_bundle else None,
-        retries=urllib3.Retry(total=2, backoff_factor=0.5),
-    )
+@dataclass(frozen=True)
+class S3Endpoint:
+    """How to reach an S3 service (MinIO): plain values, so a task that takes one keys its
+    cache on them. The keys that sign requests are never part of it."""
+
+    url: str
+    region: str = "us-east-1"
+    ca_bundle: Path | None = None
+    skip_verify: bool = False  # the user's loud opt-out of TLS verification
+
+    def __str__(self) -> str:
+        return self.url
+
+    def client(self, keys: S3Keys):
+        from minio import Minio  # imported when used: it costs every command ~0.15 s to load
+
+        retries = urllib3.Retry(total=2, backoff_factor=0.5)
+        if self.skip_verify:
+            http = urllib3.PoolManager(cert_reqs=ssl.CERT_NONE, retries=retries)
+        else:
+            http = urllib3.PoolManager(cert_reqs=ssl.CERT_REQUIRED, retries=retries,
+                                       ca_certs=str(self.ca_bundle) if self.ca_bundle else None)
+        return Minio(self.url.split("://", 1)[1].rstrip("/"), access_key=keys.access_key.get_secret_value(),
+                     secret_key=keys.secret_key.get_secret_value(), secure=self.url.startswith("https://"),
+                     region=self.region, http_client=http)
+
+    @contextlib.contextmanager
+    def errors(self, bucket: str):
+        """S3 failures as a person can act on them; an endpoint that does not answer is a ConnectionError."""
+        from minio.error import S3Error
+
+        try:
+            yield
+        except S3Error as err:
+            if err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise CrflowError(f"S3 at {self} refused bucket {bucket} ({err.code}): check the credentials and "
+                                  "their permissions") from None
+            raise CrflowError(f"S3 at {self}, bucket {bucket}: {err.code}: {err.message}") from None
+        except urllib3.exceptions.MaxRetryError as err:  # urllib3 wraps what went wrong in its retries
+            if isinstance(err.reason, urllib3.exceptions.SSLError):
+                raise CrflowError(f"TLS verification of S3 at {self} failed ({err.reason}); set storage.ca_bundle "
+                                  "to the CA of its certificate, or storage.skip_verify: true to opt out") from None
+            raise ConnectionError(f"S3 at {self} is not answering: {err.reason}") from None
 
 
-def _minio(endpoint: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool):
-    from minio import Minio  # imported when used: it costs every command ~0.15 s to load
-
-    return Minio(
-        endpoint.split("://", 1)[1].rstrip("/"),
-        access_key=keys.access_key.get_secret_value(),
-        secret_key=keys.secret_key.get_secret_value(),
-        secure=endpoint.startswith("https://"),
-        region=region,
-        http_client=_http_client(ca_bundle, skip_verify),
-    )
-
-
-@contextlib.contextmanager
-def s3_errors(endpoint: str, bucket: str):
-    """S3 failures as a person can act on them; an endpoint that does not answer is a ConnectionError."""
-    from minio.error import S3Error
-
-    try:
-        yield
-    except S3Error as err:
-        if err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise CrflowError(
-                f"S3 at {endpoint} refused bucket {bucket} ({err.code}): check the credentials and their permissions"
-            ) from None
-        raise CrflowError(f"S3 at {endpoint}, bucket {bucket}: {err.code}: {err.message}") from None
-    except urllib3.exceptions.MaxRetryError as err:  # urllib3 wraps what went wrong in its retries
-        if isinstance(err.reason, urllib3.exceptions.SSLError):
-            raise CrflowError(
-                f"TLS verification of S3 at {endpoint} failed ({err.reason}); set storage.ca_bundle to the CA of "
-                "its certificate, or storage.skip_verify: true to opt out"
-            ) from None
-        raise ConnectionError(f"S3 at {endpoint} is not answering: {err.reason}") from None
-
-
-def bucket_exists_or_create(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle, skip_verify) -> bool:
+def bucket_exists_or_create(s3: S3Endpoint, bucket: str, keys: S3Keys) -> bool:
     """Make the bucket unless it exists; return whether it was created."""
-    client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
-    with s3_errors(endpoint, bucket):
+    client = s3.client(keys)
+    with s3.errors(bucket):
         if client.bucket_exists(bucket):
             return False
-        client.make_bucket(bucket, location=region)
+        client.make_bucket(bucket, location=s3.region)
         return True
-
-
-# The S3 keys of each result cache (endpoint, bucket, prefix), in this process only: Prefect
-# stores a result storage block's fields on its server, so the keys are never one of them. Two
-# sites on one endpoint may log in as two users: the endpoint alone does not name the keys.
-_result_keys: dict[tuple[str, str, str], S3Keys] = {}
 
 
 class S3Results(WritableFileSystem):
@@ -117,19 +113,26 @@ class S3Results(WritableFileSystem):
     ca_bundle: Path | None = None
     skip_verify: bool = False
 
+    @property
+    def s3(self) -> S3Endpoint:
+        return S3Endpoint(self.endpoint, self.region, self.ca_bundle, self.skip_verify)
+
     def _object(self, path: str) -> str:
         return f"{self.prefix.strip('/')}/{Path(path).name}"  # Prefect may pass the key as a path
 
     def _client(self):
-        keys = _result_keys.get((self.endpoint, self.bucket, self.prefix))
+        # The keys are the run's, by (endpoint, bucket, prefix): Prefect stores a result storage
+        # block's fields on its server, so they are never one of them; and two sites on one
+        # endpoint may log in as two users, so the endpoint alone does not name them.
+        keys = open_run("the result cache in S3").s3_keys.get((self.endpoint, self.bucket, self.prefix))
         if keys is None:
-            raise CrflowError(f"no S3 keys for {self.endpoint}/{self.bucket}/{self.prefix} in this process: the "
+            raise CrflowError(f"no S3 keys for {self.endpoint}/{self.bucket}/{self.prefix} in this run: the "
                               "site's vault opens the cache")
-        return _minio(self.endpoint, self.region, keys, self.ca_bundle, self.skip_verify)
+        return self.s3.client(keys)
 
     def read_path(self, path: str, **_) -> bytes:
         client = self._client()
-        with s3_errors(self.endpoint, self.bucket):
+        with self.s3.errors(self.bucket):
             response = client.get_object(self.bucket, self._object(path))
             try:
                 return response.read()
@@ -141,7 +144,7 @@ class S3Results(WritableFileSystem):
         from minio.error import S3Error
 
         client, name = self._client(), self._object(path)
-        with s3_errors(self.endpoint, self.bucket):
+        with self.s3.errors(self.bucket):
             try:
                 client.stat_object(self.bucket, name)
                 return name  # held already: never replaced
@@ -152,13 +155,12 @@ class S3Results(WritableFileSystem):
         return name
 
 
-def results_in_bucket(name: str, endpoint: str, bucket: str, prefix: str, region: str, keys: S3Keys,
-                      ca_bundle: Path | None, skip_verify: bool) -> S3Results:
+def results_in_bucket(name: str, s3: S3Endpoint, bucket: str, prefix: str, keys: S3Keys) -> S3Results:
     """The result storage for a bucket and prefix, saved as the block `name` (Prefect stores a
     task's result storage by reference; the block holds no key)."""
-    _result_keys[(endpoint, bucket, prefix)] = keys
-    storage = S3Results(endpoint=endpoint, bucket=bucket, prefix=prefix, region=region, ca_bundle=ca_bundle,
-                        skip_verify=skip_verify)
+    open_run("the result cache in S3").s3_keys[(s3.url, bucket, prefix)] = keys
+    storage = S3Results(endpoint=s3.url, bucket=bucket, prefix=prefix, region=s3.region, ca_bundle=s3.ca_bundle,
+                        skip_verify=s3.skip_verify)
     storage.save(name, overwrite=True)
     return storage
 
@@ -176,13 +178,11 @@ def read_s3_keys_file(path: Path, access_key_key: str, secret_key_key: str) -> S
 
 
 @task(task_run_name="bucket {bucket}", retries=3, retry_delay_seconds=[2, 4, 8], retry_condition_fn=transient_only)
-def ensure_bucket(
-    endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle: Path | None, skip_verify: bool
-) -> bool:
+def ensure_bucket(s3: S3Endpoint, bucket: str, keys: S3Keys) -> bool:
     """The registry's bucket exists (made if missing). True when this run created it."""
-    if skip_verify:
-        get_run_logger().warning("TLS verification of %s is OFF (storage.skip_verify: true)", endpoint)
-    return bucket_exists_or_create(endpoint, bucket, region, keys, ca_bundle, skip_verify)
+    if s3.skip_verify:
+        get_run_logger().warning("TLS verification of %s is OFF (storage.skip_verify: true)", s3)
+    return bucket_exists_or_create(s3, bucket, keys)
 
 
 def blob_key(digest: str, root_directory: str = "") -> str:
@@ -193,33 +193,31 @@ def blob_key(digest: str, root_directory: str = "") -> str:
 
 @task(task_run_name="layer in bucket {bucket}",
       retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
-def blob_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
-                   ca_bundle: Path | None, skip_verify: bool, digest: str) -> str:
+def blob_in_bucket(s3: S3Endpoint, bucket: str, root_directory: str, keys: S3Keys, digest: str) -> str:
     """The blob is an object in the bucket (so it landed in S3, not on a pod's disk)."""
-    client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    client = s3.client(keys)
     from minio.error import S3Error
 
     key = blob_key(digest, root_directory)
-    with s3_errors(endpoint, bucket):
+    with s3.errors(bucket):
         try:
             client.stat_object(bucket, key)
         except S3Error as err:
             if err.code != "NoSuchKey":
                 raise
-            raise CrflowError(f"blob {digest} is not in bucket {bucket} at {endpoint}: the registry is not "
+            raise CrflowError(f"blob {digest} is not in bucket {bucket} at {s3}: the registry is not "
                               "storing into it") from None
     return f"s3://{bucket}/{key}"
 
 
 @task(task_run_name="bucket {bucket} present?",
       retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
-def bucket_present(endpoint: str, bucket: str, region: str, keys: S3Keys, ca_bundle: Path | None,
-                   skip_verify: bool, registry_said: str) -> None:
+def bucket_present(s3: S3Endpoint, bucket: str, keys: S3Keys, registry_said: str) -> None:
     """After the registry's storage failed: say so plainly if the cause is a missing bucket."""
-    client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
-    with s3_errors(endpoint, bucket):
+    client = s3.client(keys)
+    with s3.errors(bucket):
         if not client.bucket_exists(bucket):
-            raise CrflowError(f"bucket {bucket} does not exist at {endpoint} (run crflow install to make it); "
+            raise CrflowError(f"bucket {bucket} does not exist at {s3} (run crflow install to make it); "
                               f"the registry said: {registry_said}")
 
 
@@ -256,12 +254,12 @@ def pod_storage(pod: dict) -> tuple[str, str]:
 
 @task(task_run_name="pod storage is {storage_kind}")
 def check_pod_storage(pod: dict, storage_kind: str, bucket: str | None) -> str:
-    """The running pod stores blobs where the site says: the bucket for s3, a claim otherwise."""
+    """The running pod stores blobs where the site says: in `bucket`, or (None) on a claim."""
     kind, where = pod_storage(pod)
-    if storage_kind == "s3" and (kind, where) != ("s3", bucket):
+    if bucket is not None and (kind, where) != ("s3", bucket):
         raise CrflowError(f"the registry pod stores blobs in {kind} {where}, not in S3 bucket {bucket} as "
-                          "storage.kind: s3 says; run crflow install (or upgrade) to fix the release")
-    if storage_kind != "s3" and kind not in ("pvc", "hostPath"):
+                          f"storage.kind: {storage_kind} says; run crflow install (or upgrade) to fix the release")
+    if bucket is None and kind not in ("pvc", "hostPath"):
         lost = " (lost when the pod goes)" if kind == "emptyDir" else ""
         raise CrflowError(f"the registry pod stores blobs in {kind} {where}{lost}, although storage.kind is "
                           f"{storage_kind}; run crflow install (or upgrade) to fix the release")
@@ -282,13 +280,12 @@ def stored_blobs_in_directory(root: Path) -> dict[str, int]:
 
 @task(task_run_name="stored blobs in bucket {bucket}", retries=2, retry_delay_seconds=[2, 5],
       retry_condition_fn=transient_only)
-def stored_blobs_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
-                           ca_bundle: Path | None, skip_verify: bool) -> dict[str, int]:
+def stored_blobs_in_bucket(s3: S3Endpoint, bucket: str, root_directory: str, keys: S3Keys) -> dict[str, int]:
     """digest -> bytes of every blob the S3 driver holds in the bucket (one listing)."""
     prefix = f"{root_directory.strip('/')}/{BLOBS}/".lstrip("/")
     found = {}
-    with s3_errors(endpoint, bucket):
-        client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    with s3.errors(bucket):
+        client = s3.client(keys)
         for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
             parts = obj.object_name[len(prefix):].split("/")  # sha256, ab, abcd..., data
             if len(parts) == 4 and parts[3] == "data":
@@ -333,11 +330,10 @@ def manifest_revisions_in_directory(root: Path) -> list[Revision]:
 
 @task(task_run_name="manifests in bucket {bucket}", retries=2, retry_delay_seconds=[2, 5],
       retry_condition_fn=transient_only)
-def manifest_revisions_in_bucket(endpoint: str, bucket: str, region: str, root_directory: str, keys: S3Keys,
-                                 ca_bundle: Path | None, skip_verify: bool) -> list[Revision]:
+def manifest_revisions_in_bucket(s3: S3Endpoint, bucket: str, root_directory: str, keys: S3Keys) -> list[Revision]:
     prefix = f"{root_directory.strip('/')}/{REPOSITORIES}/".lstrip("/")
-    with s3_errors(endpoint, bucket):
-        client = _minio(endpoint, region, keys, ca_bundle, skip_verify)
+    with s3.errors(bucket):
+        client = s3.client(keys)
         entries = [(o.object_name[len(prefix):], o.last_modified.timestamp())
                    for o in client.list_objects(bucket, prefix=prefix, recursive=True) if o.object_name.endswith("/link")]
 

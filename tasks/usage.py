@@ -3,7 +3,7 @@ registry's API, never by walking the storage: tags are listed and resolved to di
 (one HEAD per tag), and a manifest is fetched only the first time its digest is seen, since a
 digest's content never changes (the cache is a file in the state directory).
 
-    usage = registry_usage(url, bundle, state_dir / "usage-cache.json")
+    usage = registry_usage(url, bundle, StateDir(state_dir).usage_cache)
     publish_usage(usage, "crflow-usage-registry-127-0-0-1-5000", server)
 """
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from crflow.errors import CrflowError
-from crflow.tasks.storage import S3Keys, bucket_exists_or_create
+from crflow.tasks.storage import S3Endpoint, S3Keys, bucket_exists_or_create
 from servers import http_server
 
 ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
@@ -41,7 +41,7 @@ def refusing_s3():
 def test_no_permission_names_the_bucket_and_endpoint_but_not_the_keys(refusing_s3):
     keys = S3Keys(access_key=SecretStr("AKIA-test"), secret_key=SecretStr("s3cr3t-never-shown-0123"))
     with pytest.raises(CrflowError) as refused:
-        bucket_exists_or_create(refusing_s3, "container-registry", "us-east-1", keys, None, False)
+        bucket_exists_or_create(S3Endpoint(refusing_s3), "container-registry", keys)
     message = str(refused.value)
     assert f"S3 at {refusing_s3} refused bucket container-registry (AccessDenied)" in message
     assert "s3cr3t" not in message and "AKIA-test" not in message
@@ -62,10 +62,10 @@ def test_unverifiable_s3_certificate_says_how_to_trust_it(tmp_path):
     keys = S3Keys(access_key=SecretStr("a"), secret_key=SecretStr("b"))
     with http_server(Refusing, tls=context) as endpoint:
         with pytest.raises(CrflowError, match="set storage.ca_bundle to the CA of its certificate"):
-            bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, None, False)
+            bucket_exists_or_create(S3Endpoint(endpoint), "container-registry", keys)
         (tmp_path / "ca.crt").write_text(ca.cert_pem)
         with pytest.raises(CrflowError, match=r"refused bucket container-registry \(AccessDenied\)"):
-            bucket_exists_or_create(endpoint, "container-registry", "us-east-1", keys, tmp_path / "ca.crt", False)
+            bucket_exists_or_create(S3Endpoint(endpoint, ca_bundle=tmp_path / "ca.crt"), "container-registry", keys)
 
 
 class Recording(BaseHTTPRequestHandler):
@@ -93,23 +93,35 @@ class Recording(BaseHTTPRequestHandler):
 KEYS_SCRIPT = """
 import sys
 from pydantic import SecretStr
-from crflow.tasks.storage import S3Keys, results_in_bucket
+from crflow.errors import CrflowError
+from crflow.runcontext import RunContext, running
+from crflow.tasks.storage import S3Endpoint, S3Keys, results_in_bucket
 
-endpoint = sys.argv[1]
-caches = [results_in_bucket(f"crflow-keys-{site}", endpoint, f"bucket-{site}", "registry", "us-east-1",
-                            S3Keys(access_key=SecretStr(f"AKIA-SITE-{site.upper()}"), secret_key=SecretStr("s" * 24)),
-                            None, False) for site in ("a", "b")]
-for cache in caches:
+endpoint = S3Endpoint(sys.argv[1])
+runs = {site: RunContext(site=None, target=None) for site in ("a", "b")}
+caches = {}
+for site, run in runs.items():  # each site's run opens its cache with its own keys
+    with running(run):
+        caches[site] = results_in_bucket(f"crflow-keys-{site}", endpoint, f"bucket-{site}", "registry", S3Keys(
+            access_key=SecretStr(f"AKIA-SITE-{site.upper()}"), secret_key=SecretStr("s" * 24)))
+for site, run in runs.items():
+    with running(run):
+        try:
+            caches[site].read_path("record")
+        except CrflowError:
+            pass  # the endpoint's 404: what it saw is what counts
+with running(runs["b"]):  # site b's run holds no keys for site a's cache
     try:
-        cache.read_path("record")
-    except Exception:
-        pass
+        caches["a"].read_path("record")
+    except CrflowError as err:
+        print("refused:", err)
 """
 
 
 def test_two_sites_result_caches_on_one_endpoint_sign_with_their_own_keys(prefect_api, tmp_path):
     """Both caches opened in one process, as two sites' runs in one worker would: each request
-    reaches the S3 endpoint signed with its own site's access key (the endpoint sees it)."""
+    reaches the S3 endpoint signed with its own site's access key (the endpoint sees it), and
+    one site's run holds no key for the other's cache."""
     import subprocess
     import sys
 
@@ -120,3 +132,4 @@ def test_two_sites_result_caches_on_one_endpoint_sign_with_their_own_keys(prefec
                                    "PREFECT_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert Recording.seen == {"bucket-a": "AKIA-SITE-A", "bucket-b": "AKIA-SITE-B"}
+    assert done.stdout.startswith("refused: no S3 keys for"), done.stdout
