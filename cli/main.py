@@ -30,7 +30,7 @@ from crflow.errors import CrflowError, NotInstalled
 from crflow.files import write_atomic
 from crflow.health import Status
 from crflow.settings import Site, load_site
-from crflow.targets import target_for
+from crflow.targets import Stoppable, target_for
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server that records crflow's runs.")
@@ -250,7 +250,10 @@ def _confirm(yes: bool, question: str, command: str) -> None:
 @app.command()
 def down(config: Path = SiteFile) -> None:
     """Stop the local registry (its data, certificates and credentials stay)."""
-    stopped = target_for(load_site(config)).down()
+    target = target_for(load_site(config))
+    if not isinstance(target, Stoppable):
+        raise CrflowError("crflow down stops the local target's registry; on Kubernetes use helm uninstall")
+    stopped = target.down()
     typer.echo("Registry stopped" if stopped else "Registry was not running")
 
 

@@ -50,6 +50,7 @@ from crflow.chart import COMMAND, CONTAINER, SecretData, is_read_only
 from crflow.config import environment
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, opened_dir, own_tree, write_atomic
+from crflow.outcomes import Launch, PodApplied
 
 DEBUG_HOST = "127.0.0.1"
 BINARY_HINT = "install it with: apt-get install docker-registry (Debian/Ubuntu), or set CRFLOW_REGISTRY_BINARY"
@@ -441,9 +442,8 @@ class LocalPod:
                               capture_output=True, text=True, timeout=timeout)
 
     def apply(self, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int],
-              debug_port: int) -> str:
-        """Make the running process match the rendered pod; return "started", "unchanged", or
-        "restarted; ..." with how long connections were refused. Going read-only (gc's window),
+              debug_port: int) -> PodApplied:
+        """Make the running process match the rendered pod; return what that did. Going read-only (gc's window),
         the writable pod is kept aside first: a crflow killed in the window leaves it to come
         back to (`restore_writable`)."""
         if read_only(manifests) and not read_only(self.manifests()) and self.pid() is not None \
@@ -463,7 +463,7 @@ class LocalPod:
         write_atomic(self.manifestfile, json.dumps(manifests).encode(), 0o644)
         running = self.pid()
         if running is not None and self.specfile.exists() and self.specfile.read_text() == digest:
-            outcome = "unchanged"
+            outcome = PodApplied(Launch.UNCHANGED)
         else:
             outcome = self._launch({"argv": argv, "env": env, "cwd": str(self.dir) if run_as is None else "/",
                                     "digest": digest, "listen": list(listen), "probe": probe_host,
@@ -472,7 +472,7 @@ class LocalPod:
             self.writablefile.unlink(missing_ok=True)
         return outcome
 
-    def _launch(self, launch: dict) -> str:
+    def _launch(self, launch: dict) -> PodApplied:
         """Start the process `launch` describes (argv, env, cwd, digest; where it listens, is
         probed and serves debug) in place of the one running."""
         running = self.pid()
@@ -499,9 +499,8 @@ class LocalPod:
         write_atomic(self.launchfile, json.dumps(launch).encode(), 0o600)
         self._wait_listening(process, launch["probe"], launch["listen"][1], log_start)
         if running is None:
-            return "started"
-        # One process per port: between the old one's stop and the new one's listen, connections are refused.
-        return f"restarted; refused connections for {time.monotonic() - stopped:.2f} s"
+            return PodApplied(Launch.STARTED)
+        return PodApplied(Launch.RESTARTED, time.monotonic() - stopped)
 
     # --- gc's read-only window -------------------------------------------------------------
     def _config_files(self, manifests: list[dict]) -> list[Path]:

@@ -36,10 +36,10 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     site, target = run.site, run.target
     url, bundle = target.url, target.client_bundle()
     secrets = site_secrets(site, site_vault(site, target), target)
-    storage_and_secrets(site, target, secrets)
+    contents = storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)
     manifests = render_chart(site.release, site.namespace, values, target.kube_version())
-    target.deploy(values, manifests)  # read-write, whatever an interrupted run left
+    target.deploy(values, manifests, contents)  # read-write, whatever an interrupted run left
     wait_until_ready(url, bundle)
 
     rules = [rule.model_dump() for rule in site.retention]
@@ -53,7 +53,7 @@ def gc(site_file: str, dry_run: bool = False) -> str:
             delete_by_digest(url, bundle, repo, digest)
 
     before = target.store.stored_blobs()
-    plan = target.collect(manifests, dry_run=True, delete_untagged=site.gc.delete_untagged)
+    plan = target.collect(manifests, contents, dry_run=True, delete_untagged=site.gc.delete_untagged)
     would_free = sum(before.get(digest, 0) for digest in plan.blobs) if before is not None else None
     rows += [("Blobs eligible", str(plan.blob_count)), ("Manifests eligible", str(plan.manifest_count)),
              ("Bytes eligible", "unknown (storage not readable from here)" if would_free is None else str(would_free))]
@@ -64,12 +64,12 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     locked = read_only(values)
     locked_manifests = render_chart(site.release, site.namespace, locked, target.kube_version())  # before the window: it is kept short
     started = time.monotonic()
-    target.deploy(locked, locked_manifests)
+    target.deploy(locked, locked_manifests, contents)
     try:
         wait_until_read_only(url, bundle, site.gc.timeout_seconds)
-        collected = target.collect(manifests, dry_run=False, delete_untagged=site.gc.delete_untagged)
+        collected = target.collect(manifests, contents, dry_run=False, delete_untagged=site.gc.delete_untagged)
     finally:  # read-write again, whatever happened inside the window
-        target.deploy(values, manifests)
+        target.deploy(values, manifests, contents)
         wait_until_ready(url, bundle)
         window = time.monotonic() - started
     after = target.store.stored_blobs()  # before the proof push adds its own

@@ -28,9 +28,9 @@ def install(site_file: str, new_ca: bool = False) -> str:
     secrets = site_secrets(site, site_vault(site, target), target, new_ca)
 
     # Storage and the registry's Secrets, then the chart: run here as a pod, or released by helm.
-    storage_and_secrets(site, target, secrets)
+    contents = storage_and_secrets(site, target, secrets)
     values = values_for(site, secrets.server_cert.fingerprint)
-    target.deploy(values, render_chart(site.release, site.namespace, values, target.kube_version()))
+    target.deploy(values, render_chart(site.release, site.namespace, values, target.kube_version()), contents)
 
     # The login goes to its users (client files; on the cluster, login and pull Secrets).
     # Then proof, with the client files a person would use: the registry answers our login

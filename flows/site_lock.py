@@ -45,6 +45,7 @@ from crflow.errors import CrflowError
 from crflow.files import write_atomic
 from crflow.runcontext import RunContext, open_run, running
 from crflow.settings import Site, load_site
+from crflow.targets import HoldsState, target_for
 
 LEASE_SECONDS = 60  # the server refuses shorter leases; a killed holder elsewhere blocks at most this long
 _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("crflow_sites_held", default=frozenset())
@@ -182,6 +183,9 @@ def _state_held(run: RunContext) -> Iterator[None]:
     """The site's state fetched from where its target holds it, and every change pushed back at
     once (and once more at the end, for cache records no change of generation announced)."""
     target = run.target
+    if not isinstance(target, HoldsState):  # its state is state_dir, and nowhere else
+        yield
+        return
     target.fetch_state()
     run.keep_state = target.keep_state
     try:
@@ -236,7 +240,6 @@ def one_run_per_site(flow_function):
                               f"after {site.runs.wait_seconds} s (runs.wait_seconds); try again later") from None
         token = _held.set(_held.get() | {name})
         try:
-            from crflow.targets import target_for
 
             with running(RunContext(site, target_for(site))) as run, _state_held(run):
                 return flow_function(site_file, *args, **kwargs)

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from crflow.chart import registry_secrets
+from crflow.chart import SecretData, registry_secrets
 from crflow.errors import CrflowError
 from crflow.flows.site_lock import site_slug
 from crflow.generations import Generations
 from crflow.identity import Identity, guard
 from crflow.settings import Site
-from crflow.targets import Target
+from crflow.targets import HoldsState, Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
 from crflow.tasks.pki import KeyPair, ca_record, fingerprint_of_pem, make_ca, make_server_cert
 from crflow.vault import Vault, open_vault
@@ -50,7 +50,7 @@ def site_ca(site: Site, vault: Vault, target: Target, new_ca: bool = False) -> K
         record = Identity.load(site.state_dir)
         record.retired_cas, record.ca = [*record.retired_cas, *([record.ca] if record.ca else [])], None
         record.save(site.state_dir)
-    held_pem = target.held_ca() if record.ca is None and not new_ca else None
+    held_pem = target.held_ca() if isinstance(target, HoldsState) and record.ca is None and not new_ca else None
     held = fingerprint_of_pem(held_pem) if held_pem is not None else None
     if not new_ca and vault.holds(ca_record(name, gens.ca)) is False:  # a CA would be made now
         earlier = earlier_cas(site, target, record, held)
@@ -120,13 +120,14 @@ def site_secrets(site: Site, vault: Vault, target: Target, new_ca: bool = False)
                        htpasswd=htpasswd, http_secret=vault(make_http_secret)())
 
 
-def storage_and_secrets(site: Site, target: Target, secrets: SiteSecrets) -> None:
+def storage_and_secrets(site: Site, target: Target, secrets: SiteSecrets) -> SecretData:
     """What the registry's pod mounts, made ready: the namespace and its storage (a directory
-    or volume, or the S3 bucket with MinIO's keys), then every Secret the chart references."""
+    or volume, or the S3 bucket with MinIO's keys); returns every Secret the chart references,
+    for the deploy."""
     target.prepare()
     target.store.prepare()
     s3_keys, s3_ca_pem = target.store.s3_secret()
-    target.put_secrets(registry_secrets(
+    return registry_secrets(
         site.release, ca_pem=secrets.ca.cert_pem, cert_pem=secrets.server_cert.cert_pem,
         key_pem=secrets.server_cert.key_pem, htpasswd=secrets.htpasswd, http_secret=secrets.http_secret,
-        s3_keys=s3_keys, s3_ca_pem=s3_ca_pem))
+        s3_keys=s3_keys, s3_ca_pem=s3_ca_pem)

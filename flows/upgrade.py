@@ -55,14 +55,14 @@ def upgrade(site_file: str, dry_run: bool = False) -> str:
     if dry_run:
         return f"dry run: {changed} objects would change (see the crflow-upgrade-diff artifact)"
 
-    storage_and_secrets(site, target, secrets)
+    contents = storage_and_secrets(site, target, secrets)
     try:
-        after = target.deploy(values, manifests, changed=changed > 0)
+        after = target.deploy(values, manifests, contents, changed=changed > 0)
         target.publish_login(secrets.ca.cert_pem, secrets.creds)  # a changed address reaches the client files and pull Secrets
         verify(site_file)
     except Exception as err:
         failed = target.deployed()
-        now = target.roll_back(before)
+        now = target.roll_back(before, contents)
         restored = f"{before.describe()} (now {now.describe()})" if now.revision is not None else "the previous pod spec"
         verify(site_file)
         publish_summary("crflow-upgrade", f"Upgrade of {site.release} failed and was rolled back", [

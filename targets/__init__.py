@@ -3,12 +3,13 @@
     target = target_for(site)      # LocalTarget or KubernetesTarget
     target.prepare()               # the namespace; the volume blobs go to on a node
     target.store.prepare()         # the bucket or directory (targets/blobstore.py)
-    target.put_secrets(contents)   # the Secrets the chart references
-    target.deploy(values, manifests)
+    target.deploy(values, manifests, secrets)   # with the Secrets the chart references
 
 Everything that differs between running the chart's pod as a local process and installing
 it with helm is a method here, so the flows read the same for both. Only this factory
-compares `site.target`.
+compares `site.target`. What only one target can do is a small capability of its own,
+asked with isinstance: `HoldsState` (the cluster keeps the site's state), `Stoppable` (the
+local process stops and starts again with `crflow install`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # the task modules import Prefect, which `crflow status` must
     from crflow.tasks.registry import Pushed
     from crflow.tasks.storage import S3Keys
 
-__all__ = ["Check", "Release", "Target", "target_for"]
+__all__ = ["Check", "HoldsState", "Release", "Stoppable", "Target", "target_for"]
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,6 @@ class Target(ABC):
         return None
 
     @abstractmethod
-    def held_ca(self) -> str | None:
-        """The CA certificate (PEM) this target already hands out apart from state_dir (the
-        cluster's CA Secret), or None: a run whose state_dir is empty must not make another."""
-
-    @abstractmethod
-    def fetch_state(self) -> None:
-        """Bring state_dir up to date from where this target holds the site's state apart from
-        this machine (a run's first step, under the site's lock)."""
-
-    @abstractmethod
-    def keep_state(self) -> None:
-        """Hold state_dir's state where `fetch_state` finds it (after every change)."""
-
-    @abstractmethod
     def prepare(self) -> None:
         """The namespace, and the volume blobs go to on a node (`store.prepare` makes the rest)."""
 
@@ -93,26 +80,23 @@ class Target(ABC):
         """The S3 keys the registry uses: MinIO's Secret on the cluster, its stand-in file here."""
 
     @abstractmethod
-    def put_secrets(self, contents: SecretData) -> None:
-        """The Secrets the chart references, as the next deploy will mount them."""
-
-    @abstractmethod
     def update_secret(self, role: str, data: dict[str, SecretStr]) -> None:
         """New content for one Secret the running registry mounts, without a restart (put back
         on a transaction's rollback)."""
 
     @abstractmethod
-    def deploy(self, values: dict, manifests: list[dict], changed: bool = False) -> Release:
-        """The chart running with `values` (rendered as `manifests`), waited for. Nothing
-        restarts unless something changed, or the caller saw the manifests differ (`changed`)."""
+    def deploy(self, values: dict, manifests: list[dict], secrets: SecretData, changed: bool = False) -> Release:
+        """The chart running with `values` (rendered as `manifests`) and the Secrets it
+        references holding `secrets`, waited for. Nothing restarts unless something changed, or
+        the caller saw the manifests differ (`changed`)."""
 
     @abstractmethod
     def deployed(self) -> Release:
         """What runs now."""
 
     @abstractmethod
-    def roll_back(self, to: Release) -> Release:
-        """Back to an earlier release, waited for; returns what runs now."""
+    def roll_back(self, to: Release, secrets: SecretData) -> Release:
+        """Back to an earlier release (with `secrets`, those of this run), waited for; returns what runs now."""
 
     @abstractmethod
     def running_pod(self) -> dict:
@@ -132,12 +116,8 @@ class Target(ABC):
         """Is the registry running and does it accept crflow's login over TLS?"""
 
     @abstractmethod
-    def down(self) -> bool:
-        """Stop the registry, keeping its data, certificates and logins; whether it was running."""
-
-    @abstractmethod
-    def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool) -> Collection:
-        """`registry garbage-collect` with the pod's config and storage (`manifests` as
+    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool) -> Collection:
+        """`registry garbage-collect` with the pod's config, Secrets and storage (`manifests` as
         rendered): what it finds eligible, or, unless `dry_run`, deletes."""
 
     @abstractmethod
@@ -148,6 +128,33 @@ class Target(ABC):
     def uninstall(self, purge: bool) -> list[str]:
         """Remove the registry and what crflow handed out on this target (node trust, pull
         Secrets); with `purge`, also its stored images and Secrets. Returns what went."""
+
+
+class HoldsState(ABC):
+    """A target that holds the site's state apart from this machine (the cluster), so a run
+    elsewhere carries on where the last one stopped."""
+
+    @abstractmethod
+    def held_ca(self) -> str | None:
+        """The CA certificate (PEM) this target already hands out apart from state_dir (the
+        cluster's CA Secret), or None: a run whose state_dir is empty must not make another."""
+
+    @abstractmethod
+    def fetch_state(self) -> None:
+        """Bring state_dir up to date from where the site's state is held (a run's first step,
+        under the site's lock)."""
+
+    @abstractmethod
+    def keep_state(self) -> None:
+        """Hold state_dir's state where `fetch_state` finds it (after every change)."""
+
+
+class Stoppable(ABC):
+    """A target whose registry can be stopped and started again (`crflow down`)."""
+
+    @abstractmethod
+    def down(self) -> bool:
+        """Stop the registry, keeping its data, certificates and logins; whether it was running."""
 
 
 def target_for(site: Site) -> Target:

@@ -16,10 +16,10 @@ from crflow.errors import CrflowError, NotInstalled
 from crflow.health import Health, Status, registry_health
 from crflow.settings import Site
 from crflow.state import secret_name as state_secret_name
-from crflow.targets import Check, Release, Target
+from crflow.targets import Check, HoldsState, Release, Target
 
 
-class KubernetesTarget(Target):
+class KubernetesTarget(Target, HoldsState):
     def __init__(self, site: Site):
         super().__init__(site)
         from crflow.tasks.kubeapi import KubeAccess
@@ -81,7 +81,7 @@ class KubernetesTarget(Target):
         return read_s3_keys_secret(self.kube, source.namespace, source.name, source.access_key_key,
                                    source.secret_key_key)
 
-    def put_secrets(self, contents: SecretData) -> None:
+    def _put_secrets(self, contents: SecretData) -> None:
         for role in SECRETS:
             name = secret_name(self.site.release, role)
             if name in contents:
@@ -93,10 +93,11 @@ class KubernetesTarget(Target):
         site = self.site
         put_secret(self.kube, site.namespace, secret_name(site.release, role), secret_type(role), data, site.release)
 
-    def deploy(self, values: dict, manifests: list[dict], changed: bool = False) -> Release:
+    def deploy(self, values: dict, manifests: list[dict], secrets: SecretData, changed: bool = False) -> Release:
         from crflow.tasks.helm import helm_release
 
         site = self.site
+        self._put_secrets(secrets)  # (unchanged ones are left as they are: the API server keeps their version)
         revision = helm_release(self.kube, site.release, site.namespace, values, site.cluster.helm_timeout_seconds,
                                 always=changed)
         self._wait_for_load_balancer(manifests)
@@ -130,10 +131,11 @@ class KubernetesTarget(Target):
 
         return Release(*deployed_release(self.kube, self.site.release, self.site.namespace))
 
-    def roll_back(self, to: Release) -> Release:
+    def roll_back(self, to: Release, secrets: SecretData) -> Release:
         from crflow.tasks.helm import rollback_release
 
         site = self.site
+        self._put_secrets(secrets)
         revision = rollback_release(self.kube, site.release, site.namespace, to.revision,
                                     site.cluster.helm_timeout_seconds)
         self._wait_for_node_trust()
@@ -203,7 +205,8 @@ class KubernetesTarget(Target):
                                                 f"asked for them ({err}); run crflow install, or fix the kubeconfig")
         return registry_health(self.url, bundle)
 
-    def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool):
+    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool):
+        """(The Job mounts the Secrets the run's deploy put in the namespace.)"""
         from crflow.tasks.gc import parse_collection
         from crflow.tasks.workloads import run_gc_job
 
@@ -253,5 +256,3 @@ class KubernetesTarget(Target):
                 removed += delete_hostpath_volume(self.kube, site.namespace, data_claim(site.release))
         return removed
 
-    def down(self) -> bool:
-        raise CrflowError("crflow down stops the local target's registry; on Kubernetes use helm uninstall")

@@ -1,6 +1,6 @@
 """The local target: the chart's registry pod run on this machine as a `docker-registry`
-process (crflow/localpod.py plays the kubelet). The Secrets live in this object until the pod
-mounts them, as the API server holds them until the kubelet does.
+process (crflow/localpod.py plays the kubelet). Each deploy hands the pod its Secrets, which
+it writes into the pod's volumes as the kubelet mounts them.
 
 Task modules are imported in the methods that run them: `crflow status` and `crflow down`
 use only the plain clients and must not pay for Prefect's import (about a second).
@@ -18,16 +18,15 @@ from crflow.chart import SecretData, data_claim, secret_name
 from crflow.health import Health, Status, registry_health
 from crflow.localpod import DEBUG_HOST, LocalPod
 from crflow.settings import Site
-from crflow.targets import Check, Release, Target
+from crflow.targets import Check, Release, Stoppable, Target
 
 FULL_BELOW = 1 << 20  # free bytes under which the storage counts as full: less than one small layer
 
 
-class LocalTarget(Target):
+class LocalTarget(Target, Stoppable):
     def __init__(self, site: Site):
         super().__init__(site)
         self.pod_dir = site.state.pod
-        self.contents: SecretData | None = None
         # The data claim is the store's directory, as a claim is bound to its volume.
         directory = self.store.directory
         self.claims: dict[str, Path] = {data_claim(site.release): directory} if directory is not None else {}
@@ -36,15 +35,6 @@ class LocalTarget(Target):
         from crflow.tasks.localpod import check_local_host
 
         check_local_host(self.pod_dir, self.site.registry.listen, self.site.registry.debug_port)
-
-    def held_ca(self) -> str | None:
-        return None  # the local registry's files live in state_dir: an empty one has no registry either
-
-    def fetch_state(self) -> None:
-        pass  # the local registry runs from state_dir: its state lives nowhere else
-
-    def keep_state(self) -> None:
-        pass
 
     def prepare(self) -> None:
         pass  # no namespace here; the store makes its directory
@@ -55,28 +45,24 @@ class LocalTarget(Target):
         source = self.site.storage.credentials
         return read_s3_keys_file(source.file, source.access_key_key, source.secret_key_key)
 
-    def put_secrets(self, contents: SecretData) -> None:
-        self.contents = contents
-
     def update_secret(self, role: str, data: dict[str, SecretStr]) -> None:
         from crflow.tasks.localpod import put_local_secret
 
         put_local_secret(self.pod_dir, secret_name(self.site.release, role), data)
 
-    def deploy(self, values: dict, manifests: list[dict], changed: bool = False) -> Release:
+    def deploy(self, values: dict, manifests: list[dict], secrets: SecretData, changed: bool = False) -> Release:
         from crflow.tasks.localpod import run_local_pod
 
-        if self.contents is None:
-            raise RuntimeError("put_secrets before deploy: the pod mounts them")
-        run_local_pod(self.pod_dir, manifests, self.contents, self.claims, self.site.registry.listen,
+        # The Secrets are the pod's volumes, as the API server holds them until the kubelet mounts them.
+        run_local_pod(self.pod_dir, manifests, secrets, self.claims, self.site.registry.listen,
                       self.site.registry.debug_port)
         return Release(None, manifests)
 
     def deployed(self) -> Release:
         return Release(None, LocalPod(self.pod_dir).manifests())
 
-    def roll_back(self, to: Release) -> Release:
-        return self.deploy({}, to.manifests)
+    def roll_back(self, to: Release, secrets: SecretData) -> Release:
+        return self.deploy({}, to.manifests, secrets)
 
     def running_pod(self) -> dict:
         from crflow.tasks.localpod import read_local_pod
@@ -141,12 +127,10 @@ class LocalTarget(Target):
     def down(self) -> bool:
         return LocalPod(self.pod_dir).stop()
 
-    def collect(self, manifests: list[dict], dry_run: bool, delete_untagged: bool):
+    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool):
         from crflow.tasks.localpod import collect_local
 
-        if self.contents is None:
-            raise RuntimeError("put_secrets before collect: the collection mounts them")
-        return collect_local(self.pod_dir, manifests, self.contents, self.claims, dry_run, delete_untagged,
+        return collect_local(self.pod_dir, manifests, secrets, self.claims, dry_run, delete_untagged,
                              self.site.gc.timeout_seconds)
 
     def removal_plan(self, purge: bool) -> list[str]:

@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from crflow.chart import SecretData
 from crflow.errors import CrflowError, transient_only
 from crflow.localpod import DEBUG_HOST, LocalPod, ensure_port_free, registry_binary
+from crflow.outcomes import PodApplied
 from crflow.tasks.helm import helm_executable
 from crflow.undo import undo, undoable
 
@@ -29,7 +30,7 @@ def check_local_host(pod_dir: Path, listen: tuple[str, int], debug_port: int) ->
 def run_local_pod(
     pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int],
     debug_port: int,
-) -> str:
+) -> PodApplied:
     """Run (or leave running) the registry pod from `manifests` as a local process."""
     outcome = LocalPod(pod_dir).apply(manifests, secrets, claims, listen, debug_port)
     get_run_logger().info("local registry %s", outcome)

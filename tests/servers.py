@@ -115,6 +115,19 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
 
 
 @contextlib.contextmanager
+def loopback_tls(folder: Path, name: str):
+    """A CA of the test's own and a server TLS context for 127.0.0.1 that it signed: (ca, context)."""
+    from crflow.tasks.pki import new_ca, new_server_cert
+
+    ca = new_ca(name, days=1, key_algorithm="ecdsa-p256")
+    cert = new_server_cert(ca, ["127.0.0.1"], [], days=1, key_algorithm="ecdsa-p256")
+    (folder / "tls.crt").write_text(cert.cert_pem)
+    (folder / "tls.key").write_text(cert.key_pem.get_secret_value())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "tls.crt", folder / "tls.key")
+    return ca, context
+
+
 def http_server(handler, tls: ssl.SSLContext | None = None):
     """A small real HTTP(S) server on loopback, in a thread, answering with `handler`; yields its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from crflow.errors import CrflowError
 from crflow.tasks.storage import S3Endpoint, S3Keys, bucket_exists_or_create
-from servers import http_server
+from servers import http_server, loopback_tls
 
 ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
                  b"<Message>Access Denied.</Message><BucketName>container-registry</BucketName></Error>")
@@ -49,16 +49,7 @@ def test_no_permission_names_the_bucket_and_endpoint_but_not_the_keys(refusing_s
 
 def test_unverifiable_s3_certificate_says_how_to_trust_it(tmp_path):
     """A TLS endpoint whose certificate nothing trusts: the error names ca_bundle and skip_verify."""
-    import ssl
-
-    from crflow.tasks.pki import new_ca, new_server_cert
-
-    ca = new_ca("fake MinIO CA", days=1, key_algorithm="ecdsa-p256")
-    cert = new_server_cert(ca, ["127.0.0.1"], [], days=1, key_algorithm="ecdsa-p256")
-    (tmp_path / "tls.crt").write_text(cert.cert_pem)
-    (tmp_path / "tls.key").write_text(cert.key_pem.get_secret_value())
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    ca, context = loopback_tls(tmp_path, "fake MinIO CA")
     keys = S3Keys(access_key=SecretStr("a"), secret_key=SecretStr("b"))
     with http_server(Refusing, tls=context) as endpoint:
         with pytest.raises(CrflowError, match="set storage.ca_bundle to the CA of its certificate"):
