@@ -64,7 +64,7 @@ def uninstall(site_file: str, purge: bool = False) -> Uninstalled:
     removed += untrust_this_machine(site)
     kept = ["nothing (purged)"] if purge else [f"the stored images, the CA and the logins in {site.state_dir}"]
     if purge:
-        kept = target.store.kept_after_purge()
+        kept = target.store.kept_after_purge() or kept
         purged = purge_state(site.state_dir)
         removed, kept = removed + purged.removed, kept + purged.kept
     publish_summary("crflow-uninstall", f"Registry {site.release} uninstalled",

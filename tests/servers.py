@@ -114,7 +114,6 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-@contextlib.contextmanager
 def loopback_tls(folder: Path, name: str):
     """A CA of the test's own and a server TLS context for 127.0.0.1 that it signed: (ca, context)."""
     from crflow.tasks.pki import new_ca, new_server_cert
@@ -128,6 +127,7 @@ def loopback_tls(folder: Path, name: str):
     return ca, context
 
 
+@contextlib.contextmanager
 def http_server(handler, tls: ssl.SSLContext | None = None):
     """A small real HTTP(S) server on loopback, in a thread, answering with `handler`; yields its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler
@@ -86,8 +87,9 @@ def faulty_api(k8s, tmp_path):
         (tmp_path / name).write_bytes(base64.b64decode(data))
     ca, tls = loopback_tls(tmp_path, "the test's proxy CA")
     FaultyApi.faults, FaultyApi.seen = {}, []
-    with httpx.Client(base_url=k8s.api, verify=str(tmp_path / "ca.crt"), timeout=30,
-                      cert=(str(tmp_path / "admin.crt"), str(tmp_path / "admin.key"))) as upstream:
+    as_admin = ssl.create_default_context(cafile=tmp_path / "ca.crt")
+    as_admin.load_cert_chain(tmp_path / "admin.crt", tmp_path / "admin.key")
+    with httpx.Client(base_url=k8s.api, verify=as_admin, timeout=30) as upstream:
         FaultyApi.upstream = upstream
         with http_server(FaultyApi, tls=tls) as url:
             config = {"apiVersion": "v1", "kind": "Config", "current-context": "proxy",
