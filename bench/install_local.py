@@ -32,6 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from crflow.tasks.helm import helm_executable  # noqa: E402
 from servers import BIN, free_port, start_prefect_server, stop_server  # noqa: E402
 
 
@@ -52,7 +53,8 @@ def prefect_for_bench(work: Path) -> tuple:
     """A Prefect server of the benchmark's own under `work`; (process, API URL, env for crflow)."""
     server, api = start_prefect_server(work / "prefect")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CRFLOW_"))}
-    env.update(PREFECT_API_URL=api, CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1")
+    # helm as the tests find it: the bench's own CRFLOW_HOME holds none
+    env.update(PREFECT_API_URL=api, CRFLOW_HOME=str(work / "home"), DO_NOT_TRACK="1", CRFLOW_HELM=helm_executable())
     return server, api, env
 
 
