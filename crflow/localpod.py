@@ -187,8 +187,8 @@ class Mounts:
 class LocalPod:
     """One registry pod run as a local process, with its state under `pod_dir`."""
 
-    def __init__(self, pod_dir: Path):
-        self.dir = pod_dir
+    def __init__(self, pod_dir: Path, deployment: str | None = None):
+        self.dir, self.deployment = pod_dir, deployment  # which Deployment (None: the registry's, not a mirror's)
         self.pidfile = pod_dir / "registry.pid"
         self.specfile = pod_dir / "spec.sha256"
         self.manifestfile = pod_dir / "manifests.json"  # the rendered chart the process runs, as a release's manifest
@@ -196,6 +196,17 @@ class LocalPod:
         self.portsfile = pod_dir / "ports.json"  # container port name -> where the process serves it
         self.launchfile = pod_dir / "launch.json"  # how the running process was started
         self.writablefile = pod_dir / "writable.json"  # the writable pod, kept while a gc's window is open
+
+    def _deployment(self, manifests: list[dict]) -> dict:
+        """The Deployment this pod runs, of the rendered chart's (a mirror's is labelled so)."""
+        for obj in manifests:
+            if obj.get("kind") != "Deployment":
+                continue
+            meta = obj["metadata"]
+            if (meta["name"] == self.deployment if self.deployment is not None
+                    else (meta.get("labels") or {}).get("app.kubernetes.io/component") != "mirror"):
+                return obj
+        raise CrflowError(f"the rendered chart has no Deployment {self.deployment or 'for the registry'}")
 
     # --- process state -------------------------------------------------------------------
     def pid(self) -> int | None:
@@ -236,7 +247,7 @@ class LocalPod:
             raise CrflowError(f"the local registry is not running (no process for {self.dir}); run crflow install")
         manifests = self.manifests()
         configs = {cm["metadata"]["name"]: cm.get("data", {}) for cm in manifests if cm.get("kind") == "ConfigMap"}
-        return {"template": _find(manifests, "Deployment")["spec"]["template"], "configMaps": configs}
+        return {"template": self._deployment(manifests)["spec"]["template"], "configMaps": configs}
 
     def log_tail(self, since: int = 0, lines: int = 3) -> str:
         """What the registry logged from byte `since` on: its error lines if any, else the last lines."""
@@ -277,7 +288,7 @@ class LocalPod:
             return ""
 
     def _probe_url(self, kind: str) -> str:
-        (container,) = [c for c in _find(self.manifests(), "Deployment")["spec"]["template"]["spec"]["containers"]
+        (container,) = [c for c in self._deployment(self.manifests())["spec"]["template"]["spec"]["containers"]
                         if c["name"] == CONTAINER]
         get = container[f"{kind}Probe"]["httpGet"]
         ports = json.loads(self.portsfile.read_text())
@@ -410,7 +421,7 @@ class LocalPod:
                  args: list[str] | None = None) -> tuple[dict, list[str], dict[str, str], RunAs | None]:
         """The pod's volumes written, and the process that plays its container: (template,
         argv, env, user). `args` replace the container's (container paths, translated)."""
-        template = _find(manifests, "Deployment")["spec"]["template"]
+        template = self._deployment(manifests)["spec"]["template"]
         (container,) = [c for c in template["spec"]["containers"] if c["name"] == CONTAINER]
         run_as = RunAs.of(template, container)
         self._shared_dir(self.dir / "volumes", run_as)  # bound into the jail even when only the config is there
@@ -505,7 +516,7 @@ class LocalPod:
     # --- gc's read-only window -------------------------------------------------------------
     def _config_files(self, manifests: list[dict]) -> list[Path]:
         """The files a change of ConfigMap rewrites: its volumes' files, and the translated config."""
-        template = _find(manifests, "Deployment")["spec"]["template"]
+        template = self._deployment(manifests)["spec"]["template"]
         names = [v["name"] for v in template["spec"].get("volumes") or [] if "configMap" in v]
         volumes = self.dir / "volumes"
         return sorted([p for name in names for p in (volumes / name).glob("*") if p.is_file()] +

@@ -340,6 +340,9 @@ class Chart(Strict):
         for key, where in CRFLOW_VALUES.items():
             if key in values:
                 raise ValueError(f"{key} is set by crflow from {where}; set it there, not in chart.values")
+        if "mirrors" in values:  # helm would run them, but neither node trust nor the flows know them yet
+            raise ValueError("mirrors: crflow does not run pull-through mirrors yet (the chart renders them for "
+                             "helm users); remove it from chart.values")
         return values
 
 

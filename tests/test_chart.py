@@ -242,6 +242,10 @@ EVERY_OPTION = chart.merged(values_for("microk8s-minio.yaml"), {
     "garbageCollect": {"enabled": True},
 })
 SETUPS["every option on"] = EVERY_OPTION
+SETUPS["two pull-through mirrors"] = chart.merged(values_for("microk8s-minio.yaml"), {"mirrors": [
+    {"name": "docker-io", "remoteurl": "https://registry-1.docker.io", "secretRef": "hub-login",
+     "caBundleSecretName": "hub-ca", "service": {"type": "NodePort", "port": 5443, "nodePort": 30443}},
+    {"name": "ghcr", "remoteurl": "https://ghcr.io"}]})
 
 
 def every_option(*extra: str, version: str = NEWEST) -> list[dict]:

@@ -66,6 +66,8 @@ def test_defaults_are_the_documented_ones(tmp_path):
         ({"state_dir": "s", "rotation": {"grace_seconds": -1}}, "rotation.grace_seconds: Input should be greater than"),
         ({"state_dir": "s", "chart": {"values": {"storage": "s3"}}},
          "chart.values: storage is set by crflow from storage; set it there, not in chart.values"),
+        ({"state_dir": "s", "chart": {"values": {"mirrors": [{"name": "hub", "remoteurl": "https://h"}]}}},
+         "chart.values: mirrors: crflow does not run pull-through mirrors yet"),
     ],
 )
 def test_errors_name_the_key(tmp_path, settings, message):

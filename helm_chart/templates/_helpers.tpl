@@ -29,6 +29,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- if .Values.mirror }}
+app.kubernetes.io/component: mirror
+{{- end }}
 {{- end }}
 
 {{/* The registry's config.yml: configData plus the storage, TLS and auth sections. */}}
@@ -42,10 +45,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (eq (toString $value) "") }}{{ $_ := set $s3 $key $value }}{{ end }}
 {{- end }}
 {{- with .Values.s3.regionEndpoint }}{{ $_ := set $s3 "regionendpoint" . }}{{ end }}
+{{- with .Values.mirror }}{{ $_ := set $s3 "rootdirectory" (printf "%s/mirrors/%s" (trimSuffix "/" (toString (default "" $.Values.s3.rootdirectory))) .name) }}{{ end }}
 {{- $_ := set $storage "s3" $s3 }}
 {{- $_ := set $storage "redirect" (dict "disable" .Values.s3.disableRedirect) }}
 {{- else }}
-{{- $_ := set $storage "filesystem" (dict "rootdirectory" "/var/lib/registry") }}
+{{- $_ := set $storage "filesystem" (dict "rootdirectory" (ternary (printf "/var/lib/registry/mirrors/%s" (default dict .Values.mirror).name) "/var/lib/registry" (not (empty .Values.mirror)))) }}
 {{- end }}
 {{- $_ := set $config "storage" $storage }}
 {{- $http := deepCopy (default dict $config.http) }}
@@ -56,6 +60,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if .Values.secrets.htpasswdSecretName }}
 {{- $_ := set $config "auth" (dict "htpasswd" (dict "realm" "Registry Realm" "path" "/auth/htpasswd")) }}
+{{- end }}
+{{- with .Values.mirror }}
+{{- /* Proxy mode; the upstream's login comes from the environment (registry.env), never here. */}}
+{{- $_ := set $config "proxy" (dict "remoteurl" .remoteurl) }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -86,11 +94,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: REGISTRY_STORAGE_S3_SKIPVERIFY
   value: "true"
 {{- end }}
-{{- if .Values.s3.caBundleSecretName }}
-{{- /* Go reads every directory in SSL_CERT_DIR: the system's CAs and the S3 endpoint's. */}}
-- name: SSL_CERT_DIR
-  value: /etc/ssl/certs:/etc/ssl/s3
 {{- end }}
+{{- /* Go reads every directory in SSL_CERT_DIR: the system's CAs, the S3 endpoint's, an upstream's. */}}
+{{- $caDirs := list }}
+{{- if and (eq .Values.storage "s3") .Values.s3.caBundleSecretName }}{{ $caDirs = append $caDirs "/etc/ssl/s3" }}{{ end }}
+{{- if and .Values.mirror (.Values.mirror).caBundleSecretName }}{{ $caDirs = append $caDirs "/etc/ssl/upstream" }}{{ end }}
+{{- with $caDirs }}
+- name: SSL_CERT_DIR
+  value: {{ prepend . "/etc/ssl/certs" | join ":" }}
+{{- end }}
+{{- with (default dict .Values.mirror).secretRef }}
+- name: REGISTRY_PROXY_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: username
+- name: REGISTRY_PROXY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: password
 {{- end }}
 {{- with .Values.extraEnvVars }}
 {{ toYaml . }}
@@ -110,6 +133,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secrets.htpasswdSecretName }}
 - name: auth
   mountPath: /auth
+  readOnly: true
+{{- end }}
+{{- if (default dict .Values.mirror).caBundleSecretName }}
+- name: upstream-ca
+  mountPath: /etc/ssl/upstream
   readOnly: true
 {{- end }}
 {{- end }}
@@ -148,6 +176,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     secretName: {{ . }}
     items:
       - {key: htpasswd, path: htpasswd}
+{{- end }}
+{{- with (default dict .Values.mirror).caBundleSecretName }}
+- name: upstream-ca
+  secret:
+    secretName: {{ . }}
+    items:
+      - {key: ca.crt, path: ca.crt}
 {{- end }}
 {{- end }}
 
@@ -284,7 +319,7 @@ so that the message can name ours.
 {{- $hints := list
   (list $v "replicas" "replicas: use replicaCount")
   (list $v "tlsSecret" "tlsSecret: use tlsSecretName (an existing kubernetes.io/tls Secret)")
-  (list $v "proxy" "proxy: crflow-registry is not a pull-through cache; remove proxy")
+  (list $v "proxy" "proxy: each pull-through cache is an entry of mirrors: [{name, remoteurl, secretRef}] (one per upstream)")
   (list $v.persistence "enable" "persistence.enable: use persistence.enabled")
   (list $v.persistence "storageclass" "persistence.storageclass: use persistence.storageClass")
   (list $v.persistence "deleteEnabled" "persistence.deleteEnabled: use configData.storage.delete.enabled")
