@@ -138,7 +138,36 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         values["service"]["loadBalancerIP"] = address.ips[0]
     if address.service_type == "NodePort":  # clients reach node:port, so the node port is the registry's port
         values["service"]["nodePort"] = address.port
+    if site.mirrors:
+        values["mirrors"] = [mirror_values(site, mirror) for mirror in site.mirrors]
     return merged(site.chart.values, merged(values, storage_values(site)))
+
+
+def mirror_name(release: str, name: str) -> str:
+    """A mirror's Deployment and Service, as the chart names them (fullname-mirror-NAME)."""
+    return f"{release}-mirror-{name}"
+
+
+def mirror_values(site: Site, mirror) -> dict:
+    """One entry of the chart's `mirrors`: the mirror's upstream, its Service beside the registry's."""
+    service: dict = {"type": site.registry.service_type, "port": mirror.port}
+    if site.registry.service_type == "NodePort":
+        service["nodePort"] = mirror.port
+    entry = {"name": mirror.name, "remoteurl": mirror.upstream.rstrip("/"), "service": service}
+    if mirror.ca_bundle is not None:
+        entry["caBundleSecretName"] = mirror_ca_secret(site.release, mirror.name)
+    return entry
+
+
+def mirror_ca_secret(release: str, name: str) -> str:
+    """The Secret holding a mirror's upstream CA (key ca.crt)."""
+    return f"{mirror_name(release, name)}-ca"
+
+
+def mirror_secrets(site: Site) -> SecretData:
+    """The Secrets the site's mirrors reference beyond the registry's own: their upstreams' CAs."""
+    return {mirror_ca_secret(site.release, m.name): {"ca.crt": SecretStr(pem)}
+            for m in site.mirrors if (pem := m.ca_pem()) is not None}
 
 
 def storage_values(site: Site) -> dict:

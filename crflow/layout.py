@@ -33,10 +33,11 @@ LOCK = "site.lock"
 ROTATION = "rotation"
 USAGE_CACHE = "usage-cache.json"
 GC_WINDOW = "gc-window.json"
+MIRRORS = "mirrors"
 MADE = ".crflow-made"
 # Every name crflow may make in a state_dir: the only ones a purge may remove.
 OWN = frozenset({RESULT_KEY, RESULTS, IDENTITY, GENERATIONS, CLIENT, POD, DATA, TRUSTED, LOCK, ROTATION,
-                 USAGE_CACHE, GC_WINDOW, MADE})
+                 USAGE_CACHE, GC_WINDOW, MIRRORS, MADE})
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ class StateDir:
     @property
     def rotation(self) -> Path:
         return self.path / ROTATION  # a rotation's client files for the old and the new login
+
+    @property
+    def mirrors(self) -> Path:
+        return self.path / MIRRORS  # the local target's mirror processes, a folder each
 
     @property
     def usage_cache(self) -> Path:

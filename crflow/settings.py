@@ -216,6 +216,31 @@ class PullSecrets(Strict):
     default_service_account: bool = False  # also list the Secret in each namespace's `default` ServiceAccount
 
 
+class Mirror(Strict):
+    """A pull-through mirror of one upstream registry: crflow runs one more registry in proxy
+    mode beside the site's own (the chart's `mirrors`), and node trust sends the nodes' pulls
+    of `prefix/...` images to it first, the upstream itself being the fallback."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$")]  # RELEASE-mirror-NAME
+    upstream: Annotated[str, Field(pattern=r"^https://[^/]+/?$")]  # e.g. https://registry-1.docker.io
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]+)?$")]  # the name images use: docker.io, HOST:PORT
+    port: Port  # where the mirror serves, on the registry's addresses (on a cluster: its Service's port)
+    metrics_port: Port | None = None  # the local target's debug server for it; None: the port after `port`
+    ca_bundle: Path | None = None  # the upstream's CA, where the system's CAs do not vouch for it
+
+    @property
+    def debug_port(self) -> int:
+        return self.metrics_port or self.port + 1
+
+    def ca_pem(self) -> str | None:
+        if self.ca_bundle is None:
+            return None
+        try:
+            return self.ca_bundle.read_text()
+        except OSError as err:
+            raise CrflowError(f"mirrors: {self.name}: cannot read ca_bundle {self.ca_bundle}: {err.strerror}") from None
+
+
 class Runs(Strict):
     # How long a run waits for another run of the same site to finish before it fails: a
     # rotation with a long grace period holds the site that long.
@@ -341,8 +366,8 @@ class Chart(Strict):
             if key in values:
                 raise ValueError(f"{key} is set by crflow from {where}; set it there, not in chart.values")
         if "mirrors" in values:  # helm would run them, but neither node trust nor the flows know them yet
-            raise ValueError("mirrors: crflow does not run pull-through mirrors yet (the chart renders them for "
-                             "helm users); remove it from chart.values")
+            raise ValueError("mirrors: crflow sets the chart's mirrors from the site file's mirrors key; set them "
+                             "there, not in chart.values")
         return values
 
 
@@ -435,10 +460,34 @@ class Site(Strict):
     chart: Chart = Chart()
     result_key: ResultKey = ResultKey()
     result_storage: ResultStorage | None = None
+    mirrors: list[Mirror] = []
+
+    @model_validator(mode="after")
+    def _mirrors_apart(self) -> Site:
+        """Each mirror has a name and ports of its own, none the registry's."""
+        local = self.target == "local"  # (on a cluster each debug server is in its own pod)
+        taken = {self.registry.port: "registry.port", **({self.registry.debug_port: "registry.metrics_port"} if local
+                                                          else {})}
+        names = set()
+        for mirror in self.mirrors:
+            if mirror.name in names:
+                raise ValueError(f"mirrors: two mirrors are named {mirror.name}; give each a name of its own")
+            names.add(mirror.name)
+            if self.registry.service_type == "NodePort" and not 30000 <= mirror.port <= 32767:
+                raise ValueError(f"mirrors: {mirror.name}: with service_type NodePort its port is a node port, "
+                                 "30000-32767")
+            for port, what in ((mirror.port, "port"), *(((mirror.debug_port, "metrics_port"),) if local else ())):
+                if port in taken:
+                    raise ValueError(f"mirrors: {mirror.name}: its {what} {port} is {taken[port]}'s; pick another")
+                taken[port] = f"mirror {mirror.name}'s {what}"
+        return self
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:
         storage = self.storage
+        if self.target == "kubernetes" and self.mirrors:
+            raise ValueError("mirrors: the kubernetes target does not run mirrors yet (node trust does not wire "
+                             "them); use them on the local target, or remove mirrors")
         if self.target == "local":
             if isinstance(storage, PvcStorage):
                 raise ValueError("storage.kind: pvc needs target: kubernetes; use kind: filesystem on the local target")
@@ -471,6 +520,13 @@ class Site(Strict):
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file; state_dir is the directory crflow keeps its state in")
         return path
+
+    @property
+    def client_servers(self) -> list[str]:
+        """Every host:port a client uses with the site's login and CA: the registry's, then each
+        mirror's on the same hosts (a mirror serves the registry's certificate and login)."""
+        hosts = [server.rsplit(":", 1)[0] for server in self.registry.servers]
+        return self.registry.servers + [f"{host}:{mirror.port}" for mirror in self.mirrors for host in hosts]
 
     @property
     def state(self) -> StateDir:

@@ -75,7 +75,7 @@ def trust(site: Site, runtime: str, root: Path, remove: bool = False) -> list[st
             files: list[str] = []
         else:
             wanted = _certs_d_files(site, ca_file, layout) if layout.format != "system" else \
-                {f"{layout.directory.lstrip('/')}/{system_file(site)}": ca_file.read_bytes()}
+                {f"{layout.directory.lstrip('/')}/{system_file(site)}": (ca_file.read_bytes(), 0o644)}
             lines, files = _write(site, root, wanted)
             # What this site wrote before and no longer wants (an address that left the list).
             lines += _remove(site, root, [f for f in recorded or [] if f not in files])
@@ -98,13 +98,27 @@ def owner(site: Site) -> str:
     return f"crflow-trust/{site.release}"
 
 
-def _certs_d_files(site: Site, ca_file: Path, layout: Layout) -> dict[str, bytes]:
-    """Path under the root -> content: what the node-trust script writes for every address."""
+def mirror_wiring(site: Site) -> dict[str, str]:
+    """The node-trust script's MIRRORS and MIRROR_AUTH for the site's mirrors ({} without any):
+    each upstream's prefix goes to its mirror first, on the registry's first host, with the
+    login the client files hold."""
+    if not site.mirrors:
+        return {}
+    host = site.registry.servers[0].rsplit(":", 1)[0]
+    entries = [f"{m.prefix}|{m.upstream.rstrip('/')}|{host}:{m.port}" for m in site.mirrors]
+    auths = json.loads((site.state.client / "auth.json").read_text())["auths"]
+    return {"MIRRORS": " ".join(entries), "MIRROR_AUTH": auths[site.registry.servers[0]]["auth"]}
+
+
+def _certs_d_files(site: Site, ca_file: Path, layout: Layout) -> dict[str, tuple[bytes, int]]:
+    """Path under the root -> (content, mode): what the node-trust script writes for every
+    address (and, for containerd, every mirror's prefix)."""
     with tempfile.TemporaryDirectory(prefix="crflow-trust-") as scratch:
         hosts = Path(scratch) / "hosts"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOST_DIR": str(hosts), "CA_FILE": str(ca_file),
-               "ADDRESSES": " ".join(site.registry.servers), "FORMAT": layout.format, "OWNER": owner(site),
-               "STATE_DIR": str(Path(scratch) / "state"), "MODE": "once"}
+               "ADDRESSES": " ".join(site.client_servers), "FORMAT": layout.format, "OWNER": owner(site),
+               "STATE_DIR": str(Path(scratch) / "state"), "MODE": "once",
+               **(mirror_wiring(site) if layout.format == "containerd" else {})}
         try:
             result = subprocess.run(["/bin/sh", str(NODE_TRUST_SCRIPT)], env=env, capture_output=True, text=True,
                                     timeout=SCRIPT_SECONDS, stdin=subprocess.DEVNULL)
@@ -113,7 +127,8 @@ def _certs_d_files(site: Site, ca_file: Path, layout: Layout) -> dict[str, bytes
         if result.returncode != 0:
             lines = (result.stdout + result.stderr).strip().splitlines() or ["(no output)"]
             raise CrflowError(f"the node-trust script failed: {lines[-1]}")
-        return {f"{layout.directory.lstrip('/')}/{path.relative_to(hosts)}": path.read_bytes()
+        return {f"{layout.directory.lstrip('/')}/{path.relative_to(hosts)}": (path.read_bytes(),
+                                                                              path.stat().st_mode & 0o777)
                 for path in sorted(hosts.rglob("*")) if path.is_file()}
 
 
@@ -130,17 +145,18 @@ def _foreign(site: Site, root: Path, folder: str) -> bool:
         return False
 
 
-def _write(site: Site, root: Path, wanted: dict[str, bytes]) -> tuple[list[str], list[str]]:
-    """Put `wanted` under `root` (public files in public folders), a certs.d folder only if it
-    is new or this site's; returns (lines, files written)."""
+def _write(site: Site, root: Path, wanted: dict[str, tuple[bytes, int]]) -> tuple[list[str], list[str]]:
+    """Put `wanted` under `root` (public files in public folders, but a hosts.toml holding a
+    login, 0600), a certs.d folder only if it is new or this site's; returns (lines, files written)."""
     folders = {Path(relative).parent for relative in wanted}
     foreign = sorted(f for f in folders if f.parent.name == "certs.d" and _foreign(site, root, str(f)))
     lines = [f"left {root / folder} alone: it was not written by {owner(site)}" for folder in foreign]
     files = []
-    for relative, content in wanted.items():  # a folder's mark sorts first: it is written first
+    for relative, (content, mode) in wanted.items():  # a folder's mark sorts first: it is written first
         if Path(relative).parent in foreign:
             continue
-        if write_atomic(root / relative, content, 0o644, within=root, make_parents=0o755) \
+        if write_atomic(root / relative, content, 0o600 if mode & 0o077 == 0 else 0o644, within=root,
+                        make_parents=0o755) \
                 and Path(relative).name != MARK:
             lines.append(f"wrote {root / relative}")
         files.append(relative)
@@ -188,7 +204,9 @@ def _default_files(site: Site, layout: Layout, legacy: bool) -> list[str]:
         return [f"{layout.directory.lstrip('/')}/{name}"
                 for name in [system_file(site), *([f"crflow-{site.release}.crt"] if legacy else [])]]
     names = ["ca.crt", MARK, *(["hosts.toml"] if layout.format == "containerd" else [])]
-    return [f"{layout.directory.lstrip('/')}/{server}/{name}" for server in site.registry.servers for name in names]
+    prefixes = [mirror.prefix for mirror in site.mirrors] if layout.format == "containerd" else []
+    return [f"{layout.directory.lstrip('/')}/{folder}/{name}" for folder in [*site.client_servers, *prefixes]
+            for name in names]
 
 
 def _update_system_bundle(root: Path) -> list[str]:

@@ -77,8 +77,8 @@ def rotate_credentials(site_file: str, grace_seconds: int | None = None,
     old, old_line = login(site, vault, gens.credentials)
     new, new_line = login(site, vault, gens.rotating_to)
     url, workdir = target.url, site.state.rotation
-    old_bundle = save_client_bundle(workdir / "old", site.registry.servers, ca.cert_pem, old)
-    new_bundle = save_client_bundle(workdir / "new", site.registry.servers, ca.cert_pem, new)
+    old_bundle = save_client_bundle(workdir / "old", site.client_servers, ca.cert_pem, old)
+    new_bundle = save_client_bundle(workdir / "new", site.client_servers, ca.cert_pem, new)
     retired = old_login_retired(url, old_bundle, new_bundle)
 
     try:

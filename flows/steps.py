@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from crflow.chart import SecretData, registry_secrets
+from crflow.chart import SecretData, mirror_secrets, registry_secrets
 from crflow.errors import CrflowError
 from crflow.flows.site_lock import site_slug
 from crflow.generations import Generations
@@ -127,7 +127,7 @@ def storage_and_secrets(site: Site, target: Target, secrets: SiteSecrets) -> Sec
     target.prepare()
     target.store.prepare()
     s3_keys, s3_ca_pem = target.store.s3_secret()
-    return registry_secrets(
+    return mirror_secrets(site) | registry_secrets(
         site.release, ca_pem=secrets.ca.cert_pem, cert_pem=secrets.server_cert.cert_pem,
         key_pem=secrets.server_cert.key_pem, htpasswd=secrets.htpasswd, http_secret=secrets.http_secret,
         s3_keys=s3_keys, s3_ca_pem=s3_ca_pem)

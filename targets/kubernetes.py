@@ -82,10 +82,16 @@ class KubernetesTarget(Target, HoldsState):
                                    source.secret_key_key)
 
     def _put_secrets(self, contents: SecretData) -> None:
-        for role in SECRETS:
-            name = secret_name(self.site.release, role)
-            if name in contents:
-                self.update_secret(role, contents[name])
+        from crflow.tasks.secrets import put_secret
+
+        site = self.site
+        roles = {secret_name(site.release, role): role for role in SECRETS}
+        for name, data in contents.items():  # the registry's, by role; the rest (mirrors' CAs) Opaque
+            role = roles.get(name)
+            if role is not None:
+                self.update_secret(role, data)
+            else:
+                put_secret(self.kube, site.namespace, name, "Opaque", data, site.release)
 
     def update_secret(self, role: str, data: dict[str, SecretStr]) -> None:
         from crflow.tasks.secrets import put_secret

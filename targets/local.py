@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from crflow import layout
-from crflow.chart import SecretData, data_claim, secret_name
+from crflow.chart import SecretData, data_claim, mirror_name, secret_name
 from crflow.health import Health, Status, registry_health
 from crflow.localpod import DEBUG_HOST, LocalPod
 from crflow.settings import Site
@@ -30,6 +30,17 @@ class LocalTarget(Target, Stoppable):
         # The data claim is the store's directory, as a claim is bound to its volume.
         directory = self.store.directory
         self.claims: dict[str, Path] = {data_claim(site.release): directory} if directory is not None else {}
+
+    def _mirror_pods(self) -> dict[str, LocalPod]:
+        """Each mirror's process, by name: the site's mirrors, and any an earlier site file had."""
+        pods = {path.name: LocalPod(path) for path in sorted(self.site.state.mirrors.glob("*")) if path.is_dir()}
+        for mirror in self.site.mirrors:
+            pods[mirror.name] = LocalPod(self.site.state.mirrors / mirror.name,
+                                         deployment=mirror_name(self.site.release, mirror.name))
+        return pods
+
+    def _pods(self) -> list[LocalPod]:
+        return [LocalPod(self.pod_dir), *self._mirror_pods().values()]
 
     def check_host(self) -> None:
         from crflow.tasks.localpod import check_local_host
@@ -48,7 +59,9 @@ class LocalTarget(Target, Stoppable):
     def update_secret(self, role: str, data: dict[str, SecretStr]) -> None:
         from crflow.tasks.localpod import put_local_secret
 
-        put_local_secret(self.pod_dir, secret_name(self.site.release, role), data)
+        for pod in self._pods():  # the mirrors take the registry's login and certificate too
+            if pod.dir.exists():
+                put_local_secret(pod.dir, secret_name(self.site.release, role), data)
 
     def deploy(self, values: dict, manifests: list[dict], secrets: SecretData, changed: bool = False) -> Release:
         from crflow.tasks.localpod import run_local_pod
@@ -56,6 +69,14 @@ class LocalTarget(Target, Stoppable):
         # The Secrets are the pod's volumes, as the API server holds them until the kubelet mounts them.
         run_local_pod(self.pod_dir, manifests, secrets, self.claims, self.site.registry.listen,
                       self.site.registry.debug_port)
+        wanted = {mirror.name: mirror for mirror in self.site.mirrors}
+        host = self.site.registry.listen[0]
+        for name, pod in self._mirror_pods().items():
+            if name in wanted:
+                run_local_pod(pod.dir, manifests, secrets, self.claims, (host, wanted[name].port),
+                              wanted[name].debug_port, pod.deployment)
+            else:  # a mirror the site file no longer names
+                pod.stop()
         return Release(None, manifests)
 
     def deployed(self) -> Release:
@@ -75,7 +96,7 @@ class LocalTarget(Target, Stoppable):
     def publish_login(self, ca_pem: str, creds) -> list[str]:
         from crflow.tasks.client import save_client_bundle
 
-        save_client_bundle(self.bundle, self.site.registry.servers, ca_pem, creds)
+        save_client_bundle(self.bundle, self.site.client_servers, ca_pem, creds)
         return []
 
     def status(self) -> Health:
@@ -103,7 +124,21 @@ class LocalTarget(Target, Stoppable):
             if free < FULL_BELOW:  # it answers, but no push can land
                 return Health(Status.UNHEALTHY, f"registry process {pid}: the registry's storage is full (no space "
                                                 f"left on device: {free >> 10} KiB free in {directory})")
-        return Health(health.status, f"registry process {pid}: {health.detail}")
+        if health.status is not Status.HEALTHY:
+            return Health(health.status, f"registry process {pid}: {health.detail}")
+        mirrors = []
+        for mirror in self.site.mirrors:
+            mirror_pod = self._mirror_pods()[mirror.name]
+            mirror_pid = mirror_pod.pid()
+            if mirror_pid is None:
+                return Health(Status.UNHEALTHY, f"mirror {mirror.name}'s process is not running; crflow install "
+                                                "starts it")
+            if not mirror_pod.probe("readiness"):
+                why = mirror_pod.failing_checks() or "it does not answer its readiness probe"
+                return Health(Status.UNHEALTHY, f"mirror {mirror.name} (process {mirror_pid}) is not ready: {why}")
+            mirrors.append(f"{mirror.name} of {mirror.upstream.rstrip('/')} (process {mirror_pid}, port {mirror.port})")
+        listed = f"; mirrors: {', '.join(mirrors)}" if mirrors else ""
+        return Health(health.status, f"registry process {pid}: {health.detail}{listed}")
 
     def _read_only(self, pod: LocalPod, pid: int | None) -> Health:
         """Read-only maintenance: a gc's window while a run holds the site; else one that a gc
@@ -125,7 +160,7 @@ class LocalTarget(Target, Stoppable):
                                         "in its window; crflow gc or crflow install restores write mode")
 
     def down(self) -> bool:
-        return LocalPod(self.pod_dir).stop()
+        return any([pod.stop() for pod in self._pods()])  # (a list: every pod stops, not just the first)
 
     def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool):
         from crflow.tasks.localpod import collect_local
@@ -134,7 +169,8 @@ class LocalTarget(Target, Stoppable):
                              self.site.gc.timeout_seconds)
 
     def removal_plan(self, purge: bool) -> list[str]:
-        plan = [f"the local registry process ({self.pod_dir})"]
+        plan = [f"the local registry process ({self.pod_dir})",
+                *(f"mirror {name}'s process ({pod.dir})" for name, pod in self._mirror_pods().items())]
         if purge and self.store.directory is not None:
             plan.append(f"the stored images in {self.store.directory}")
         return plan
@@ -142,7 +178,8 @@ class LocalTarget(Target, Stoppable):
     def uninstall(self, purge: bool) -> list[str]:
         from crflow.tasks.localpod import remove_images
 
-        removed = ["the local registry process"] if self.down() else []
+        removed = ["the local registry process"] if LocalPod(self.pod_dir).stop() else []
+        removed += [f"mirror {name}'s process" for name, pod in self._mirror_pods().items() if pod.stop()]
         if purge and self.store.directory is not None:
             removed += remove_images(self.store.directory)
         return removed

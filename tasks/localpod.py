@@ -29,10 +29,11 @@ def check_local_host(pod_dir: Path, listen: tuple[str, int], debug_port: int) ->
 @task(task_run_name="registry process", retries=1, retry_condition_fn=transient_only)
 def run_local_pod(
     pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], listen: tuple[str, int],
-    debug_port: int,
+    debug_port: int, deployment: str | None = None,
 ) -> PodApplied:
-    """Run (or leave running) the registry pod from `manifests` as a local process."""
-    outcome = LocalPod(pod_dir).apply(manifests, secrets, claims, listen, debug_port)
+    """Run (or leave running) the registry's pod from `manifests` (or `deployment`'s, a
+    mirror's) as a local process."""
+    outcome = LocalPod(pod_dir, deployment).apply(manifests, secrets, claims, listen, debug_port)
     get_run_logger().info("local registry %s", outcome)
     return outcome
 

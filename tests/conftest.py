@@ -148,6 +148,8 @@ def make_site(tmp_path):
     yield make
     for site in sites:
         site.pod.stop()
+        for mirror in (site.state / "mirrors").glob("*"):
+            LocalPod(mirror).stop()
 
 
 @pytest.fixture

@@ -24,12 +24,14 @@ class Unavailable(Exception):
 
 
 class Containerd:
-    def __init__(self, work: Path, certs_d: Path):
+    def __init__(self, work: Path, certs_d: Path, system_cas: Path | None = None):
         if shutil.which("containerd") is None or shutil.which("ctr") is None:
             raise Unavailable("no containerd/ctr on PATH (scripts/setup.sh --test installs Debian's containerd)")
         if os.geteuid() != 0:
             raise Unavailable("containerd needs root (the CI runs the suite as root)")
         self.certs_d = certs_d
+        # ctr resolves and pulls itself: a folder of CAs it takes as the system's (a public upstream's).
+        self.env = {**os.environ, "SSL_CERT_DIR": f"/etc/ssl/certs:{system_cas}"} if system_cas else None
         # The socket path must stay under 108 bytes; the test's tmp_path may not.
         self.run_dir = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))
         self.socket = self.run_dir / "sock"
@@ -58,7 +60,7 @@ state = "{self.run_dir / 'state'}"
 
     def _ctr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=self.env)
 
     def pull(self, image: str, user: str | None, password: str | None) -> str | None:
         """Pull `image` as the CRI would for a pod: None when it is here, else containerd's own

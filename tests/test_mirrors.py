@@ -176,3 +176,70 @@ def test_a_pull_without_the_mirrors_login_is_refused(mirror):
     pod, address, files, data = mirror
     refused = skopeo("inspect", "--cert-dir", str(files), "--no-creds", f"docker://{address}/team/app:1", check=False)
     assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower()
+
+
+def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(crflow, make_site, upstream,
+                                                                                 tmp_path):
+    upstream_pod, upstream_address, upstream_files = upstream
+    port = free_port()
+    site = make_site(mirrors=[{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
+                               "port": port, "metrics_port": free_port(),
+                               "ca_bundle": str(upstream_files / "ca.crt")}])
+    crflow("install", "-c", str(site.path))
+    oci_layout(tmp_path / "layout", "1")
+    skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{tmp_path / 'layout'}:1",
+           f"docker://{upstream_address}/team/app:1")
+    pushed = digest_through(upstream_address, upstream_files, "team/app:1", auth=False)
+
+    # The client files crflow wrote hold the mirror's address: its CA and login are the registry's.
+    assert digest_through(f"127.0.0.1:{port}", site.client, "team/app:1") == pushed
+    status = crflow("status", "-c", str(site.path))
+    assert f"mirrors: up of https://{upstream_address} (process " in status.stdout
+    mirror = LocalPod(site.state / "mirrors" / "up")
+    running = mirror.pid()
+    crflow("install", "-c", str(site.path))  # a rerun leaves the mirror as it is
+    assert running is not None and mirror.pid() == running
+
+    crflow("down", "-c", str(site.path))
+    assert mirror.pid() is None and site.pod.pid() is None
+
+
+def test_containerd_wired_only_by_crflow_trust_pulls_through_the_mirror_and_falls_back(crflow, make_site,
+                                                                                         upstream, tmp_path):
+    from containerd import Containerd, Unavailable
+
+    upstream_pod, upstream_address, upstream_files = upstream
+    port = free_port()
+    site = make_site(mirrors=[{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
+                               "port": port, "metrics_port": free_port(),
+                               "ca_bundle": str(upstream_files / "ca.crt")}])
+    crflow("install", "-c", str(site.path))
+    oci_layout(tmp_path / "layout", "1")
+    skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{tmp_path / 'layout'}:1",
+           f"docker://{upstream_address}/team/app:1")
+    root = tmp_path / "root"
+    root.mkdir()
+    certs_d = root / "etc" / "containerd" / "certs.d"
+    try:  # the upstream's CA as the system's, as a public registry's is
+        runtime = Containerd(tmp_path / "containerd", certs_d, system_cas=upstream_files)
+    except Unavailable as why:
+        pytest.skip(f"needs a real containerd: {why}")
+    mirror = LocalPod(site.state / "mirrors" / "up")
+    image = f"{upstream_address}/team/app:1"  # the name the pod asks for: unchanged
+    try:
+        crflow("trust", "-c", str(site.path), "--runtime", "containerd", "--root", str(root))
+        hosts = certs_d / upstream_address / "hosts.toml"
+        assert hosts.stat().st_mode & 0o777 == 0o600  # it holds the mirror's login
+        assert runtime.pull(image, None, None) is None  # no login given: the hosts.toml's header is the mirror's
+        cached = list((site.state / "data" / "mirrors" / "up" / "docker" / "registry" / "v2" / "blobs").rglob("data"))
+        assert len(cached) >= 2, "containerd's pull did not go through the mirror"
+        asked = upstream_pod.logfile.read_text().count("containerd/")
+
+        mirror.stop()
+        assert runtime.pull(image, None, None) is None  # the mirror gone: the upstream, hosts.toml's server
+        assert upstream_pod.logfile.read_text().count("containerd/") > asked, "the fallback did not reach the upstream"
+
+        crflow("trust", "-c", str(site.path), "--runtime", "containerd", "--root", str(root), "--remove")
+        assert not (certs_d / upstream_address).exists()
+    finally:
+        runtime.stop()

@@ -67,7 +67,7 @@ def test_defaults_are_the_documented_ones(tmp_path):
         ({"state_dir": "s", "chart": {"values": {"storage": "s3"}}},
          "chart.values: storage is set by crflow from storage; set it there, not in chart.values"),
         ({"state_dir": "s", "chart": {"values": {"mirrors": [{"name": "hub", "remoteurl": "https://h"}]}}},
-         "chart.values: mirrors: crflow does not run pull-through mirrors yet"),
+         "chart.values: mirrors: crflow sets the chart's mirrors from the site file's mirrors key"),
     ],
 )
 def test_errors_name_the_key(tmp_path, settings, message):

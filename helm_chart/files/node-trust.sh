@@ -11,6 +11,10 @@
 #   CA_FILE    the CA certificate (PEM); a Secret volume, refreshed in place when it changes
 #   ADDRESSES  the registry's addresses, HOST:PORT, separated by spaces
 #   FORMAT     containerd (ca.crt and hosts.toml) or certs (ca.crt only: docker, podman)
+#   MIRRORS    containerd only, optional: pull-through mirrors, PREFIX|UPSTREAM_URL|MIRROR_ADDRESS
+#              separated by spaces. Pulls of PREFIX/... try the mirror first, the upstream after.
+#   MIRROR_AUTH  optional: base64 of the login the mirrors take (user:password), sent as a
+#              header; the hosts.toml holding it is written 0600
 #   OWNER      who wrote the files; only directories marked with it are changed or removed
 #   STATE_DIR  scratch space; STATE_DIR/synced exists once every address is written
 #   MODE       keep (sync every RESYNC seconds), once (sync, then exit) or remove (undo, then
@@ -60,10 +64,35 @@ sync_once() {
       put "$dir/hosts.toml" "$STATE_DIR/hosts.toml" || ok=1
     fi
   done
-  for marker in "$HOST_DIR"/*/"$MARK"; do  # an address that left the list
+  prefixes=""
+  if [ "$FORMAT" = containerd ]; then
+    for entry in ${MIRRORS:-}; do
+      prefix=${entry%%|*}; rest=${entry#*|}; upstream=${rest%%|*}; mirror=${rest#*|}
+      prefixes="$prefixes $prefix"
+      dir="$HOST_DIR/$prefix"
+      if [ -d "$dir" ] && ! ours "$dir" && [ -n "$(ls -A "$dir")" ]; then
+        log "left $dir alone: it was not written by $OWNER"; continue
+      fi
+      mkdir -p "$dir" || { ok=1; continue; }
+      [ -f "$dir/$MARK" ] || printf '%s\n' "$OWNER" > "$dir/$MARK"
+      put "$dir/ca.crt" "$CA_FILE" || ok=1  # the mirror serves the registry's certificate
+      (
+        umask 077  # it may hold the mirrors' login
+        {
+          printf 'server = "%s"\n\n[host."https://%s"]\n  capabilities = ["pull", "resolve"]\n  ca = "ca.crt"\n' \
+            "$upstream" "$mirror"
+          if [ -n "${MIRROR_AUTH:-}" ]; then
+            printf '  [host."https://%s".header]\n    Authorization = ["Basic %s"]\n' "$mirror" "$MIRROR_AUTH"
+          fi
+        } > "$STATE_DIR/hosts.toml"
+        put "$dir/hosts.toml" "$STATE_DIR/hosts.toml"
+      ) || ok=1
+    done
+  fi
+  for marker in "$HOST_DIR"/*/"$MARK"; do  # an address (or a mirror's prefix) that left the list
     [ -f "$marker" ] || continue
     dir=${marker%/*}
-    case " $ADDRESSES " in *" ${dir##*/} "*) continue ;; esac
+    case " $ADDRESSES $prefixes " in *" ${dir##*/} "*) continue ;; esac
     ours "$dir" && undo "$dir"
   done
   return $ok
