@@ -128,6 +128,16 @@ class PvcStorage(Strict):
         return self
 
 
+def read_ca(path: Path | None, key: str) -> str | None:
+    """A CA bundle the site file names at `key` (None where it names none), read when used."""
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise CrflowError(f"{key}: cannot read {path}: {err.strerror}") from None
+
+
 class S3Credentials(Strict):
     """Where the S3 keys live. On Kubernetes: MinIO's own secret, copied by crflow.
     On the local target: a YAML file holding the same keys (a stand-in for that secret)."""
@@ -164,12 +174,7 @@ class S3Storage(Strict):
 
     def ca_pem(self) -> str | None:
         """The S3 endpoint's CA bundle, if one is configured."""
-        if self.ca_bundle is None:
-            return None
-        try:
-            return self.ca_bundle.read_text()
-        except OSError as err:
-            raise CrflowError(f"storage.ca_bundle: cannot read {self.ca_bundle}: {err.strerror}") from None
+        return read_ca(self.ca_bundle, "storage.ca_bundle")
 
 
 class Tls(Strict):
@@ -233,12 +238,8 @@ class Mirror(Strict):
         return self.metrics_port or self.port + 1
 
     def ca_pem(self) -> str | None:
-        if self.ca_bundle is None:
-            return None
-        try:
-            return self.ca_bundle.read_text()
-        except OSError as err:
-            raise CrflowError(f"mirrors: {self.name}: cannot read ca_bundle {self.ca_bundle}: {err.strerror}") from None
+        """The upstream's CA bundle, if one is configured."""
+        return read_ca(self.ca_bundle, f"mirrors: {self.name}: ca_bundle")
 
 
 class Runs(Strict):

@@ -1,9 +1,9 @@
-"""The chart's pull-through mirrors (`mirrors:` values), run for real: the mirror's Deployment,
-as the chart renders it, runs as a local `docker-registry` process (crflow's LocalPod plays
-the kubelet) in front of an upstream registry that crflow installed on loopback, with TLS
-and a login. skopeo, not crflow, pulls through it and judges.
-REAL: distribution in proxy mode and as the upstream, helm's rendering, skopeo, TLS.
-NOT YET: crflow's flows deploy no mirror and node trust wires none (the issue's next steps)."""
+"""Pull-through mirrors, run for real: the mirror's Deployment, as the chart renders it, runs
+as a local `docker-registry` process (crflow's LocalPod plays the kubelet) in front of an
+upstream registry on loopback (the chart's registry with TLS and no login, as a public one
+serves anonymous pulls). skopeo and a real containerd, not crflow, pull through it and judge.
+REAL: distribution in proxy mode and as the upstream, helm's rendering, skopeo, containerd, TLS.
+NOT YET: the kubernetes target (the site file refuses mirrors there)."""
 
 from __future__ import annotations
 
@@ -178,9 +178,10 @@ def test_a_pull_without_the_mirrors_login_is_refused(mirror):
     assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower()
 
 
-def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(crflow, make_site, upstream,
-                                                                                 tmp_path):
-    upstream_pod, upstream_address, upstream_files = upstream
+def installed_with_mirror(crflow, make_site, upstream, tmp_path):
+    """A local site whose mirror `up` fronts the upstream, installed, and team/app:1 pushed to
+    the upstream: (site, the mirror's port)."""
+    _, upstream_address, upstream_files = upstream
     port = free_port()
     site = make_site(mirrors=[{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
                                "port": port, "metrics_port": free_port(),
@@ -189,6 +190,13 @@ def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(c
     oci_layout(tmp_path / "layout", "1")
     skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{tmp_path / 'layout'}:1",
            f"docker://{upstream_address}/team/app:1")
+    return site, port
+
+
+def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(crflow, make_site, upstream,
+                                                                                 tmp_path):
+    upstream_pod, upstream_address, upstream_files = upstream
+    site, port = installed_with_mirror(crflow, make_site, upstream, tmp_path)
     pushed = digest_through(upstream_address, upstream_files, "team/app:1", auth=False)
 
     # The client files crflow wrote hold the mirror's address: its CA and login are the registry's.
@@ -199,6 +207,17 @@ def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(c
     running = mirror.pid()
     crflow("install", "-c", str(site.path))  # a rerun leaves the mirror as it is
     assert running is not None and mirror.pid() == running
+    old = (site.client / "auth.json").read_text()
+    crflow("rotate-credentials", "-c", str(site.path), "--grace", "0")  # the mirror takes the new login too
+    assert (site.client / "auth.json").read_text() != old
+    assert digest_through(f"127.0.0.1:{port}", site.client, "team/app:1") == pushed
+    retired = tmp_path / "retired"
+    retired.mkdir()
+    (retired / "auth.json").write_text(old)
+    (retired / "ca.crt").write_bytes((site.client / "ca.crt").read_bytes())
+    refused = skopeo("inspect", "--authfile", str(retired / "auth.json"), "--cert-dir", str(retired),
+                     f"docker://127.0.0.1:{port}/team/app:1", check=False)
+    assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower()
 
     crflow("down", "-c", str(site.path))
     assert mirror.pid() is None and site.pod.pid() is None
@@ -209,14 +228,7 @@ def test_containerd_wired_only_by_crflow_trust_pulls_through_the_mirror_and_fall
     from containerd import Containerd, Unavailable
 
     upstream_pod, upstream_address, upstream_files = upstream
-    port = free_port()
-    site = make_site(mirrors=[{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
-                               "port": port, "metrics_port": free_port(),
-                               "ca_bundle": str(upstream_files / "ca.crt")}])
-    crflow("install", "-c", str(site.path))
-    oci_layout(tmp_path / "layout", "1")
-    skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{tmp_path / 'layout'}:1",
-           f"docker://{upstream_address}/team/app:1")
+    site, port = installed_with_mirror(crflow, make_site, upstream, tmp_path)
     root = tmp_path / "root"
     root.mkdir()
     certs_d = root / "etc" / "containerd" / "certs.d"
