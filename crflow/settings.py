@@ -198,6 +198,9 @@ class Cluster(Strict):
     kubeconfig: Path | None = None
     context: str | None = None
     helm_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
+    # How long one Kubernetes API call waits for its answer: a frozen API server fails the call
+    # (retried as transient) within it, never hangs the run.
+    api_timeout_seconds: Annotated[int, Field(ge=1, le=600)] = 30
 
 
 class NodeTrust(Strict):

@@ -25,7 +25,8 @@ class KubernetesTarget(Target, HoldsState):
         from crflow.tasks.kubeapi import KubeAccess
 
         cluster = site.cluster
-        self.kube = KubeAccess(kubeconfig=cluster.kubeconfig and str(cluster.kubeconfig), context=cluster.context)
+        self.kube = KubeAccess(kubeconfig=cluster.kubeconfig and str(cluster.kubeconfig), context=cluster.context,
+                               read_seconds=cluster.api_timeout_seconds)
         self._from_cluster: Path | None = None  # the client files client_bundle() wrote from the cluster
         self._version: str | None = None
 

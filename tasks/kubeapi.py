@@ -34,14 +34,16 @@ POOL_SIZE = 16  # keep-alive connections per client: as many as crflow.tasks.con
 # Every call's bound: a frozen or partitioned apiserver is a timeout (retried as any connection
 # error is), never a hang. An apiserver answers a single object in milliseconds and gives up on
 # a slow etcd after 60 s itself; nothing crflow asks for is a watch or a long list.
-CONNECT_SECONDS, READ_SECONDS = 10.0, 30.0
+CONNECT_SECONDS = 10.0
 
 
 class KubeAccess(BaseModel):
-    """Which cluster: a kubeconfig file (None: $KUBECONFIG, ~/.kube/config, or in-cluster) and context."""
+    """Which cluster: a kubeconfig file (None: $KUBECONFIG, ~/.kube/config, or in-cluster) and
+    context; and how long one API call may wait for its answer (cluster.api_timeout_seconds)."""
 
     kubeconfig: str | None = None
     context: str | None = None
+    read_seconds: float = 30.0
 
 
 def managed_labels(release: str) -> dict[str, str]:
@@ -53,9 +55,12 @@ class BoundedApiClient(client.ApiClient):
     """The official client with a timeout on every call that names none (it sends none by
     default, and a socket without one waits for ever)."""
 
+    def __init__(self, configuration: client.Configuration, read_seconds: float):
+        super().__init__(configuration)
+        self.bound = (min(CONNECT_SECONDS, read_seconds), read_seconds)
+
     def call_api(self, *args, _request_timeout=None, **kwargs):
-        return super().call_api(*args, _request_timeout=_request_timeout or (CONNECT_SECONDS, READ_SECONDS),
-                                **kwargs)
+        return super().call_api(*args, _request_timeout=_request_timeout or self.bound, **kwargs)
 
 
 @contextlib.contextmanager
@@ -74,7 +79,7 @@ def api_client(kube: KubeAccess) -> Iterator[client.ApiClient]:
             raise CrflowError(f"kubeconfig {path}: {err}") from None
     configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, POOL_SIZE)
     configuration.retries = 0  # `retrying` is the one place that retries (urllib3 would add 3 of its own per try)
-    api = BoundedApiClient(configuration)
+    api = BoundedApiClient(configuration, kube.read_seconds)
     try:
         yield api
     finally:

@@ -12,6 +12,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from http.server import BaseHTTPRequestHandler
 
 import httpx
@@ -23,7 +24,8 @@ from servers import http_server, loopback_tls
 
 pytestmark = [pytest.mark.kubernetes]
 
-SECRET = "/api/v1/namespaces/minio/secrets/minio-access-secret"  # MinIO's Secret, as the worker RBAC places it
+SECRET = "/api/v1/namespaces/minio/secrets/minio-access-secret"
+STALL_SECONDS = 8  # MinIO's Secret, as the worker RBAC places it
 
 SCRIPT = """
 import json, sys
@@ -55,6 +57,10 @@ class FaultyApi(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         path = self.path.split("?", 1)[0]
         queued = self.faults.get(path)
+        if queued and queued[0] == "stall":  # an apiserver that takes the request and does not answer (yet)
+            queued.pop(0)
+            time.sleep(STALL_SECONDS)
+            queued = None
         if queued:
             status = queued.pop(0)
             content = json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -137,3 +143,19 @@ def test_a_422_fails_at_once_with_one_request(faulty_api, prefect_api, tmp_path)
     assert done.returncode == 1
     assert [status for path, status in FaultyApi.seen if path == SECRET] == [422]
     assert "Kubernetes API: read Secret minio/minio-access-secret failed with 422" in done.stderr
+
+
+def test_a_stalled_call_ends_at_the_sites_api_timeout(faulty_api):
+    """cluster.api_timeout_seconds bounds one call's wait: 1 s here, against a proxy that holds
+    the request for STALL_SECONDS."""
+    import urllib3
+    from kubernetes import client
+
+    from crflow.tasks.kubeapi import KubeAccess, api_client
+
+    FaultyApi.faults[SECRET] = ["stall"]
+    started = time.monotonic()
+    with api_client(KubeAccess(kubeconfig=str(faulty_api), read_seconds=1)) as api:
+        with pytest.raises(urllib3.exceptions.HTTPError, match="timed out"):  # (a read timeout, maybe wrapped)
+            client.CoreV1Api(api).read_namespaced_secret("minio-access-secret", "minio")
+    assert time.monotonic() - started < STALL_SECONDS - 2
