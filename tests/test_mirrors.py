@@ -60,6 +60,19 @@ def test_the_chart_renders_a_mirror_beside_the_registry_with_no_secret_in_it():
     assert service["spec"]["type"] == "NodePort" and service["spec"]["ports"][0]["nodePort"] == 30443
 
 
+def test_a_gc_window_leaves_the_mirrors_writable():
+    """gc's read-only window (chart.read_only) is the registry's: a mirror's cache keeps filling."""
+    from crflow.chart import is_read_only, read_only
+
+    manifests = render(read_only(mirror_values("upstream.example:5000")))
+    configs = {m["metadata"]["name"]: yaml.safe_load(m["data"]["config.yml"]) for m in manifests
+               if m["kind"] == "ConfigMap"}
+    assert is_read_only(configs["r-config"])
+    unlocked = render(mirror_values("upstream.example:5000"))
+    assert [m for m in manifests if "mirror" in m["metadata"]["name"]] == \
+        [m for m in unlocked if "mirror" in m["metadata"]["name"]]  # not a byte changes: no restart
+
+
 def test_the_community_charts_proxy_key_names_the_mirrors_value():
     done = subprocess.run([helm_executable(), "template", RELEASE, str(CHART_DIR), "--set", "proxy.enabled=true"],
                           capture_output=True, text=True, timeout=120)
@@ -206,6 +219,7 @@ def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(c
     mirror = LocalPod(site.state / "mirrors" / "up")
     running = mirror.pid()
     crflow("install", "-c", str(site.path))  # a rerun leaves the mirror as it is
+    crflow("gc", "-c", str(site.path))  # and so does the registry's read-only window
     assert running is not None and mirror.pid() == running
     old = (site.client / "auth.json").read_text()
     crflow("rotate-credentials", "-c", str(site.path), "--grace", "0")  # the mirror takes the new login too
