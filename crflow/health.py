@@ -44,3 +44,31 @@ def registry_health(base_url: str, bundle_dir: Path) -> Health:
     except (CrflowError, ConnectionError) as err:
         return Health(Status.UNHEALTHY, str(err))
     return Health(Status.HEALTHY, f"{base_url} answers over TLS, login of user {registry.user} accepted")
+
+
+def upstream_health(name: str, upstream: str, ca_file: Path | None, timeout: float = 5) -> Health:
+    """Does a mirror's upstream answer its registry API over TLS, trusting `ca_file` (else the
+    system's CAs), as the mirror will? Any answer counts, a 401 too: the mirror logs in itself."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = f"{upstream.rstrip('/')}/v2/"
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except urllib.error.URLError as err:
+        reason = err.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            fix = "the mirror's ca_bundle is not its CA" if ca_file else "set the mirror's ca_bundle to its CA"
+            return Health(Status.UNHEALTHY, f"mirror {name}: upstream {upstream} has a certificate crflow does not "
+                                            f"trust ({reason.verify_message}); {fix}")
+        return Health(Status.UNHEALTHY, f"mirror {name}: upstream {upstream} is not answering ({reason}); pulls "
+                                        "through it serve only what it cached")
+    except (TimeoutError, OSError) as err:
+        return Health(Status.UNHEALTHY, f"mirror {name}: upstream {upstream} is not answering ({err}); pulls "
+                                        "through it serve only what it cached")
+    return Health(Status.HEALTHY, f"mirror {name}: upstream {upstream} answers")

@@ -257,8 +257,9 @@ class LocalPod:
                 logged = log.read().decode(errors="replace").strip().splitlines()
         except FileNotFoundError:
             return ""
+        panics = [line for line in logged if line.startswith("panic: ")]  # a Go panic's cause, not its stack
         errors = [line for line in logged if "error" in line.lower()]
-        return " | ".join((errors or logged)[-lines:])
+        return " | ".join(panics[:1] or (errors or logged)[-lines:])
 
     # --- probes ----------------------------------------------------------------------------
     def probe(self, kind: str, timeout: float = 5) -> bool:

@@ -15,7 +15,8 @@ from pydantic import SecretStr
 
 from crflow import layout
 from crflow.chart import SecretData, data_claim, mirror_name, secret_name
-from crflow.health import Health, Status, registry_health
+from crflow.errors import CrflowError
+from crflow.health import Health, Status, registry_health, upstream_health
 from crflow.localpod import DEBUG_HOST, LocalPod
 from crflow.settings import Site
 from crflow.targets import Check, Release, Stoppable, Target
@@ -73,8 +74,13 @@ class LocalTarget(Target, Stoppable):
         host = self.site.registry.listen[0]
         for name, pod in self._mirror_pods().items():
             if name in wanted:
-                run_local_pod(pod.dir, manifests, secrets, self.claims, (host, wanted[name].port),
-                              wanted[name].debug_port, pod.deployment)
+                mirror = wanted[name]
+                if pod.pid() is None:  # distribution's proxy will not start without its upstream: say why first
+                    upstream = upstream_health(name, mirror.upstream, mirror.ca_bundle)
+                    if not upstream.healthy:
+                        raise CrflowError(f"{upstream.detail}; the mirror cannot start without it")
+                run_local_pod(pod.dir, manifests, secrets, self.claims, (host, mirror.port), mirror.debug_port,
+                              pod.deployment)
             else:  # a mirror the site file no longer names
                 pod.stop()
         return Release(None, manifests)
@@ -136,6 +142,9 @@ class LocalTarget(Target, Stoppable):
             if not mirror_pod.probe("readiness"):
                 why = mirror_pod.failing_checks() or "it does not answer its readiness probe"
                 return Health(Status.UNHEALTHY, f"mirror {mirror.name} (process {mirror_pid}) is not ready: {why}")
+            upstream = upstream_health(mirror.name, mirror.upstream, mirror.ca_bundle)
+            if not upstream.healthy:
+                return upstream
             mirrors.append(f"{mirror.name} of {mirror.upstream.rstrip('/')} (process {mirror_pid}, port {mirror.port})")
         listed = f"; mirrors: {', '.join(mirrors)}" if mirrors else ""
         return Health(health.status, f"registry process {pid}: {health.detail}{listed}")

@@ -269,3 +269,23 @@ def test_containerd_wired_only_by_crflow_trust_pulls_through_the_mirror_and_fall
         assert not (certs_d / upstream_address).exists()
     finally:
         runtime.stop()
+
+
+def test_an_untrusted_upstream_is_named_by_install_and_a_gone_one_by_status(crflow, make_site, upstream):
+    upstream_pod, upstream_address, upstream_files = upstream
+    site = make_site(mirrors=[{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
+                               "port": free_port(), "metrics_port": free_port()}])
+    refused = crflow("install", "-c", str(site.path), check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"crflow: error: mirror up: upstream https://{upstream_address} has a certificate crflow does not trust "
+        "(unable to get local issuer certificate); set the mirror's ca_bundle to its CA; the mirror cannot start "
+        "without it")
+
+    site.settings["mirrors"][0]["ca_bundle"] = str(upstream_files / "ca.crt")
+    site.write()
+    crflow("install", "-c", str(site.path))
+    assert crflow("status", "-c", str(site.path)).returncode == 0
+    upstream_pod.stop()
+    gone = crflow("status", "-c", str(site.path), check=False)
+    assert gone.returncode == 3 and f"mirror up: upstream https://{upstream_address} is not answering" in gone.stdout
