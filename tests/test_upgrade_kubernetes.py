@@ -110,8 +110,10 @@ def test_a_release_changed_behind_crflows_back_is_brought_back(crflow, cluster_s
     crflow("install", "-c", str(site.path))
     edited = tmp_path / "edited-chart"
     shutil.copytree(ROOT / "helm_chart", edited)
-    service = edited / "templates" / "service.yaml"
-    service.write_text(service.read_text().replace("metadata:\n", "metadata:\n  annotations: {edited-by: hand}\n", 1))
+    manifests = edited / "templates" / "_manifests.tpl"  # the Service's template, as a named one
+    service = '{{- define "registry.service" -}}\napiVersion: v1\nkind: Service\nmetadata:\n'
+    assert service in manifests.read_text()
+    manifests.write_text(manifests.read_text().replace(service, service + "  annotations: {edited-by: hand}\n"))
     site.helm("upgrade", "registry", str(edited), "-n", site.namespace, "--reuse-values")
     assert revisions(site)[-1] == (2, "deployed")
 
