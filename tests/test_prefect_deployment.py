@@ -51,10 +51,13 @@ def test_worker_runs_the_install_deployment(prefect_api, make_site, tmp_path):
     worker = start_server([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
                           tmp_path / "worker.log", env)
     try:
-        deadline = time.monotonic() + 240
+        # Both runs to their end before the worker stops: the refused one's process may start
+        # after the install's has finished, on a busy machine (it was still PENDING once in CI).
+        deadline, final = time.monotonic() + 240, ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
         while time.monotonic() < deadline:
             state = httpx.get(f"{prefect_api}/flow_runs/{flow_run_id}").json()["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            refused_state = httpx.get(f"{prefect_api}/flow_runs/{refused_id}").json()["state"]["type"]
+            if state in final and refused_state in final:
                 break
             time.sleep(1)
     finally:
