@@ -133,8 +133,9 @@ class LocalTarget(Target, Stoppable):
         if health.status is not Status.HEALTHY:
             return Health(health.status, f"registry process {pid}: {health.detail}")
         mirrors = []
+        pods = self._mirror_pods()  # (one listing of state_dir/mirrors, not one per mirror)
         for mirror in self.site.mirrors:
-            mirror_pod = self._mirror_pods()[mirror.name]
+            mirror_pod = pods[mirror.name]
             mirror_pid = mirror_pod.pid()
             if mirror_pid is None:
                 return Health(Status.UNHEALTHY, f"mirror {mirror.name}'s process is not running; crflow install "
