@@ -84,7 +84,7 @@ def main() -> None:
                 for generation in (1, 2):  # the first write creates; the second is the rotation measured
                     started = time.perf_counter()
                     written = put_pull_secrets.fn(kube, [], selector, "registry-pull", SecretStr(docker_config(generation)),
-                                                  args.service_account, "bench")
+                                                  args.service_account, "bench", "bench")
                     seconds = time.perf_counter() - started
                     peer = kubectl_apply(kubeconfig, prefix, count, generation, work)
                 assert len(written) == count and set(written.values()) == {"updated"}, set(written.values())

@@ -169,7 +169,7 @@ class KubernetesTarget(Target, HoldsState):
         self.update_secret("login", {"username": SecretStr(creds.user), "password": creds.password})
         return sorted(put_pull_secrets(self.kube, pulls.namespaces, pulls.namespace_selector, pulls.name,
                                        SecretStr(creds.auth_json(site.registry.servers)),
-                                       pulls.default_service_account, site.release))
+                                       pulls.default_service_account, site.release, site.namespace))
 
     def client_bundle(self) -> Path:
         """The local client files, or, on a machine that has none (a fresh worker, a laptop
@@ -251,14 +251,14 @@ class KubernetesTarget(Target, HoldsState):
             removed.append(f"the node-trust files on {nodes} nodes")
         if uninstall_release(self.kube, site.release, site.namespace, timeout):
             removed.append(f"helm release {site.namespace}/{site.release}")
-        removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release,
+        removed += [f"pull Secret {name}" for name in remove_pull_secrets(self.kube, site.release, site.namespace,
                                                                            site.pull_secrets.name)]
         # verify's own pull Secret holds the login too: left behind, it would be valid again after a reinstall
         removed += delete_secrets(self.kube, PULL_TEST_NAMESPACE, [pull_test_name(site.namespace, site.release)],
-                                  site.release)
+                                  site.release, site.namespace)
         if purge:
             held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
-            removed += delete_secrets(self.kube, site.namespace, held, site.release)
+            removed += delete_secrets(self.kube, site.namespace, held, site.release, site.namespace)
             if self.store.node_volume is not None:
                 removed += delete_hostpath_volume(self.kube, site.namespace, data_claim(site.release))
         return removed

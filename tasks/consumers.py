@@ -2,7 +2,8 @@
 every namespace that pulls (the runbook's hand-made imagePullSecret), kept current by crflow.
 
     put_pull_secrets(kube, ["team-a"], "registry-access=true", "registry-pull",
-                     docker_config, default_service_account=True, release="registry")
+                     docker_config, default_service_account=True, release="registry",
+                     registry_namespace="container-registry")
 
 Namespaces come from an explicit list and a label selector. The Secret is written where it
 differs and created where it is missing, optionally listed in the namespace's `default`
@@ -68,9 +69,10 @@ def _set_default_account_secret(api: client.ApiClient, namespace: str, secret: s
 @task(task_run_name="pull Secret {name} in every consumer namespace",
       retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def put_pull_secrets(kube: KubeAccess, namespaces: list[str], selector: str | None, name: str,
-                     docker_config: SecretStr, default_service_account: bool, release: str) -> dict[str, Change]:
+                     docker_config: SecretStr, default_service_account: bool, release: str,
+                     registry_namespace: str) -> dict[str, Change]:
     """The pull Secret `name` holding `docker_config` in every consumer namespace; what each got."""
-    labels = managed_labels(release)
+    labels = managed_labels(release, registry_namespace)
     data = {".dockerconfigjson": docker_config}
     with api_client(kube) as api, undoable() as on_undo:
         targets = consumer_namespaces(api, namespaces, selector)
@@ -102,13 +104,13 @@ def _unlist(kube: KubeAccess, namespace: str, name: str) -> Callable[[], None]:
 
 @task(task_run_name="remove the pull Secrets of {release}", retries=1, retry_delay_seconds=5,
       retry_condition_fn=transient_only)
-def remove_pull_secrets(kube: KubeAccess, release: str, name: str) -> list[str]:
-    """Delete the pull Secret `name` crflow made for `release` in every namespace (found by
+def remove_pull_secrets(kube: KubeAccess, release: str, registry_namespace: str, name: str) -> list[str]:
+    """Delete the pull Secret `name` crflow made for `release` in `registry_namespace` from every namespace (found by
     crflow's labels, never by name alone: a Secret someone else made stays) and unlist it from
     the namespace's default ServiceAccount; returns them as "namespace/name". It reads each
     namespace's Secret by name, not a cluster-wide list: RBAC can then limit crflow to that
     one name outside the registry's namespace (deployments/worker-rbac.yaml)."""
-    labels = managed_labels(release)
+    labels = managed_labels(release, registry_namespace)
     removed = []
     with api_client(kube) as api:
         core = client.CoreV1Api(api)

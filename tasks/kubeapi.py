@@ -3,7 +3,7 @@ access settings, with the retries every write shares, crflow's labels, and the n
 
     kube = KubeAccess(kubeconfig="~/.kube/config", context=None)
     with api_client(kube) as api:
-        ensure_namespace(api, "container-registry", managed_labels("registry"))
+        ensure_namespace(api, "container-registry", managed_labels("registry", "container-registry"))
 
 Every write is idempotent (read, compare, write only what differs) and retried on what a
 retry can fix: connection errors, 429, 5xx, and 409 (someone else wrote first: read again).
@@ -46,9 +46,12 @@ class KubeAccess(BaseModel):
     read_seconds: float = 30.0
 
 
-def managed_labels(release: str) -> dict[str, str]:
+def managed_labels(release: str, namespace: str) -> dict[str, str]:
+    """What marks an object as crflow's for the registry `release` in `namespace`. Both: a
+    release name is unique only within its namespace, and crflow finds its pull Secrets in
+    every namespace by these labels (two sites named `registry` must not take each other's)."""
     return {"app.kubernetes.io/name": "crflow-registry", "app.kubernetes.io/instance": release,
-            "app.kubernetes.io/managed-by": "crflow"}
+            "app.kubernetes.io/managed-by": "crflow", "crflow.io/registry-namespace": namespace}
 
 
 class BoundedApiClient(client.ApiClient):
@@ -149,6 +152,6 @@ def server_version(kube: KubeAccess) -> str:
 def create_namespace(kube: KubeAccess, namespace: str, release: str) -> Change:
     """The registry's namespace, labelled as crflow's."""
     with api_client(kube) as api:
-        return ensure_namespace(api, namespace, managed_labels(release))
+        return ensure_namespace(api, namespace, managed_labels(release, namespace))
 
 

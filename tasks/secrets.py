@@ -99,7 +99,7 @@ def put_secret(kube: KubeAccess, namespace: str, name: str, secret_type: str, da
                release: str) -> Change:
     """One of the registry's Secrets, written only where it differs (put back on rollback)."""
     with api_client(kube) as api, undoable() as on_undo:
-        return write_secret_undoably(kube, api, namespace, name, secret_type, data, managed_labels(release), on_undo)
+        return write_secret_undoably(kube, api, namespace, name, secret_type, data, managed_labels(release, namespace), on_undo)
 
 
 put_secret.on_rollback(undo)
@@ -117,9 +117,11 @@ def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str, access_key_
 
 @task(task_run_name="delete the registry's Secrets in {namespace}", retries=1, retry_delay_seconds=5,
       retry_condition_fn=transient_only)
-def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: str) -> list[str]:
-    """Delete those of `names` that carry crflow's labels for `release`; returns those deleted."""
-    labels = managed_labels(release)
+def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: str,
+                   registry_namespace: str) -> list[str]:
+    """Delete those of `names` that carry crflow's labels for the registry `release` in
+    `registry_namespace`; returns those deleted."""
+    labels = managed_labels(release, registry_namespace)
     deleted = []
     with api_client(kube) as api:
         core = client.CoreV1Api(api)
@@ -166,7 +168,7 @@ def keep_state(kube: KubeAccess, namespace: str, name: str, state_dir: Path, rel
         if data is None:
             return None
         if held is None:  # the site's first state comes before the install step that makes the namespace
-            ensure_namespace(api, namespace, managed_labels(release))
+            ensure_namespace(api, namespace, managed_labels(release, namespace))
         # Every file held is text: JSON records and Fernet tokens.
         return apply_secret(api, namespace, name, "Opaque", {k: SecretStr(v.decode()) for k, v in data.items()},
-                            managed_labels(release))
+                            managed_labels(release, namespace))

@@ -48,7 +48,7 @@ def create_hostpath_volume(kube: KubeAccess, namespace: str, claim: str, path: s
                            release: str) -> Change:
     """The hostPath PV on `node` and its claim, for filesystem storage on the cluster."""
     with api_client(kube) as api:
-        return ensure_hostpath_volume(api, namespace, claim, path, node, size, managed_labels(release))
+        return ensure_hostpath_volume(api, namespace, claim, path, node, size, managed_labels(release, namespace))
 
 
 @task(task_run_name="delete volume {claim}", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)

@@ -216,7 +216,7 @@ def pull_with_secret(kube: KubeAccess, image: str, auth_file: Path, namespace: s
                      timeout: float = 120) -> str:
     """Kubernetes: a pod on every node pulls `image` with a pull secret made from the client login."""
     with api_client(kube) as api:
-        return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release),
+        return run_pull_test(api, image, SecretStr(auth_file.read_text()), managed_labels(release, namespace),
                              pull_test_name(namespace, release), timeout)
 
 
@@ -268,7 +268,7 @@ def run_gc_job(kube: KubeAccess, namespace: str, name: str, template: dict, flag
     """Run the collection as a Job, wait for it, delete it; returns what it reported."""
     with api_client(kube) as api:
         batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
-        job = gc_job(name, template, flags, managed_labels(release), instance)
+        job = gc_job(name, template, flags, managed_labels(release, namespace), instance)
         retrying(f"delete Job {namespace}/{name}", lambda: get_or_none(lambda: batch.delete_namespaced_job(
             name, namespace, propagation_policy="Background", _preload_content=False)))  # a killed run's
         retrying(f"create Job {namespace}/{name}", lambda: batch.create_namespaced_job(namespace, job))

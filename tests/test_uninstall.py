@@ -5,6 +5,7 @@ node, whose node-trust pod writes into the node's containerd certs.d), with real
 from __future__ import annotations
 
 import pytest
+from kubernetes import client
 
 from conftest import curl_status, skopeo
 
@@ -52,11 +53,21 @@ def test_kubernetes_uninstall_clears_the_node_and_the_pull_secrets_and_keeps_the
     crflow("install", "-c", str(site.path))
     assert site.node_certs() == [site.server]
     assert core.read_namespaced_service_account("default", team).image_pull_secrets
+    # Another site's release is called `registry` too, in another namespace: its pull Secret
+    # (labelled as crflow labels it) must outlive this site's uninstall. Tests on this
+    # cluster run side by side, so this once removed a neighbour's Secret mid-test.
+    neighbour = site.consumer("team-b")
+    core.create_namespaced_secret(neighbour, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="registry-pull", labels={
+            "app.kubernetes.io/name": "crflow-registry", "app.kubernetes.io/instance": "registry",
+            "app.kubernetes.io/managed-by": "crflow", "crflow.io/registry-namespace": f"{site.namespace}-other"}),
+        type="kubernetes.io/dockerconfigjson", string_data={".dockerconfigjson": '{"auths": {}}'}))
 
     out = crflow("uninstall", "-c", str(site.path), "--yes").stdout
     assert "removed: the node-trust files on 1 nodes" in out
     assert f"removed: helm release {site.namespace}/registry" in out
     assert f"removed: pull Secret {team}/registry-pull" in out
+    assert f"pull Secret {neighbour}/" not in out and core.read_namespaced_secret("registry-pull", neighbour)
     assert site.node_certs() == []  # taken off before the release went
     assert "registry" not in site.helm("list", "-n", site.namespace, "-q").split()
     assert [s.metadata.name for s in core.list_namespaced_secret(team).items
