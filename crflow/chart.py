@@ -96,7 +96,7 @@ CRFLOW_VALUES = {
 
 
 def registry_secrets(release: str, *, ca_pem: str, cert_pem: str, key_pem: SecretStr, htpasswd: SecretStr,
-                     http_secret: SecretStr, s3_keys: tuple[SecretStr, SecretStr] | None = None,
+                     http_secret: SecretStr, login: tuple[str, SecretStr], s3_keys: tuple[SecretStr, SecretStr] | None = None,
                      s3_ca_pem: str | None = None) -> SecretData:
     """The content of every Secret the chart references: name -> key -> value."""
     def secret(role: str, *values: SecretStr) -> tuple[str, dict[str, SecretStr]]:
@@ -107,6 +107,8 @@ def registry_secrets(release: str, *, ca_pem: str, cert_pem: str, key_pem: Secre
         secret("ca", SecretStr(ca_pem)),
         secret("htpasswd", htpasswd),
         secret("http", http_secret),
+        # Before the chart, not after: node trust sends it to the mirrors from its first sync.
+        secret("login", SecretStr(login[0]), login[1]),
     ])
     if s3_keys:
         secrets.update([secret("s3", *s3_keys)])
@@ -130,7 +132,8 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
         trust = site.node_trust
         values["nodeTrust"] = {"enabled": trust.enabled, "runtime": trust.runtime, "hostDir": trust.host_dir or "",
                                "addresses": address.servers, "caSecretName": secret_name(site.release, "ca"),
-                               "resyncSeconds": trust.resync_seconds}
+                               "resyncSeconds": trust.resync_seconds, "mirrors": mirror_routes(site),
+                               "mirrorLoginSecretName": secret_name(site.release, "login") if site.mirrors else ""}
         # `helm test` asks the address clients use, trusting the CA alone, with the login Secret.
         values["tests"] = {"address": address.server, "caSecretName": secret_name(site.release, "ca"),
                            "loginSecretName": secret_name(site.release, "login")}
@@ -146,6 +149,13 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
 def mirror_name(release: str, name: str) -> str:
     """A mirror's Deployment and Service, as the chart names them (fullname-mirror-NAME)."""
     return f"{release}-mirror-{name}"
+
+
+def mirror_routes(site: Site) -> list[str]:
+    """What node trust writes for each mirror, as the node-trust script takes it
+    (PREFIX|UPSTREAM_URL|MIRROR_ADDRESS): pulls of PREFIX/... go to the mirror, on the
+    registry's first host, first, and to the upstream after."""
+    return [f"{m.prefix}|{m.upstream.rstrip('/')}|{site.mirror_server(m)}" for m in site.mirrors]
 
 
 def mirror_values(site: Site, mirror) -> dict:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crflow.errors import CrflowError, NotInstalled
 from crflow.oci import Registry
+
+if TYPE_CHECKING:
+    from crflow.settings import Mirror
 
 
 class Status(enum.IntEnum):
@@ -44,6 +48,14 @@ def registry_health(base_url: str, bundle_dir: Path) -> Health:
     except (CrflowError, ConnectionError) as err:
         return Health(Status.UNHEALTHY, str(err))
     return Health(Status.HEALTHY, f"{base_url} answers over TLS, login of user {registry.user} accepted")
+
+
+def mirror_health(mirror: Mirror, server: str, bundle_dir: Path) -> Health:
+    """A mirror answers at `server` with the registry's login, and its upstream answers crflow."""
+    health = registry_health(f"https://{server}", bundle_dir)
+    if not health.healthy:
+        return Health(health.status, f"mirror {mirror.name}: {health.detail}")
+    return upstream_health(mirror.name, mirror.upstream, mirror.ca_bundle)
 
 
 def upstream_health(name: str, upstream: str, ca_file: Path | None, timeout: float = 5) -> Health:

@@ -484,14 +484,15 @@ class Site(Strict):
                 if port in taken:
                     raise ValueError(f"mirrors: {mirror.name}: its {what} {port} is {taken[port]}'s; pick another")
                 taken[port] = f"mirror {mirror.name}'s {what}"
+        if self.mirrors and self.target == "kubernetes" and self.node_trust.enabled and \
+                self.node_trust.runtime == "docker":
+            raise ValueError("mirrors: node trust wires mirrors into containerd's hosts.toml, and docker's certs.d "
+                             "has no such file; use a containerd runtime on the nodes, or remove mirrors")
         return self
 
     @model_validator(mode="after")
     def _fits_target(self) -> Site:
         storage = self.storage
-        if self.target == "kubernetes" and self.mirrors:
-            raise ValueError("mirrors: the kubernetes target does not run mirrors yet (node trust does not wire "
-                             "them); use them on the local target, or remove mirrors")
         if self.target == "local":
             if isinstance(storage, PvcStorage):
                 raise ValueError("storage.kind: pvc needs target: kubernetes; use kind: filesystem on the local target")
@@ -531,6 +532,10 @@ class Site(Strict):
         mirror's on the same hosts (a mirror serves the registry's certificate and login)."""
         hosts = [server.rsplit(":", 1)[0] for server in self.registry.servers]
         return self.registry.servers + [f"{host}:{mirror.port}" for mirror in self.mirrors for host in hosts]
+
+    def mirror_server(self, mirror: Mirror) -> str:
+        """The host:port nodes and checks use for a mirror: the registry's first host, its port."""
+        return f"{self.registry.servers[0].rsplit(':', 1)[0]}:{mirror.port}"
 
     @property
     def state(self) -> StateDir:

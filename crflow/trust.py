@@ -17,6 +17,7 @@ addresses, never touch each other's files. A certs.d folder someone else wrote i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -26,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crflow.chart import NODE_TRUST_SCRIPT
+from crflow.chart import NODE_TRUST_SCRIPT, mirror_routes
 from crflow.errors import CrflowError, NotInstalled
 from crflow.files import opened_dir, read_bytes, write_atomic
 from crflow.layout import note_made
@@ -98,16 +99,19 @@ def owner(site: Site) -> str:
     return f"crflow-trust/{site.release}"
 
 
-def mirror_wiring(site: Site) -> dict[str, str]:
-    """The node-trust script's MIRRORS and MIRROR_AUTH for the site's mirrors ({} without any):
-    each upstream's prefix goes to its mirror first, on the registry's first host, with the
-    login the client files hold."""
+def mirror_wiring(site: Site, scratch: Path) -> dict[str, str]:
+    """The node-trust script's MIRRORS and MIRROR_LOGIN_DIR for the site's mirrors ({} without
+    any), the login (the one the client files hold) put in `scratch` as the DaemonSet's Secret
+    volume holds it."""
     if not site.mirrors:
         return {}
-    host = site.registry.servers[0].rsplit(":", 1)[0]
-    entries = [f"{m.prefix}|{m.upstream.rstrip('/')}|{host}:{m.port}" for m in site.mirrors]
     auths = json.loads((site.state.client / "auth.json").read_text())["auths"]
-    return {"MIRRORS": " ".join(entries), "MIRROR_AUTH": auths[site.registry.servers[0]]["auth"]}
+    user, _, password = base64.b64decode(auths[site.registry.servers[0]]["auth"]).decode().partition(":")
+    login = scratch / "mirror-login"
+    login.mkdir(mode=0o700)
+    for name, value in (("username", user), ("password", password)):
+        write_atomic(login / name, value.encode(), 0o600, within=scratch)
+    return {"MIRRORS": " ".join(mirror_routes(site)), "MIRROR_LOGIN_DIR": str(login)}
 
 
 def _certs_d_files(site: Site, ca_file: Path, layout: Layout) -> dict[str, tuple[bytes, int]]:
@@ -118,7 +122,7 @@ def _certs_d_files(site: Site, ca_file: Path, layout: Layout) -> dict[str, tuple
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOST_DIR": str(hosts), "CA_FILE": str(ca_file),
                "ADDRESSES": " ".join(site.client_servers), "FORMAT": layout.format, "OWNER": owner(site),
                "STATE_DIR": str(Path(scratch) / "state"), "MODE": "once",
-               **(mirror_wiring(site) if layout.format == "containerd" else {})}
+               **(mirror_wiring(site, Path(scratch)) if layout.format == "containerd" else {})}
         try:
             result = subprocess.run(["/bin/sh", str(NODE_TRUST_SCRIPT)], env=env, capture_output=True, text=True,
                                     timeout=SCRIPT_SECONDS, stdin=subprocess.DEVNULL)

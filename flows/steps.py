@@ -130,4 +130,5 @@ def storage_and_secrets(site: Site, target: Target, secrets: SiteSecrets) -> Sec
     return mirror_secrets(site) | registry_secrets(
         site.release, ca_pem=secrets.ca.cert_pem, cert_pem=secrets.server_cert.cert_pem,
         key_pem=secrets.server_cert.key_pem, htpasswd=secrets.htpasswd, http_secret=secrets.http_secret,
+        login=(secrets.creds.user, secrets.creds.password),
         s3_keys=s3_keys, s3_ca_pem=s3_ca_pem)

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from crflow.chart import SECRETS, SecretData, data_claim, node_trust_name, secret_name, secret_type
 from crflow.errors import CrflowError, NotInstalled
-from crflow.health import Health, Status, registry_health
+from crflow.health import Health, Status, mirror_health, registry_health
 from crflow.settings import Site
 from crflow.state import secret_name as state_secret_name
 from crflow.targets import Check, HoldsState, Release, Target
@@ -165,7 +165,7 @@ class KubernetesTarget(Target, HoldsState):
         from crflow.tasks.consumers import put_pull_secrets
 
         site, pulls = self.site, self.site.pull_secrets
-        save_client_bundle(self.bundle, site.registry.servers, ca_pem, creds)
+        save_client_bundle(self.bundle, site.client_servers, ca_pem, creds)
         self.update_secret("login", {"username": SecretStr(creds.user), "password": creds.password})
         return sorted(put_pull_secrets(self.kube, pulls.namespaces, pulls.namespace_selector, pulls.name,
                                        SecretStr(creds.auth_json(site.registry.servers)),
@@ -199,7 +199,7 @@ class KubernetesTarget(Target, HoldsState):
         out = Path(tempfile.mkdtemp(prefix="crflow-client-"))  # 0700, this user's
         atexit.register(shutil.rmtree, out, True)
         creds = Credentials(user=login["username"].get_secret_value(), password=login["password"], id="from-cluster")
-        self._from_cluster = write_client_bundle(out, site.registry.servers, ca["ca.crt"].get_secret_value(), creds)
+        self._from_cluster = write_client_bundle(out, site.client_servers, ca["ca.crt"].get_secret_value(), creds)
         return self._from_cluster
 
     def status(self) -> Health:
@@ -210,7 +210,17 @@ class KubernetesTarget(Target, HoldsState):
         except CrflowError as err:  # nothing here, and the cluster cannot say either
             return Health(Status.NOT_INSTALLED, f"no client files in {self.bundle}, and the cluster could not be "
                                                 f"asked for them ({err}); run crflow install, or fix the kubeconfig")
-        return registry_health(self.url, bundle)
+        health = registry_health(self.url, bundle)
+        if not health.healthy:
+            return health
+        mirrors = []
+        for mirror in self.site.mirrors:  # (their upstreams as this machine reaches them, not as the pods do)
+            server = self.site.mirror_server(mirror)
+            mirrored = mirror_health(mirror, server, bundle)
+            if not mirrored.healthy:
+                return mirrored
+            mirrors.append(f"{mirror.name} of {mirror.upstream.rstrip('/')} ({server})")
+        return Health(health.status, health.detail + (f"; mirrors: {', '.join(mirrors)}" if mirrors else ""))
 
     def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool):
         """(The Job mounts the Secrets the run's deploy put in the namespace.)"""

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from crflow import layout
 from crflow.chart import SecretData, data_claim, mirror_name, secret_name
 from crflow.errors import CrflowError
-from crflow.health import Health, Status, registry_health, upstream_health
+from crflow.health import Health, Status, mirror_health, registry_health, upstream_health
 from crflow.localpod import DEBUG_HOST, LocalPod
 from crflow.settings import Site
 from crflow.targets import Check, Release, Stoppable, Target
@@ -143,9 +143,9 @@ class LocalTarget(Target, Stoppable):
             if not mirror_pod.probe("readiness"):
                 why = mirror_pod.failing_checks() or "it does not answer its readiness probe"
                 return Health(Status.UNHEALTHY, f"mirror {mirror.name} (process {mirror_pid}) is not ready: {why}")
-            upstream = upstream_health(mirror.name, mirror.upstream, mirror.ca_bundle)
-            if not upstream.healthy:
-                return upstream
+            mirrored = mirror_health(mirror, self.site.mirror_server(mirror), self.bundle)
+            if not mirrored.healthy:
+                return mirrored
             mirrors.append(f"{mirror.name} of {mirror.upstream.rstrip('/')} (process {mirror_pid}, port {mirror.port})")
         listed = f"; mirrors: {', '.join(mirrors)}" if mirrors else ""
         return Health(health.status, f"registry process {pid}: {health.detail}{listed}")

@@ -173,9 +173,12 @@ def _oci_archive(path: Path, name: str, files: dict[str, tuple[bytes, int]], con
     return path
 
 
-def pause_image(workdir: Path, bin_dir: Path) -> Path:
-    return _oci_archive(workdir / "pause.tar", PAUSE_IMAGE, {"pause": ((bin_dir / "pause").read_bytes(), 0o755)},
-                        {"Entrypoint": ["/pause"]})
+def pause_image(workdir: Path, bin_dir: Path, name: str = PAUSE_IMAGE, nonce: bytes | None = None) -> Path:
+    """The pause binary as an image; with a `nonce` file its layer is one no node has yet
+    (containerd fetches only the blobs it lacks, so a pull test needs new content)."""
+    files = {"pause": ((bin_dir / "pause").read_bytes(), 0o755), **({"nonce": (nonce, 0o644)} if nonce else {})}
+    archive = workdir / (f"pause-{nonce.hex()}.tar" if nonce else "pause.tar")
+    return _oci_archive(archive, name, files, {"Entrypoint": ["/pause"]})
 
 
 def registry_image(workdir: Path) -> Path:

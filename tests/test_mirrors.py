@@ -2,14 +2,19 @@
 as a local `docker-registry` process (crflow's LocalPod plays the kubelet) in front of an
 upstream registry on loopback (the chart's registry with TLS and no login, as a public one
 serves anonymous pulls). skopeo and a real containerd, not crflow, pull through it and judge.
-REAL: distribution in proxy mode and as the upstream, helm's rendering, skopeo, containerd, TLS.
-NOT YET: the kubernetes target (the site file refuses mirrors there)."""
+On the test cluster (a real Kubernetes 1.20 node), the mirror is the chart's Deployment, node
+trust's DaemonSet wires the node's containerd, and a pod whose image names the upstream runs.
+REAL: distribution in proxy mode and as the upstream, helm's rendering, skopeo, containerd, TLS,
+the apiserver, kubelet and kube-proxy. EMULATED: moto is MinIO (the cluster mirror's storage)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -52,6 +57,7 @@ def test_the_chart_renders_a_mirror_beside_the_registry_with_no_secret_in_it():
     assert config["proxy"] == {"remoteurl": "https://upstream.example:5000"}  # the login is not in it
     assert config["storage"]["filesystem"]["rootdirectory"] == "/var/lib/registry/mirrors/up"
     pod = deployments["r-mirror-up"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "r" and ("ServiceAccount", "r-mirror-up") not in names  # the registry's
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["REGISTRY_PROXY_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "r-mirror-up", "key": "password"}
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
@@ -79,37 +85,44 @@ def test_the_community_charts_proxy_key_names_the_mirrors_value():
     assert done.returncode != 0 and "proxy: each pull-through cache is an entry of mirrors" in done.stderr
 
 
-def tls_files(folder, name: str) -> dict:
-    """A CA of the test's own and a server certificate for 127.0.0.1: the chart's TLS Secret,
+def tls_files(folder, name: str, host: str = "127.0.0.1") -> dict:
+    """A CA of the test's own and a server certificate for `host`: the chart's TLS Secret,
     with the CA also written to folder/ca.crt for the clients."""
     ca = new_ca(name, days=1, key_algorithm="ecdsa-p256")
-    served = new_server_cert(ca, ["127.0.0.1"], [], days=1, key_algorithm="ecdsa-p256")
+    served = new_server_cert(ca, [host], [], days=1, key_algorithm="ecdsa-p256")
     folder.mkdir()
     (folder / "ca.crt").write_text(ca.cert_pem)
     return {"tls.crt": SecretStr(served.cert_pem), "tls.key": served.key_pem, "ca.crt": SecretStr(ca.cert_pem)}
 
 
-def run_pod(folder, manifests: list[dict], secrets: dict, deployment: str | None = None) -> tuple[LocalPod, str]:
-    """The rendered Deployment run as a local process on loopback: (its LocalPod, its address)."""
+def run_pod(folder, manifests: list[dict], secrets: dict, deployment: str | None = None,
+            host: str = "127.0.0.1") -> tuple[LocalPod, str]:
+    """The rendered Deployment run as a local process on `host`: (its LocalPod, its address)."""
     port, data = free_port(), folder / "data"
     data.mkdir(mode=0o700, parents=True)
     pod = LocalPod(folder / "pod", deployment=deployment)
-    pod.apply(manifests, secrets, {RELEASE: data}, ("127.0.0.1", port), free_port())
-    return pod, f"127.0.0.1:{port}"
+    pod.apply(manifests, secrets, {RELEASE: data}, (host, port), free_port())
+    return pod, f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def serving_upstream(folder, host: str = "127.0.0.1"):
+    """The upstream: the chart's registry with TLS and no login, as a public registry serves
+    anonymous pulls (distribution 2.8's proxy logs in only where the upstream answers with a
+    Bearer challenge; see test_a_basic_auth_upstream_is_asked_with_no_login)."""
+    secrets = {"r-tls": tls_files(folder / "upstream-client", "upstream test CA", host)}
+    pod, address = run_pod(folder / "upstream", render({"tlsSecretName": "r-tls", "persistence": {"enabled": True}}),
+                           secrets, host=host)
+    try:
+        yield pod, address, folder / "upstream-client"
+    finally:
+        pod.stop()
 
 
 @pytest.fixture
 def upstream(tmp_path):
-    """The upstream: the chart's registry with TLS and no login, as a public registry serves
-    anonymous pulls (distribution 2.8's proxy logs in only where the upstream answers with a
-    Bearer challenge; see test_a_basic_auth_upstream_is_asked_with_no_login)."""
-    secrets = {"r-tls": tls_files(tmp_path / "upstream-client", "upstream test CA")}
-    pod, address = run_pod(tmp_path / "upstream", render({"tlsSecretName": "r-tls", "persistence": {"enabled": True}}),
-                           secrets)
-    try:
-        yield pod, address, tmp_path / "upstream-client"
-    finally:
-        pod.stop()
+    with serving_upstream(tmp_path) as served:
+        yield served
 
 
 @pytest.fixture
@@ -289,3 +302,48 @@ def test_an_untrusted_upstream_is_named_by_install_and_a_gone_one_by_status(crfl
     upstream_pod.stop()
     gone = crflow("status", "-c", str(site.path), check=False)
     assert gone.returncode == 3 and f"mirror up: upstream https://{upstream_address} is not answering" in gone.stdout
+
+
+@pytest.mark.kubernetes
+def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_through_the_mirror(crflow, make_cluster_site,
+                                                                                             cluster_moto, tmp_path):
+    """The upstream listens on the cluster bridge's gateway, where the mirror's pod reaches it;
+    the pod's image is the pause binary with a layer no node has, pushed there by skopeo."""
+    from minio import Minio
+
+    from cluster import GATEWAY, pause_image
+    from servers import node_port
+
+    with serving_upstream(tmp_path, GATEWAY) as (upstream_pod, upstream_address, upstream_files):
+        site = make_cluster_site()
+        app = pause_image(tmp_path, site.node.bin_dir, "team/pause:1", os.urandom(8))
+        skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci-archive:{app}", f"docker://{upstream_address}/team/pause:1")
+        port = node_port()
+        site.settings["mirrors"] = [{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
+                                     "port": port, "ca_bundle": str(upstream_files / "ca.crt")}]
+        site.write()
+        crflow("install", "-c", str(site.path))
+        hosts = site.node.certs_d / upstream_address / "hosts.toml"
+        assert hosts.stat().st_mode & 0o777 == 0o600  # it holds the mirror's login
+        assert f'[host."https://{GATEWAY}:{port}"]' in hosts.read_text()
+        status = crflow("status", "-c", str(site.path)).stdout
+        assert f"mirrors: up of https://{upstream_address} ({GATEWAY}:{port})" in status
+
+        image = f"{upstream_address}/team/pause:1"  # the pod names the upstream: no manifest changed
+        site.kubectl("-n", site.namespace, "run", "app", f"--image={image}", "--restart=Never")
+        site.kubectl("-n", site.namespace, "wait", "--for=condition=Ready", "pod/app", "--timeout=120s")
+        mirror_log = site.kubectl("-n", site.namespace, "logs", "deployment/registry-mirror-up").stdout
+        assert "/v2/team/pause/manifests/1" in mirror_log and "containerd/" in mirror_log  # the node asked the mirror
+        s3 = Minio(cluster_moto.split("://")[1], access_key="x", secret_key="y", secure=False, region="us-east-1")
+
+        def cached() -> int:
+            return sum(o.object_name.endswith("/data") for o in s3.list_objects(
+                site.settings["storage"]["bucket"], prefix="mirrors/up/docker/registry/v2/blobs/", recursive=True))
+
+        deadline = time.monotonic() + 30  # the mirror commits a blob to its storage as it finishes serving it
+        while cached() < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cached() >= 3, "the mirror's storage lacks the image's blobs: the pull did not go through it"
+
+        crflow("uninstall", "-c", str(site.path), "--yes")
+        assert not (site.node.certs_d / upstream_address).exists()  # the node's wiring left with the release

@@ -13,8 +13,9 @@
 #   FORMAT     containerd (ca.crt and hosts.toml) or certs (ca.crt only: docker, podman)
 #   MIRRORS    containerd only, optional: pull-through mirrors, PREFIX|UPSTREAM_URL|MIRROR_ADDRESS
 #              separated by spaces. Pulls of PREFIX/... try the mirror first, the upstream after.
-#   MIRROR_AUTH  optional: base64 of the login the mirrors take (user:password), sent as a
-#              header; the hosts.toml holding it is written 0600
+#   MIRROR_LOGIN_DIR  optional: a folder holding `username` and `password`, the login the
+#              mirrors take, sent as a header (read on every sync: a rotated login arrives
+#              like a changed CA); the hosts.toml holding it is written 0600
 #   OWNER      who wrote the files; only directories marked with it are changed or removed
 #   STATE_DIR  scratch space; STATE_DIR/synced exists once every address is written
 #   MODE       keep (sync every RESYNC seconds), once (sync, then exit) or remove (undo, then
@@ -64,7 +65,12 @@ sync_once() {
       put "$dir/hosts.toml" "$STATE_DIR/hosts.toml" || ok=1
     fi
   done
-  prefixes=""
+  prefixes="" auth=""
+  if [ -n "${MIRROR_LOGIN_DIR:-}" ] && [ -n "${MIRRORS:-}" ]; then
+    [ -r "$MIRROR_LOGIN_DIR/username" ] && [ -r "$MIRROR_LOGIN_DIR/password" ] ||
+      { log "no login for the mirrors in $MIRROR_LOGIN_DIR yet"; return 1; }
+    auth=$(printf '%s:%s' "$(cat "$MIRROR_LOGIN_DIR/username")" "$(cat "$MIRROR_LOGIN_DIR/password")" | base64 | tr -d '\n')
+  fi
   if [ "$FORMAT" = containerd ]; then
     for entry in ${MIRRORS:-}; do
       prefix=${entry%%|*}; rest=${entry#*|}; upstream=${rest%%|*}; mirror=${rest#*|}
@@ -81,8 +87,8 @@ sync_once() {
         {
           printf 'server = "%s"\n\n[host."https://%s"]\n  capabilities = ["pull", "resolve"]\n  ca = "ca.crt"\n' \
             "$upstream" "$mirror"
-          if [ -n "${MIRROR_AUTH:-}" ]; then
-            printf '  [host."https://%s".header]\n    Authorization = ["Basic %s"]\n' "$mirror" "$MIRROR_AUTH"
+          if [ -n "$auth" ]; then
+            printf '  [host."https://%s".header]\n    Authorization = ["Basic %s"]\n' "$mirror" "$auth"
           fi
         } > "$STATE_DIR/hosts.toml"
         put "$dir/hosts.toml" "$STATE_DIR/hosts.toml"
