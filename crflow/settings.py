@@ -224,13 +224,16 @@ class PullSecrets(Strict):
     default_service_account: bool = False  # also list the Secret in each namespace's `default` ServiceAccount
 
 
+UPSTREAM_URL = r"^https://[^/@]+/?$"  # no user:password@: a login goes by reference (login:)
+
+
 class Mirror(Strict):
     """A pull-through mirror of one upstream registry: crflow runs one more registry in proxy
     mode beside the site's own (the chart's `mirrors`), and node trust sends the nodes' pulls
     of `prefix/...` images to it first, the upstream itself being the fallback."""
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$")]  # RELEASE-mirror-NAME
-    upstream: Annotated[str, Field(pattern=r"^https://[^/]+/?$")]  # e.g. https://registry-1.docker.io
+    upstream: Annotated[str, Field(pattern=UPSTREAM_URL)]  # e.g. https://registry-1.docker.io
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]+)?$")]  # the name images use: docker.io, HOST:PORT
     port: Port  # where the mirror serves, on the registry's addresses (on a cluster: its Service's port)
     metrics_port: Port | None = None  # the local target's debug server for it; None: the port after `port`
@@ -580,6 +583,8 @@ PATTERN_WORDS = {
     DNS_LABEL: "a Kubernetes name (lower-case letters, digits and inner dashes)",
     r"^https?://": "a URL starting with http:// or https://",
     r"^[A-Za-z0-9._-]{1,64}$": "a user name (1-64 of letters, digits, . _ -)",
+    UPSTREAM_URL: "a registry's https:// URL with no path and no login in it (https://HOST[:PORT]; a login goes "
+                  "under the mirror's login:)",
 }
 
 
@@ -590,7 +595,10 @@ def _explain(error: dict) -> str:
     where = ".".join(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "string_pattern_mismatch":  # the pattern itself helps nobody: say what fits
-        message = f"{error['input']!r} is not {PATTERN_WORDS.get(error['ctx']['pattern'], 'allowed here')}"
+        value = error["input"]
+        # A URL with a login in it is never echoed: the error line reaches logs and terminals.
+        shown = "a URL with a login in it" if re.match(r"^[a-z]+://[^/]*@", str(value)) else repr(value)
+        message = f"{shown} is not {PATTERN_WORDS.get(error['ctx']['pattern'], 'allowed here')}"
     elif error["type"] == "extra_forbidden":
         message = "unknown key; check its spelling against examples/local.yaml"
     elif error["type"] == "missing":
