@@ -166,6 +166,8 @@ def mirror_values(site: Site, mirror) -> dict:
     entry = {"name": mirror.name, "remoteurl": mirror.upstream.rstrip("/"), "service": service}
     if mirror.ca_bundle is not None:
         entry["caBundleSecretName"] = mirror_ca_secret(site.release, mirror.name)
+    if mirror.login is not None:  # a Secret of the user's own, or the one crflow fills from the reference
+        entry["secretRef"] = mirror.login.secret or mirror_login_secret(site.release, mirror.name)
     return entry
 
 
@@ -174,10 +176,18 @@ def mirror_ca_secret(release: str, name: str) -> str:
     return f"{mirror_name(release, name)}-ca"
 
 
-def mirror_secrets(site: Site) -> SecretData:
-    """The Secrets the site's mirrors reference beyond the registry's own: their upstreams' CAs."""
-    return {mirror_ca_secret(site.release, m.name): {"ca.crt": SecretStr(pem)}
-            for m in site.mirrors if (pem := m.ca_pem()) is not None}
+def mirror_login_secret(release: str, name: str) -> str:
+    """The Secret holding the upstream login crflow read for a mirror (keys username, password)."""
+    return f"{mirror_name(release, name)}-upstream"
+
+
+def mirror_secrets(site: Site, logins: dict[str, tuple[str, SecretStr]]) -> SecretData:
+    """The Secrets the site's mirrors reference beyond the registry's own: their upstreams' CAs,
+    and the upstream logins crflow read (`logins`, by mirror name)."""
+    cas = {mirror_ca_secret(site.release, m.name): {"ca.crt": SecretStr(pem)}
+           for m in site.mirrors if (pem := m.ca_pem()) is not None}
+    return cas | {mirror_login_secret(site.release, name): {"username": SecretStr(user), "password": password}
+                  for name, (user, password) in logins.items()}
 
 
 def storage_values(site: Site) -> dict:

@@ -225,6 +225,30 @@ class PullSecrets(Strict):
 
 
 UPSTREAM_URL = r"^https://[^/@]+/?$"  # no user:password@: a login goes by reference (login:)
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class UpstreamLogin(Strict):
+    """Where a mirror's upstream login lives, by reference only (exactly one): crflow reads it
+    when a run deploys the mirror and puts it in the mirror's Secret, never in the site file,
+    a parameter, a log or its own state."""
+
+    env: Annotated[str, Field(pattern=ENV_NAME)] | None = None  # NAME: $NAME_USERNAME and $NAME_PASSWORD
+    prefect_secret: Annotated[str, Field(pattern=DNS_LABEL)] | None = None  # a Secret block: {"username", "password"}
+    secret: Annotated[str, Field(pattern=DNS_LABEL)] | None = None  # kubernetes: keys username, password
+
+    @model_validator(mode="after")
+    def _one(self) -> UpstreamLogin:
+        if sum(ref is not None for ref in (self.env, self.prefect_secret, self.secret)) != 1:
+            raise ValueError("give exactly one of env, prefect_secret or secret")
+        return self
+
+    @property
+    def source(self) -> str:
+        """Where it comes from, for error lines: never the login itself."""
+        if self.env is not None:
+            return f"${self.env}_USERNAME and ${self.env}_PASSWORD"
+        return f"Prefect Secret block {self.prefect_secret}" if self.prefect_secret else f"Secret {self.secret}"
 
 
 class Mirror(Strict):
@@ -238,6 +262,10 @@ class Mirror(Strict):
     port: Port  # where the mirror serves, on the registry's addresses (on a cluster: its Service's port)
     metrics_port: Port | None = None  # the local target's debug server for it; None: the port after `port`
     ca_bundle: Path | None = None  # the upstream's CA, where the system's CAs do not vouch for it
+    login: UpstreamLogin | None = None  # anonymous pulls without it
+    # An image the upstream holds (REPO:TAG, as the mirror serves it: library/busybox:1.36 for
+    # docker.io) that verify pulls through the mirror twice; without it verify asks /v2/ only.
+    probe: Annotated[str, Field(pattern=r"^[a-z0-9]+([._/-][a-z0-9]+)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")] | None = None
 
     @property
     def debug_port(self) -> int:
@@ -487,6 +515,10 @@ class Site(Strict):
                 if port in taken:
                     raise ValueError(f"mirrors: {mirror.name}: its {what} {port} is {taken[port]}'s; pick another")
                 taken[port] = f"mirror {mirror.name}'s {what}"
+        for mirror in self.mirrors:
+            if self.target == "local" and mirror.login is not None and mirror.login.secret is not None:
+                raise ValueError(f"mirrors: {mirror.name}: login.secret names a Kubernetes Secret; on the local "
+                                 "target use login.env or login.prefect_secret")
         if self.mirrors and self.target == "kubernetes" and self.node_trust.enabled and \
                 self.node_trust.runtime == "docker":
             raise ValueError("mirrors: node trust wires mirrors into containerd's hosts.toml, and docker's certs.d "

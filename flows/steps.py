@@ -16,6 +16,7 @@ from crflow.settings import Site
 from crflow.targets import HoldsState, Target
 from crflow.tasks.credentials import Credentials, make_credentials, make_htpasswd, make_http_secret
 from crflow.tasks.pki import KeyPair, ca_record, fingerprint_of_pem, make_ca, make_server_cert
+from crflow.upstream import upstream_logins
 from crflow.vault import Vault, open_vault
 
 
@@ -127,7 +128,7 @@ def storage_and_secrets(site: Site, target: Target, secrets: SiteSecrets) -> Sec
     target.prepare()
     target.store.prepare()
     s3_keys, s3_ca_pem = target.store.s3_secret()
-    return mirror_secrets(site) | registry_secrets(
+    return mirror_secrets(site, upstream_logins(site)) | registry_secrets(
         site.release, ca_pem=secrets.ca.cert_pem, cert_pem=secrets.server_cert.cert_pem,
         key_pem=secrets.server_cert.key_pem, htpasswd=secrets.htpasswd, http_secret=secrets.http_secret,
         login=(secrets.creds.user, secrets.creds.password),

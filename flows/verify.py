@@ -15,7 +15,9 @@ from prefect import flow
 from crflow.errors import CrflowError, StorageFailure
 from crflow.flows.alerts import emit_certificate_days
 from crflow.flows.site_lock import one_run_per_site, run_name, site_slug, this_run
+from crflow.health import mirror_health
 from crflow.oci import SMOKE_REPO, served_certificate
+from crflow.settings import Mirror
 from crflow.tasks.pki import days_left
 from crflow.tasks.registry import (
     copy_source_image,
@@ -23,6 +25,7 @@ from crflow.tasks.registry import (
     listed_in_catalog,
     pull_and_compare,
     pull_everything,
+    pull_twice,
     push_unique_image,
     unlink_blobs,
 )
@@ -79,8 +82,24 @@ def verify(site_file: str, source_image: str | None = None, source_ca: str | Non
                      pushed.blobs)
         if source_image:
             checks.check("delete the copy by digest", delete_by_digest, url, bundle, copied.repo, copied.digest)
+        for mirror in site.mirrors:
+            server = site.mirror_server(mirror)
+            checks.check(f"mirror {mirror.name} answers, its upstream answers and takes its login", mirror_answers,
+                         mirror, server, bundle)
+            if mirror.probe:
+                repo, tag = mirror.probe.rsplit(":", 1)
+                checks.check(f"pull {mirror.probe} through mirror {mirror.name} twice", pull_twice,
+                             f"https://{server}", bundle, repo, tag)
     report_usage(site, url, bundle)
     return f"{url}: all checks passed"
+
+
+def mirror_answers(mirror: Mirror, server: str, bundle: Path) -> str:
+    """(Not a task: it reads the mirror's login reference, and a task's inputs are its cache key.)"""
+    health = mirror_health(mirror, server, bundle)
+    if not health.healthy:
+        raise CrflowError(health.detail)
+    return health.detail
 
 
 def report_usage(site, url: str, bundle: Path) -> int:

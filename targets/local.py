@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from crflow import layout
-from crflow.chart import SecretData, data_claim, mirror_name, secret_name
+from crflow.chart import SecretData, data_claim, mirror_login_secret, mirror_name, secret_name
 from crflow.errors import CrflowError
 from crflow.health import Health, Status, mirror_health, registry_health, upstream_health
 from crflow.localpod import DEBUG_HOST, LocalPod
@@ -76,7 +76,9 @@ class LocalTarget(Target, Stoppable):
             if name in wanted:
                 mirror = wanted[name]
                 if pod.pid() is None:  # distribution's proxy will not start without its upstream: say why first
-                    upstream = upstream_health(name, mirror.upstream, mirror.ca_bundle)
+                    held = secrets.get(mirror_login_secret(self.site.release, name))
+                    login = (held["username"].get_secret_value(), held["password"]) if held else None
+                    upstream = upstream_health(mirror, login)
                     if not upstream.healthy:
                         raise CrflowError(f"{upstream.detail}; the mirror cannot start without it")
                 run_local_pod(pod.dir, manifests, secrets, self.claims, (host, mirror.port), mirror.debug_port,

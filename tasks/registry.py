@@ -202,6 +202,21 @@ def copy_source_image(source: str, source_ca: Path | None, source_authfile: Path
     return Pushed(repo=repo, tag=tag, digest=digest, blobs=[], bytes=0, seconds=seconds)
 
 
+@task(task_run_name="pull {repo}:{tag} through {base_url} twice", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def pull_twice(base_url: str, bundle_dir: Path, repo: str, tag: str) -> str:
+    """A mirror's check: pull an image whole, twice, every digest checked; the second is its
+    cache's (a mirror still asks the upstream whether a tag moved, but no blob comes from it)."""
+    seconds = []
+    with Registry.from_bundle(base_url, bundle_dir) as registry:
+        for _ in range(2):
+            started = time.perf_counter()
+            digests = walk(registry, repo, tag)
+            seconds.append(time.perf_counter() - started)
+    return f"{len(digests)} manifests and blobs, every digest equal; first pull {seconds[0]:.2f} s, second " \
+           f"(from its cache) {seconds[1]:.2f} s"
+
+
 @task(task_run_name="pull {repo}@{digest}", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
 def pull_everything(base_url: str, bundle_dir: Path, repo: str, digest: str) -> str:
     """Pull an image or index back with all it references, every digest checked."""

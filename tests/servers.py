@@ -87,13 +87,14 @@ def stop_server(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen) -> None:
+def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen, verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode}")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
+            if httpx.get(url, timeout=2, verify=ssl.create_default_context(cafile=verify) if isinstance(verify, str)
+                         else verify).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
@@ -138,3 +139,88 @@ def http_server(handler, tls: ssl.SSLContext | None = None):
         yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+@contextlib.contextmanager
+def token_upstream(folder: Path, user: str, password: str):
+    """An upstream registry that asks for a login as Docker Hub does, on loopback: Debian's
+    docker-registry with token auth and TLS, and a token service of the test's own. EMULATED:
+    Docker Hub's auth service; a few lines here issue the ES256 JWT distribution verifies, to
+    `user`:`password` only. Yields (its address, a folder holding its CA as ca.crt, a list of
+    the token service's answers: 200 or 401 each)."""
+    import base64
+    import json
+    import urllib.parse
+    import uuid
+    from http.server import BaseHTTPRequestHandler
+
+    import yaml
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    from crflow.tasks.pki import new_ca
+
+    folder.mkdir(parents=True)
+    ca, tls = loopback_tls(folder, "upstream test CA")
+    client = folder / "client"
+    client.mkdir()
+    (client / "ca.crt").write_text(ca.cert_pem)
+    signer = new_ca("token signer", days=1, key_algorithm="ecdsa-p256")
+    (folder / "signer.crt").write_text(signer.cert_pem)
+    key = serialization.load_pem_private_key(signer.key_pem.get_secret_value().encode(), None)
+    chain = [base64.b64encode(x509.load_pem_x509_certificate(signer.cert_pem.encode())
+                              .public_bytes(serialization.Encoding.DER)).decode()]
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    answers: list[int] = []
+
+    def b64url(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    class Tokens(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.headers.get("Authorization") != expected:
+                answers.append(401)
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            access = []
+            for scope in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("scope", []):
+                kind, _, rest = scope.partition(":")  # repository:team/app:pull,push
+                name, _, actions = rest.rpartition(":")
+                access.append({"type": kind, "name": name, "actions": actions.split(",")})
+            now = int(time.time())
+            claims = {"iss": "crflow-test", "sub": user, "aud": "upstream", "exp": now + 300, "nbf": now - 10,
+                      "iat": now, "jti": uuid.uuid4().hex, "access": access}
+            signed = (f"{b64url(json.dumps({'typ': 'JWT', 'alg': 'ES256', 'x5c': chain}).encode())}."
+                      f"{b64url(json.dumps(claims).encode())}")
+            r, s = decode_dss_signature(key.sign(signed.encode(), ec.ECDSA(hashes.SHA256())))
+            token = f"{signed}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+            body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
+            answers.append(200)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http_server(Tokens, tls) as tokens:
+        port, data = free_port(), folder / "data"
+        data.mkdir()
+        (folder / "config.yml").write_text(yaml.safe_dump({
+            "version": 0.1, "storage": {"filesystem": {"rootdirectory": str(data)}},
+            "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex,
+                     "tls": {"certificate": str(folder / "tls.crt"), "key": str(folder / "tls.key")}},
+            "auth": {"token": {"realm": f"{tokens}/token", "service": "upstream", "issuer": "crflow-test",
+                               "rootcertbundle": str(folder / "signer.crt")}}}))
+        process = start_server(["docker-registry", "serve", str(folder / "config.yml")], folder / "registry.log")
+        try:
+            wait_http(f"https://127.0.0.1:{port}/v2/", 60, "the token upstream", process, str(client / "ca.crt"))
+            yield f"127.0.0.1:{port}", client, answers
+        finally:
+            stop_server(process)

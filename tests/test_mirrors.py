@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -347,3 +348,51 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
 
         crflow("uninstall", "-c", str(site.path), "--yes")
         assert not (site.node.certs_d / upstream_address).exists()  # the node's wiring left with the release
+
+
+def test_a_mirror_logs_in_upstream_with_a_login_from_the_environment_and_a_wrong_one_is_named(crflow, make_site,
+                                                                                              tmp_path):
+    """The upstream asks for a login as Docker Hub does (a Bearer challenge, its token service:
+    EMULATED, see servers.token_upstream); distribution's proxy, skopeo and curl are real."""
+    from servers import token_upstream
+
+    password = os.urandom(18).hex()
+    with token_upstream(tmp_path / "upstream", "puller", password) as (address, files, answers):
+        oci_layout(tmp_path / "layout", "1")
+        skopeo("copy", "--dest-creds", f"puller:{password}", "--dest-cert-dir", str(files),
+               f"oci:{tmp_path / 'layout'}:1", f"docker://{address}/team/app:1")
+        pushed = json.loads(skopeo("inspect", "--creds", f"puller:{password}", "--cert-dir", str(files),
+                                   f"docker://{address}/team/app:1").stdout)["Digest"]
+        port = free_port()
+        site = make_site(mirrors=[{"name": "up", "upstream": f"https://{address}", "prefix": address, "port": port,
+                                   "metrics_port": free_port(), "ca_bundle": str(files / "ca.crt"),
+                                   "login": {"env": "UPSTREAM"}, "probe": "team/app:1"}])
+        unset = crflow("install", "-c", str(site.path), check=False)
+        assert unset.returncode == 1 and unset.stderr.strip().splitlines()[-1] == (
+            "crflow: error: mirrors: up: login.env: set $UPSTREAM_USERNAME and $UPSTREAM_PASSWORD in the environment "
+            "crflow runs in (a worker's, for a deployment)")
+
+        env = {"UPSTREAM_USERNAME": "puller", "UPSTREAM_PASSWORD": password}
+        runs = [crflow("install", "-c", str(site.path), env=env)]
+        assert digest_through(f"127.0.0.1:{port}", site.client, "team/app:1") == pushed  # skopeo, through the mirror
+        assert 200 in answers  # the mirror logged in with the login from the environment
+        runs.append(crflow("verify", "-c", str(site.path), env=env))  # its probe: team/app:1, pulled twice
+        asked = re.findall(r'"(GET|HEAD) /v2/team/app/(manifests|blobs)/\S+ [^"]+" \d+ \d+ "[^"]*" "Go-http-client',
+                           (tmp_path / "upstream" / "registry.log").read_text())  # what the mirror asked
+        assert ("GET", "blobs") in asked and asked[-1] == ("HEAD", "manifests")  # the second pull: no blob upstream
+        assert crflow("status", "-c", str(site.path), env=env).returncode == 0
+
+        wrong = {**env, "UPSTREAM_PASSWORD": "not-" + password}
+        line = (f"mirror up: upstream https://{address} refused the login from $UPSTREAM_USERNAME and "
+                "$UPSTREAM_PASSWORD (401 from its token service); fix it there")
+        status = crflow("status", "-c", str(site.path), env=wrong, check=False)
+        assert status.returncode == 3 and line in status.stdout
+        verify = crflow("verify", "-c", str(site.path), env=wrong, check=False)
+        assert verify.returncode == 1 and line in verify.stderr.strip().splitlines()[-1]
+        runs += [status, verify]
+        assert not any(password in run.stdout + run.stderr for run in runs)
+        # The login lives only where the mirror's process is started from (its environment, as a
+        # kubelet resolves a secretKeyRef), private: nowhere else under the state directory.
+        holding = [path for path in site.state.rglob("*") if path.is_file() and password.encode() in path.read_bytes()]
+        assert [path.relative_to(site.state).as_posix() for path in holding] == ["mirrors/up/launch.json"]
+        assert holding[0].stat().st_mode & 0o077 == 0
