@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -396,3 +397,49 @@ def test_a_mirror_logs_in_upstream_with_a_login_from_the_environment_and_a_wrong
         holding = [path for path in site.state.rglob("*") if path.is_file() and password.encode() in path.read_bytes()]
         assert [path.relative_to(site.state).as_posix() for path in holding] == ["mirrors/up/launch.json"]
         assert holding[0].stat().st_mode & 0o077 == 0
+
+
+def test_a_mirror_takes_its_upstream_login_from_a_prefect_secret_block(crflow, make_site, prefect_api, tmp_path):
+    from servers import token_upstream
+
+    password = os.urandom(18).hex()
+    with token_upstream(tmp_path / "upstream", "puller", password) as (address, files, answers):
+        oci_layout(tmp_path / "layout", "1")
+        skopeo("copy", "--dest-creds", f"puller:{password}", "--dest-cert-dir", str(files),
+               f"oci:{tmp_path / 'layout'}:1", f"docker://{address}/team/app:1")
+        block = f"upstream-{os.urandom(4).hex()}"
+        port = free_port()
+        site = make_site(mirrors=[{"name": "up", "upstream": f"https://{address}", "prefix": address, "port": port,
+                                   "metrics_port": free_port(), "ca_bundle": str(files / "ca.crt"),
+                                   "login": {"prefect_secret": block}}])
+        missing = crflow("install", "-c", str(site.path), check=False)
+        assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
+            f"crflow: error: mirrors: up: login.prefect_secret: Prefect has no Secret block named {block}; create it "
+            'with the value {"username": ..., "password": ...}')
+
+        # The block as a user makes it: Prefect's own Secret, through its API (the value on stdin).
+        subprocess.run([sys.executable, "-c", "import json, sys\nfrom prefect.blocks.system import Secret\n"
+                        "Secret(value=json.load(sys.stdin)).save(sys.argv[1])", block],
+                       input=json.dumps({"username": "puller", "password": password}), text=True, check=True,
+                       timeout=120, env={**os.environ, "PREFECT_API_URL": prefect_api})
+        out = crflow("install", "-c", str(site.path))
+        assert password not in out.stdout + out.stderr
+        skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+               f"docker://127.0.0.1:{port}/team/app:1", f"oci:{tmp_path / 'pulled'}:1")
+        assert 200 in answers and (tmp_path / "pulled" / "index.json").exists()
+
+
+def test_a_kubernetes_secret_reference_is_the_mirrors_own_and_crflow_never_reads_it(tmp_path):
+    from crflow.chart import mirror_secrets, values_for
+    from crflow.settings import load_site
+    from crflow.upstream import upstream_logins
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({
+        "target": "kubernetes", "state_dir": str(tmp_path / "state"), "namespace": "registry",
+        "storage": {"kind": "s3", "endpoint": "https://minio.example", "bucket": "registry"},
+        "mirrors": [{"name": "hub", "upstream": "https://registry-1.docker.io", "prefix": "docker.io", "port": 5443,
+                     "login": {"secret": "hub-login"}}]}))
+    site = load_site(path)
+    assert values_for(site, "f")["mirrors"][0]["secretRef"] == "hub-login"
+    assert upstream_logins(site) == {} and mirror_secrets(site, {}) == {}
