@@ -15,7 +15,6 @@ Prints each median and their ratio (goal: mirror / registry <= 1.2); nothing is 
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import io
 import json
@@ -28,14 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydantic import SecretStr
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_mirrors import mirror_values, render, run_pod, serving_upstream, tls_files  # noqa: E402
+from test_mirrors import anonymous_mirror, run_pod, serving_upstream, write_auth  # noqa: E402
 
 from crflow.oci import OCI_MANIFEST  # noqa: E402
-from crflow.tasks.credentials import htpasswd_line, new_credentials  # noqa: E402
 
 LAYER = "application/vnd.oci.image.layer.v1.tar"
 
@@ -89,18 +85,11 @@ def main() -> None:
         big_image(work / "image", args.mib)
         with serving_upstream(work) as (_, upstream, upstream_files):
             files = work / "client"
-            login = new_credentials("bench")
-            secrets = {"r-tls": tls_files(files, "bench CA"), "r-htpasswd": {"htpasswd": htpasswd_line(login, 5)},
-                       "r-up-ca": {"ca.crt": SecretStr((upstream_files / "ca.crt").read_text())}}
-            values = mirror_values(upstream)
-            del values["mirrors"][0]["secretRef"]
-            manifests = render(values)
+            manifests, secrets, login = anonymous_mirror(files, upstream, upstream_files)  # and the registry
             registry, registry_address = run_pod(work / "registry", manifests, secrets)
             mirror, mirror_address = run_pod(work / "mirror", manifests, secrets, deployment="r-mirror-up")
             try:
-                auth = base64.b64encode(f"{login.user}:{login.password.get_secret_value()}".encode()).decode()
-                (files / "auth.json").write_text(json.dumps({"auths": {
-                    registry_address: {"auth": auth}, mirror_address: {"auth": auth}}}))
+                write_auth(files, login, registry_address, mirror_address)
                 skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{work / 'image'}:1",
                        f"docker://{upstream}/team/big:1")
                 skopeo("copy", "--dest-authfile", str(files / "auth.json"), "--dest-cert-dir", str(files),

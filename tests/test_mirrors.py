@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from conftest import oci_layout, skopeo
 from crflow.chart import CHART_DIR
 from crflow.localpod import LocalPod
-from crflow.tasks.credentials import htpasswd_line, new_credentials
+from crflow.tasks.credentials import Credentials, htpasswd_line, new_credentials
 from crflow.tasks.helm import helm_executable
 from crflow.tasks.pki import new_ca, new_server_cert
 from servers import free_port
@@ -127,20 +127,33 @@ def upstream(tmp_path):
         yield served
 
 
+def anonymous_mirror(files, upstream_address: str, upstream_files) -> tuple[list[dict], dict, Credentials]:
+    """The chart's rendering of a mirror of an upstream that asks no login, and the Secrets it
+    mounts: TLS of the test's own (its CA in files/ca.crt) and an htpasswd login;
+    (manifests, Secrets, that login)."""
+    client = new_credentials("puller")
+    secrets = {"r-tls": tls_files(files, "mirror test CA"), "r-htpasswd": {"htpasswd": htpasswd_line(client, 5)},
+               "r-up-ca": {"ca.crt": SecretStr((upstream_files / "ca.crt").read_text())}}
+    values = mirror_values(upstream_address)
+    del values["mirrors"][0]["secretRef"]
+    return render(values), secrets, client
+
+
+def write_auth(files, client: Credentials, *addresses: str) -> None:
+    """files/auth.json: `client`'s login for each of `addresses`, as skopeo reads it."""
+    login = base64.b64encode(f"{client.user}:{client.password.get_secret_value()}".encode()).decode()
+    (files / "auth.json").write_text(json.dumps({"auths": {address: {"auth": login} for address in addresses}}))
+
+
 @pytest.fixture
 def mirror(upstream, tmp_path):
     """The chart's mirror of the upstream, running on loopback with TLS and a login of its own:
     (LocalPod, its address, a folder with its CA and an auth.json, its data folder)."""
     _, upstream_address, upstream_files = upstream
     files = tmp_path / "mirror-client"
-    client = new_credentials("puller")
-    secrets = {"r-tls": tls_files(files, "mirror test CA"), "r-htpasswd": {"htpasswd": htpasswd_line(client, 5)},
-               "r-up-ca": {"ca.crt": SecretStr((upstream_files / "ca.crt").read_text())}}
-    values = mirror_values(upstream_address)
-    del values["mirrors"][0]["secretRef"]
-    pod, address = run_pod(tmp_path / "mirror", render(values), secrets, deployment="r-mirror-up")
-    login = base64.b64encode(f"{client.user}:{client.password.get_secret_value()}".encode()).decode()
-    (files / "auth.json").write_text(json.dumps({"auths": {address: {"auth": login}}}))
+    manifests, secrets, client = anonymous_mirror(files, upstream_address, upstream_files)
+    pod, address = run_pod(tmp_path / "mirror", manifests, secrets, deployment="r-mirror-up")
+    write_auth(files, client, address)
     try:
         yield pod, address, files, tmp_path / "mirror" / "data"
     finally:
@@ -186,8 +199,7 @@ def test_a_basic_auth_upstream_is_asked_with_no_login(installed, tmp_path):
     pod, address = run_pod(tmp_path / "mirror", render(mirror_values(installed.server)), secrets,
                            deployment="r-mirror-up")
     try:
-        login = base64.b64encode(f"{client.user}:{client.password.get_secret_value()}".encode()).decode()
-        (files / "auth.json").write_text(json.dumps({"auths": {address: {"auth": login}}}))
+        write_auth(files, client, address)
         oci_layout(tmp_path / "layout", "1")
         skopeo("copy", "--dest-authfile", str(installed.client / "auth.json"), "--dest-cert-dir",
                str(installed.client), f"oci:{tmp_path / 'layout'}:1", f"docker://{installed.server}/team/app:1")
@@ -351,10 +363,12 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
         assert not (site.node.certs_d / upstream_address).exists()  # the node's wiring left with the release
 
 
-def test_a_mirror_logs_in_upstream_with_a_login_from_the_environment_and_a_wrong_one_is_named(crflow, make_site,
-                                                                                              tmp_path):
+def test_a_mirror_logs_in_upstream_with_a_login_from_the_environment_and_a_wrong_one_is_named(
+        crflow, make_site, prefect_api, prefect_home, tmp_path):
     """The upstream asks for a login as Docker Hub does (a Bearer challenge, its token service:
-    EMULATED, see servers.token_upstream); distribution's proxy, skopeo and curl are real."""
+    EMULATED, see servers.token_upstream); distribution's proxy and skopeo are real."""
+    from test_secrets import assert_nowhere
+
     from servers import token_upstream
 
     password = os.urandom(18).hex()
@@ -391,7 +405,7 @@ def test_a_mirror_logs_in_upstream_with_a_login_from_the_environment_and_a_wrong
         verify = crflow("verify", "-c", str(site.path), env=wrong, check=False)
         assert verify.returncode == 1 and line in verify.stderr.strip().splitlines()[-1]
         runs += [status, verify]
-        assert not any(password in run.stdout + run.stderr for run in runs)
+        assert_nowhere({"upstream password": password}, runs, site, prefect_api, prefect_home)
         # The login lives only where the mirror's process is started from (its environment, as a
         # kubelet resolves a secretKeyRef), private: nowhere else under the state directory.
         holding = [path for path in site.state.rglob("*") if path.is_file() and password.encode() in path.read_bytes()]
