@@ -105,6 +105,7 @@ class Site:
             "storage": {"kind": "filesystem"},
         }
         self.settings.update(overrides)
+        self.state = Path(self.settings["state_dir"])  # a test's own state_dir too: its pod is stopped at teardown
         # Its own debug port too: the default 5001 would be shared by every test's registry.
         self.settings["registry"].setdefault("metrics_port", free_port())
         self.path = tmp_path / "site.yaml"
