@@ -266,6 +266,18 @@ class Mirror(Strict):
     # An image the upstream holds (REPO:TAG, as the mirror serves it: library/busybox:1.36 for
     # docker.io) that verify pulls through the mirror twice; without it verify asks /v2/ only.
     probe: Annotated[str, Field(pattern=r"^[a-z0-9]+([._/-][a-z0-9]+)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")] | None = None
+    # Retention: `crflow gc` evicts what the mirror cached more than keep_days ago (a later pull
+    # fetches it again). Distribution 2.8's proxy evicts at 7 days by itself, a span it does not
+    # let anyone set: so only a shorter one means anything. None: the proxy's 7 days alone.
+    keep_days: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("keep_days")
+    @classmethod
+    def _within_the_proxys_week(cls, days: int | None) -> int | None:
+        if days is not None and days > 7:
+            raise ValueError(f"{days} days: the mirror's proxy evicts what it cached 7 days ago by itself; give 0 to 7, "
+                             "or leave keep_days out")
+        return days
 
     @property
     def debug_port(self) -> int:
@@ -552,6 +564,11 @@ class Site(Strict):
             if isinstance(storage, PvcStorage):
                 raise ValueError("retention.untagged_older_than_days reads when a manifest was pushed from the storage, "
                                  "which crflow cannot read on a cluster volume; use it with s3 or filesystem storage")
+        for mirror in self.mirrors:
+            if mirror.keep_days is not None and isinstance(storage, PvcStorage):
+                raise ValueError(f"mirrors: {mirror.name}: keep_days reads when the mirror cached each manifest from "
+                                 "the storage, which crflow cannot read on a cluster volume; use it with s3 storage, "
+                                 "or leave keep_days out")
         return self
 
     @field_validator("state_dir")

@@ -116,9 +116,11 @@ class Target(ABC):
         """Is the registry running and does it accept crflow's login over TLS?"""
 
     @abstractmethod
-    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool) -> Collection:
+    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool,
+                mirror: str | None = None) -> Collection:
         """`registry garbage-collect` with the pod's config, Secrets and storage (`manifests` as
-        rendered): what it finds eligible, or, unless `dry_run`, deletes."""
+        rendered; mirror `mirror`'s pod, not the registry's, if given): what it finds eligible,
+        or, unless `dry_run`, deletes."""
 
     @abstractmethod
     def removal_plan(self, purge: bool) -> list[str]:

@@ -70,6 +70,14 @@ class BlobStore(ABC):
         """What an uninstall with purge leaves in place, in words."""
         return []
 
+    def of_mirror(self, name: str) -> BlobStore:
+        """Mirror `name`'s store: this one's storage under mirrors/NAME (the chart's layout)."""
+        return self
+
+    def evict(self, revisions: list[Revision]) -> None:
+        """Remove these manifests and their tags, so that the next `garbage-collect` frees what only they used."""
+        raise NotImplementedError(f"crflow does not write {self.kind} storage")
+
     def result_cache(self, name: str, results: ResultStorage) -> S3Results:
         """The site's encrypted cache in this store's S3 service (`result_storage:`)."""
         raise NotImplementedError("result_storage needs storage.kind: s3 (the settings refuse it otherwise)")
@@ -100,6 +108,14 @@ class DirectoryStore(BlobStore):
         from crflow.tasks.storage import manifest_revisions_in_directory
 
         return manifest_revisions_in_directory(self.directory)
+
+    def of_mirror(self, name: str) -> DirectoryStore:
+        return DirectoryStore(self.directory / "mirrors" / name)
+
+    def evict(self, revisions: list[Revision]) -> None:
+        from crflow.tasks.storage import evict_in_directory
+
+        evict_in_directory(self.directory, revisions, len(revisions))
 
 
 class ClaimStore(BlobStore):
@@ -160,6 +176,15 @@ class BucketStore(BlobStore):
         from crflow.tasks.storage import manifest_revisions_in_bucket
 
         return manifest_revisions_in_bucket(self.s3, self.storage.bucket, self.storage.root_directory, self.keys)
+
+    def of_mirror(self, name: str) -> BucketStore:
+        root = f"{self.storage.root_directory.rstrip('/')}/mirrors/{name}"
+        return BucketStore(self.storage.model_copy(update={"root_directory": root}), lambda: self.keys)
+
+    def evict(self, revisions: list[Revision]) -> None:
+        from crflow.tasks.storage import evict_in_bucket
+
+        evict_in_bucket(self.s3, self.storage.bucket, self.storage.root_directory, self.keys, revisions, len(revisions))
 
     def kept_after_purge(self) -> list[str]:
         return [f"the images in bucket {self.storage.bucket} (delete them in the S3 service)"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from crflow.chart import SECRETS, SecretData, data_claim, node_trust_name, secret_name, secret_type
+from crflow.chart import SECRETS, SecretData, data_claim, mirror_name, node_trust_name, secret_name, secret_type
 from crflow.errors import CrflowError, NotInstalled
 from crflow.health import Health, Status, mirror_health, registry_health
 from crflow.settings import Site
@@ -222,15 +222,18 @@ class KubernetesTarget(Target, HoldsState):
             mirrors.append(f"{mirror.name} of {mirror.upstream.rstrip('/')} ({server})")
         return Health(health.status, health.detail + (f"; mirrors: {', '.join(mirrors)}" if mirrors else ""))
 
-    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool):
+    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool,
+                mirror: str | None = None):
         """(The Job mounts the Secrets the run's deploy put in the namespace.)"""
         from crflow.tasks.gc import parse_collection
         from crflow.tasks.workloads import run_gc_job
 
         site = self.site
-        template = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]
+        deployment = site.release if mirror is None else mirror_name(site.release, mirror)
+        template = next(m for m in manifests if m["kind"] == "Deployment"
+                        and m["metadata"]["name"] == deployment)["spec"]["template"]
         flags = [*(["--dry-run"] if dry_run else []), *(["--delete-untagged=true"] if delete_untagged else [])]
-        output = run_gc_job(self.kube, site.namespace, f"{site.release}-gc", template, flags, site.release,
+        output = run_gc_job(self.kube, site.namespace, f"{deployment}-gc", template, flags, deployment,
                             site.release, site.gc.timeout_seconds)
         return parse_collection(output)
 

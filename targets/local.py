@@ -174,11 +174,15 @@ class LocalTarget(Target, Stoppable):
     def down(self) -> bool:
         return any([pod.stop() for pod in self._pods()])  # (a list: every pod stops, not just the first)
 
-    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool):
+    def collect(self, manifests: list[dict], secrets: SecretData, dry_run: bool, delete_untagged: bool,
+                mirror: str | None = None):
         from crflow.tasks.localpod import collect_local
 
-        return collect_local(self.pod_dir, manifests, secrets, self.claims, dry_run, delete_untagged,
-                             self.site.gc.timeout_seconds)
+        pod_dir, deployment = self.pod_dir, None
+        if mirror is not None:
+            pod_dir, deployment = self.site.state.mirrors / mirror, mirror_name(self.site.release, mirror)
+        return collect_local(pod_dir, manifests, secrets, self.claims, dry_run, delete_untagged,
+                             self.site.gc.timeout_seconds, deployment)
 
     def removal_plan(self, purge: bool) -> list[str]:
         plan = [f"the local registry process ({self.pod_dir})",

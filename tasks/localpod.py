@@ -74,17 +74,17 @@ def remove_images(data_dir: Path) -> list[str]:
     return lines
 
 
-@task(task_run_name="garbage-collect (local, dry run: {dry_run})")
+@task(task_run_name="garbage-collect {pod_dir.name} (local, dry run: {dry_run})")
 def collect_local(pod_dir: Path, manifests: list[dict], secrets: SecretData, claims: dict[str, Path], dry_run: bool,
-                  delete_untagged: bool, timeout: float):
-    """`registry garbage-collect` with the pod's config, storage and user: what a Job with the
-    Deployment's pod spec runs on the cluster."""
+                  delete_untagged: bool, timeout: float, deployment: str | None = None):
+    """`registry garbage-collect` with the pod's config, storage and user (the registry's, or
+    Deployment `deployment`'s, a mirror's): what a Job with its pod spec runs on the cluster."""
     from crflow.chart import CONFIG_PATH
     from crflow.tasks.gc import parse_collection
 
     args = ["garbage-collect", CONFIG_PATH,
             *(["--dry-run"] if dry_run else []), *(["--delete-untagged=true"] if delete_untagged else [])]
-    result = LocalPod(pod_dir).run_once(manifests, secrets, claims, args, timeout)
+    result = LocalPod(pod_dir, deployment=deployment).run_once(manifests, secrets, claims, args, timeout)
     if result.returncode != 0:
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         raise CrflowError(f"registry garbage-collect failed: {lines[-1] if lines else f'exit {result.returncode}'}")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, SecretStr
 
 from crflow.chart import CONFIG_FILE, CONFIG_VOLUME, CONTAINER
 from crflow.errors import CrflowError, transient_only
-from crflow.files import private_dir
+from crflow.files import private_dir, remove
 from crflow.runcontext import open_run
 
 
@@ -303,11 +303,19 @@ class Revision(BaseModel):
     digest: str
     pushed: float  # when its revision link was written (seconds since the epoch)
     tagged: bool  # some tag's current link names it
+    tags: list[str] = []  # the tags whose current link names it
+
+    def paths(self) -> list[str]:
+        """Its folders under REPOSITORIES: the revision link, and each tag that names it (their
+        removal is an eviction; the blobs go at the next `garbage-collect`)."""
+        algorithm, _, hex_digest = self.digest.partition(":")
+        return [f"{self.repo}/_manifests/revisions/{algorithm}/{hex_digest}",
+                *(f"{self.repo}/_manifests/tags/{tag}" for tag in self.tags)]
 
 
 def _revisions(entries: list[tuple[str, float]], read) -> list[Revision]:
     """From (path under REPOSITORIES, time) of every link file, and a reader of a link's content."""
-    revisions, tagged = {}, set()
+    revisions, tags = {}, {}
     for path, when in entries:
         repo, marker, rest = path.partition("/_manifests/")
         if not marker:
@@ -316,8 +324,9 @@ def _revisions(entries: list[tuple[str, float]], read) -> list[Revision]:
         if parts[0] == "revisions" and len(parts) == 4 and parts[3] == "link":
             revisions[(repo, f"{parts[1]}:{parts[2]}")] = when
         elif parts[0] == "tags" and len(parts) == 4 and parts[2:] == ["current", "link"]:
-            tagged.add((repo, read(path).strip()))
-    return [Revision(repo=repo, digest=digest, pushed=when, tagged=(repo, digest) in tagged)
+            tags.setdefault((repo, read(path).strip()), []).append(parts[1])
+    return [Revision(repo=repo, digest=digest, pushed=when, tagged=(repo, digest) in tags,
+                     tags=sorted(tags.get((repo, digest), [])))
             for (repo, digest), when in sorted(revisions.items())]
 
 
@@ -346,3 +355,31 @@ def manifest_revisions_in_bucket(s3: S3Endpoint, bucket: str, root_directory: st
                 response.release_conn()
 
         return _revisions(entries, read)
+
+
+@task(task_run_name="evict {count} manifests under {root}")
+def evict_in_directory(root: Path, revisions: list[Revision], count: int) -> None:
+    """Remove the revisions' links and tags from the filesystem driver's tree under `root`
+    (fd-based, so no link planted in the tree redirects a removal)."""
+    for revision in revisions:
+        for path in revision.paths():
+            remove(root / REPOSITORIES / path)
+
+
+@task(task_run_name="evict {count} manifests in bucket {bucket}", retries=2, retry_delay_seconds=[2, 5],
+      retry_condition_fn=transient_only)
+def evict_in_bucket(s3: S3Endpoint, bucket: str, root_directory: str, keys: S3Keys, revisions: list[Revision],
+                    count: int) -> None:
+    """Remove the revisions' links and tags from the S3 driver's objects in the bucket (a rerun
+    after a fault finds fewer objects: removal is idempotent)."""
+    from minio.deleteobjects import DeleteObject
+
+    prefix = f"{root_directory.strip('/')}/{REPOSITORIES}/".lstrip("/")
+    with s3.errors(bucket):
+        client = s3.client(keys)
+        doomed = [DeleteObject(o.object_name) for revision in revisions for path in revision.paths()
+                  for o in client.list_objects(bucket, prefix=f"{prefix}{path}/", recursive=True)]
+        failed = list(client.remove_objects(bucket, doomed))  # (lazy: the listing sends the requests)
+        if failed:
+            raise CrflowError(f"S3 did not delete {len(failed)} of the evicted objects in bucket {bucket}: "
+                              f"{failed[0].code} on {failed[0].name}")

@@ -256,7 +256,8 @@ def gc_job(name: str, template: dict, flags: list[str], labels: dict[str, str], 
                          "imagePullPolicy": container.get("imagePullPolicy", "IfNotPresent"),
                          "command": ["/bin/sh", "-c", GC_SCRIPT, "gc"],
                          "args": [COMMAND, CONFIG_PATH, "/dev/termination-log", *flags],
-                         "env": container.get("env") or [],
+                         # (a mirror's upstream login is its proxy's, not the collection's)
+                         "env": [e for e in container.get("env") or [] if not e["name"].startswith("REGISTRY_PROXY_")],
                          "securityContext": container.get("securityContext") or {},
                          "volumeMounts": [m for m in container.get("volumeMounts") or [] if m["name"] in GC_VOLUMES] +
                          [{"name": "tmp", "mountPath": "/tmp"}]}]}}}}

@@ -58,6 +58,9 @@ def test_the_chart_renders_a_mirror_beside_the_registry_with_no_secret_in_it():
     (config,) = [yaml.safe_load(m["data"]["config.yml"]) for m in manifests if m["metadata"]["name"] == "r-mirror-up-config"]
     assert config["proxy"] == {"remoteurl": "https://upstream.example:5000"}  # the login is not in it
     assert config["storage"]["filesystem"]["rootdirectory"] == "/var/lib/registry/mirrors/up"
+    # No blob descriptor cache in a mirror: evictions (the proxy's and gc's) would leave it stale.
+    registry_config = next(yaml.safe_load(m["data"]["config.yml"]) for m in manifests if m["metadata"]["name"] == "r-config")
+    assert "cache" in registry_config["storage"] and "cache" not in config["storage"]
     pod = deployments["r-mirror-up"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "r" and ("ServiceAccount", "r-mirror-up") not in names  # the registry's
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
@@ -218,14 +221,14 @@ def test_a_pull_without_the_mirrors_login_is_refused(mirror):
     assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower()
 
 
-def installed_with_mirror(crflow, make_site, upstream, tmp_path):
+def installed_with_mirror(crflow, make_site, upstream, tmp_path, **mirror):
     """A local site whose mirror `up` fronts the upstream, installed, and team/app:1 pushed to
     the upstream: (site, the mirror's port)."""
     _, upstream_address, upstream_files = upstream
     port = free_port()
     site = make_site(mirrors=[{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
                                "port": port, "metrics_port": free_port(),
-                               "ca_bundle": str(upstream_files / "ca.crt")}])
+                               "ca_bundle": str(upstream_files / "ca.crt"), **mirror}])
     crflow("install", "-c", str(site.path))
     oci_layout(tmp_path / "layout", "1")
     skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{tmp_path / 'layout'}:1",
@@ -262,6 +265,62 @@ def test_install_runs_the_sites_mirror_beside_the_registry_and_status_names_it(c
 
     crflow("down", "-c", str(site.path))
     assert mirror.pid() is None and site.pod.pid() is None
+
+
+def test_gc_evicts_what_a_mirror_cached_before_keep_days_and_the_next_pull_fetches_it_again(crflow, make_site,
+                                                                                              upstream, tmp_path):
+    """EMULATED: age. The old image's revision link is dated two days back (its mtime is what
+    crflow reads, as it reads when a push landed); everything else is the real chart, proxy,
+    `registry garbage-collect`, skopeo and the upstream's own log."""
+    upstream_pod, upstream_address, upstream_files = upstream
+    site, port = installed_with_mirror(crflow, make_site, upstream, tmp_path, keep_days=1)
+    fresh = oci_layout(tmp_path / "fresh", "1")
+    skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci:{tmp_path / 'fresh'}:1",
+           f"docker://{upstream_address}/team/fresh:1")
+    cache = site.state / "data" / "mirrors" / "up" / "docker" / "registry" / "v2"
+    layer = {}
+    for repo in ("app", "fresh"):
+        found = json.loads(skopeo("inspect", "--authfile", str(site.client / "auth.json"), "--cert-dir",
+                                  str(site.client), f"docker://127.0.0.1:{port}/team/{repo}:1").stdout)
+        (layer[repo],) = found["Layers"]
+        skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+               f"docker://127.0.0.1:{port}/team/{repo}:1", f"dir:{tmp_path / ('pulled-' + repo)}")
+
+    def cached(digest: str) -> bool:
+        return (cache / "blobs" / "sha256" / digest[7:9] / digest[7:] / "data").exists()
+
+    deadline = time.monotonic() + 30  # the proxy commits a blob to its storage as it finishes serving it
+    while not all(map(cached, layer.values())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(map(cached, layer.values())), "the pulls did not go through the mirror"
+    assert fresh.layers and layer["app"] != layer["fresh"]
+    old = time.time() - 2 * 86400
+    for link in (cache / "repositories" / "team" / "app" / "_manifests" / "revisions").rglob("link"):
+        os.utime(link, (old, old))
+
+    dry = crflow("gc", "-c", str(site.path), "--dry-run").stdout
+    assert "mirror up: 0 blobs would go (1 manifests to evict)" in dry, dry
+    assert cached(layer["app"])
+    done = crflow("gc", "-c", str(site.path)).stdout
+    assert re.search(r"mirror up: [1-9]\d* blobs deleted \(1 manifests evicted\)", done), done
+    assert not cached(layer["app"]) and cached(layer["fresh"])
+    assert not (cache / "repositories" / "team" / "app" / "_manifests" / "tags" / "1").exists()
+
+    asked = upstream_pod.logfile.read_text().count(f"/blobs/{layer['app']}")
+    skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+           f"docker://127.0.0.1:{port}/team/app:1", f"dir:{tmp_path / 'again'}")  # the evicted image, fetched anew
+    assert upstream_pod.logfile.read_text().count(f"/blobs/{layer['app']}") > asked
+    assert (tmp_path / "again" / layer["app"][7:]).read_bytes() == (tmp_path / "pulled-app" / layer["app"][7:]).read_bytes()
+    skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+           f"docker://127.0.0.1:{port}/team/fresh:1", f"dir:{tmp_path / 'fresh-again'}")  # the kept one, still served
+
+
+def test_keep_days_past_the_proxys_week_or_on_a_cluster_volume_gets_one_line(crflow, make_site):
+    site = make_site(mirrors=[{"name": "up", "upstream": "https://upstream.example", "prefix": "upstream.example",
+                               "port": free_port(), "keep_days": 30}])
+    refused = crflow("status", "-c", str(site.path), check=False)
+    assert refused.returncode == 1 and "keep_days" in refused.stderr and "0 to 7" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_containerd_wired_only_by_crflow_trust_pulls_through_the_mirror_and_falls_back(crflow, make_site,
