@@ -393,7 +393,7 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
         skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci-archive:{app}", f"docker://{upstream_address}/team/pause:1")
         port = node_port()
         site.settings["mirrors"] = [{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
-                                     "port": port, "ca_bundle": str(upstream_files / "ca.crt")}]
+                                     "port": port, "ca_bundle": str(upstream_files / "ca.crt"), "keep_days": 0}]
         site.write()
         crflow("install", "-c", str(site.path))
         hosts = site.node.certs_d / upstream_address / "hosts.toml"
@@ -417,6 +417,15 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
         while cached() < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert cached() >= 3, "the mirror's storage lacks the image's blobs: the pull did not go through it"
+
+        # keep_days 0: gc evicts all the mirror cached, and a Job with the mirror's pod spec collects its blobs.
+        done = crflow("gc", "-c", str(site.path)).stdout
+        assert re.search(r"mirror up: [1-9]\d* blobs deleted \(1 manifests evicted\)", done), done
+        assert cached() == 0
+        asked = upstream_pod.logfile.read_text().count("/v2/team/pause/blobs/")
+        skopeo("copy", "--src-authfile", str(site.client / "auth.json"), "--src-cert-dir", str(site.client),
+               f"docker://{GATEWAY}:{port}/team/pause:1", f"dir:{tmp_path / 'again'}")  # fetched anew by the mirror
+        assert upstream_pod.logfile.read_text().count("/v2/team/pause/blobs/") > asked
 
         crflow("uninstall", "-c", str(site.path), "--yes")
         assert not (site.node.certs_d / upstream_address).exists()  # the node's wiring left with the release
