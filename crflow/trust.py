@@ -17,7 +17,6 @@ addresses, never touch each other's files. A certs.d folder someone else wrote i
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -31,6 +30,7 @@ from crflow.chart import NODE_TRUST_SCRIPT, mirror_routes
 from crflow.errors import CrflowError, NotInstalled
 from crflow.files import opened_dir, read_bytes, write_atomic
 from crflow.layout import note_made
+from crflow.oci import read_login
 from crflow.settings import Site
 
 SCRIPT_SECONDS = 30  # the script copies two small files per address
@@ -105,8 +105,7 @@ def mirror_wiring(site: Site, scratch: Path) -> dict[str, str]:
     volume holds it."""
     if not site.mirrors:
         return {}
-    auths = json.loads((site.state.client / "auth.json").read_text())["auths"]
-    user, _, password = base64.b64decode(auths[site.registry.servers[0]]["auth"]).decode().partition(":")
+    user, password = read_login(site.state.client / "auth.json", site.registry.servers[0])
     login = scratch / "mirror-login"
     login.mkdir(mode=0o700)
     for name, value in (("username", user), ("password", password)):

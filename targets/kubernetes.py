@@ -87,7 +87,7 @@ class KubernetesTarget(Target, HoldsState):
 
         site = self.site
         roles = {secret_name(site.release, role): role for role in SECRETS}
-        for name, data in contents.items():  # the registry's, by role; the rest (mirrors' CAs) Opaque
+        for name, data in contents.items():  # the registry's, by role; the rest (mirrors' CAs and upstream logins) Opaque
             role = roles.get(name)
             if role is not None:
                 self.update_secret(role, data)
