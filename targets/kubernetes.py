@@ -11,7 +11,17 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from crflow.chart import SECRETS, SecretData, data_claim, mirror_name, node_trust_name, secret_name, secret_type
+from crflow.chart import (
+    SECRETS,
+    SecretData,
+    data_claim,
+    mirror_ca_secret,
+    mirror_login_secret,
+    mirror_name,
+    node_trust_name,
+    secret_name,
+    secret_type,
+)
 from crflow.errors import CrflowError, NotInstalled
 from crflow.health import Health, Status, mirror_health, registry_health
 from crflow.settings import Site
@@ -244,6 +254,9 @@ class KubernetesTarget(Target, HoldsState):
                 "verify's included"]
         if site.node_trust.enabled:
             plan.insert(0, f"the node-trust files on every node ({', '.join(site.registry.servers)})")
+        if site.mirrors:
+            plan.append(f"the mirrors' Secrets in {site.namespace} (upstream CAs and logins: a later install makes "
+                        "them again from the site file)")
         if purge:
             plan.append(f"the registry's Secrets in {site.namespace} (CA, certificate, htpasswd, login) and crflow's "
                         "record of them (a later install makes a new CA)")
@@ -269,6 +282,10 @@ class KubernetesTarget(Target, HoldsState):
         # verify's own pull Secret holds the login too: left behind, it would be valid again after a reinstall
         removed += delete_secrets(self.kube, PULL_TEST_NAMESPACE, [pull_test_name(site.namespace, site.release)],
                                   site.release, site.namespace)
+        # A mirror's Secrets are copies of what the site file names: left behind, an upstream login outlives its use.
+        mirrored = [name for m in site.mirrors for name in (mirror_ca_secret(site.release, m.name),
+                                                             mirror_login_secret(site.release, m.name))]
+        removed += delete_secrets(self.kube, site.namespace, mirrored, site.release, site.namespace)
         if purge:
             held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
             removed += delete_secrets(self.kube, site.namespace, held, site.release, site.namespace)

@@ -427,8 +427,10 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
                f"docker://{GATEWAY}:{port}/team/pause:1", f"dir:{tmp_path / 'again'}")  # fetched anew by the mirror
         assert upstream_pod.logfile.read_text().count("/v2/team/pause/blobs/") > asked
 
-        crflow("uninstall", "-c", str(site.path), "--yes")
+        out = crflow("uninstall", "-c", str(site.path), "--yes").stdout
         assert not (site.node.certs_d / upstream_address).exists()  # the node's wiring left with the release
+        assert f"Secret {site.namespace}/registry-mirror-up-ca" in out  # and the mirror's Secret, remade at install
+        assert "registry-mirror-up" not in site.kubectl("-n", site.namespace, "get", "secrets", "-o", "name").stdout
 
 
 def test_a_mirror_logs_in_upstream_with_a_login_from_the_environment_and_a_wrong_one_is_named(
