@@ -115,11 +115,27 @@ class KubernetesTarget(Target, HoldsState):
 
         site = self.site
         self._put_secrets(secrets)  # (unchanged ones are left as they are: the API server keeps their version)
+        values = self._with_login_versions(values)
         revision = helm_release(self.kube, site.release, site.namespace, values, site.cluster.helm_timeout_seconds,
                                 always=changed)
         self._wait_for_load_balancer(manifests)
         self._wait_for_node_trust()
         return Release(revision, manifests)
+
+    def _with_login_versions(self, values: dict) -> dict:
+        """`values` with each mirror's `loginVersion`: the version of the upstream-login Secret
+        crflow wrote for it. A proxy reads its login once, at start: a new version rolls its pod."""
+        from crflow.tasks.secrets import secret_versions
+
+        site = self.site
+        ours = {m.name: mirror_login_secret(site.release, m.name) for m in site.mirrors
+                if m.login is not None and m.login.secret is None}
+        if not ours:
+            return values
+        versions = secret_versions(self.kube, site.namespace, list(ours.values()))
+        mirrors = [{**entry, "loginVersion": versions[ours[entry["name"]]]} if ours.get(entry["name"]) in versions
+                   else entry for entry in values.get("mirrors", [])]
+        return {**values, "mirrors": mirrors}
 
     def _wait_for_load_balancer(self, manifests: list[dict]) -> None:
         """A LoadBalancer Service is no use to clients until a controller gives it its address."""

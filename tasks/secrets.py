@@ -115,6 +115,16 @@ def read_s3_keys_secret(kube: KubeAccess, namespace: str, name: str, access_key_
     return S3Keys(access_key=keys[access_key_key], secret_key=keys[secret_key_key])
 
 
+@task(task_run_name="versions of Secrets in {namespace}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def secret_versions(kube: KubeAccess, namespace: str, names: list[str]) -> dict[str, str]:
+    """name -> resourceVersion of those of `names` that exist: a number that moves whenever a
+    Secret is written, and says nothing of what it holds."""
+    with api_client(kube) as api:
+        found = {name: snapshot_secret(api, namespace, name) for name in names}
+    return {name: secret.metadata.resource_version for name, secret in found.items() if secret is not None}
+
+
 @task(task_run_name="delete the registry's Secrets in {namespace}", retries=1, retry_delay_seconds=5,
       retry_condition_fn=transient_only)
 def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: str,

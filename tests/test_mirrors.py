@@ -71,6 +71,18 @@ def test_the_chart_renders_a_mirror_beside_the_registry_with_no_secret_in_it():
     assert service["spec"]["type"] == "NodePort" and service["spec"]["ports"][0]["nodePort"] == 30443
 
 
+def test_a_new_upstream_login_version_rolls_the_mirrors_pod_and_not_the_registrys():
+    """The proxy reads its upstream login at start only: crflow passes the version of the login's
+    Secret, and the mirror's pod template (only its) changes with it."""
+    def templates(version: str) -> dict:
+        values = mirror_values("upstream.example:5000", loginVersion=version)
+        return {m["metadata"]["name"]: m["spec"]["template"] for m in render(values) if m["kind"] == "Deployment"}
+
+    before, after = templates("version-one"), templates("version-two")
+    assert before["r"] == after["r"] and before["r-mirror-up"] != after["r-mirror-up"]
+    assert "version-one" not in json.dumps(before["r-mirror-up"])  # in a checksum, not as text
+
+
 def test_a_gc_window_leaves_the_mirrors_writable():
     """gc's read-only window (chart.read_only) is the registry's: a mirror's cache keeps filling."""
     from crflow.chart import is_read_only, read_only
@@ -393,7 +405,9 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
         skopeo("copy", "--dest-cert-dir", str(upstream_files), f"oci-archive:{app}", f"docker://{upstream_address}/team/pause:1")
         port = node_port()
         site.settings["mirrors"] = [{"name": "up", "upstream": f"https://{upstream_address}", "prefix": upstream_address,
-                                     "port": port, "ca_bundle": str(upstream_files / "ca.crt"), "keep_days": 0}]
+                                     "port": port, "ca_bundle": str(upstream_files / "ca.crt"), "keep_days": 0,
+                                     "login": {"env": "UP"}}]  # (the upstream asks none: the proxy keeps it unused)
+        crflow.env.update(UP_USERNAME="puller", UP_PASSWORD="first")
         site.write()
         crflow("install", "-c", str(site.path))
         hosts = site.node.certs_d / upstream_address / "hosts.toml"
@@ -427,9 +441,27 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
                f"docker://{GATEWAY}:{port}/team/pause:1", f"dir:{tmp_path / 'again'}")  # fetched anew by the mirror
         assert upstream_pod.logfile.read_text().count("/v2/team/pause/blobs/") > asked
 
+        # A new upstream password reaches the mirror, which reads it at start: the Secret's new version rolls its pod.
+        def mirror_state() -> tuple[bytes, str]:
+            secret = json.loads(site.kubectl("-n", site.namespace, "get", "secret", "registry-mirror-up-upstream",
+                                             "-o", "json").stdout)
+            return base64.b64decode(secret["data"]["password"]), site.kubectl(
+                "-n", site.namespace, "get", "deployment/registry-mirror-up", "-o",
+                "jsonpath={.spec.template.metadata.annotations}").stdout
+
+        password, template = mirror_state()
+        crflow("install", "-c", str(site.path))  # the same login: nothing rolls
+        assert mirror_state() == (password, template) and password == b"first"
+        crflow.env["UP_PASSWORD"] = "second"
+        crflow("install", "-c", str(site.path))
+        password, rolled = mirror_state()
+        assert password == b"second" and rolled != template
+        site.kubectl("-n", site.namespace, "rollout", "status", "deployment/registry-mirror-up", "--timeout=120s")
+
         out = crflow("uninstall", "-c", str(site.path), "--yes").stdout
         assert not (site.node.certs_d / upstream_address).exists()  # the node's wiring left with the release
-        assert f"Secret {site.namespace}/registry-mirror-up-ca" in out  # and the mirror's Secret, remade at install
+        assert f"Secret {site.namespace}/registry-mirror-up-ca" in out  # and the mirror's Secrets, remade at install
+        assert f"Secret {site.namespace}/registry-mirror-up-upstream" in out
         assert "registry-mirror-up" not in site.kubectl("-n", site.namespace, "get", "secrets", "-o", "name").stdout
 
 
