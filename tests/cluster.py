@@ -553,6 +553,11 @@ state = "{base / 'run' / 'state'}"
         self._stop("containerd")
         for name in ("apiserver", "etcd"):
             self._stop(name)
+        self._clean_host()
+
+    def _clean_host(self) -> None:
+        """What the cluster changed on this machine, with its processes gone: mounts, rules and
+        chains, the bridge and its links, sysctls, pod logs."""
         self._unmount()
         for rule in reversed(self.iptables):
             subprocess.run(["iptables", "-D", *rule], capture_output=True)
@@ -625,7 +630,10 @@ STATE = "cluster.json"  # what attached processes read: ports, pids, how long th
 def _save(cluster: Cluster) -> None:
     state = {"workdir": str(cluster.workdir), "bin_dir": str(cluster.bin_dir), "ports": cluster.ports,
              "sysctls": cluster.sysctls, "started_in": cluster.started_in,
-             "pids": {name: process.pid for name, process in cluster.processes.items()}}
+             "pids": {name: process.pid for name, process in cluster.processes.items()},
+             # What a later session needs to undo, should this one be killed before its teardown:
+             "supervisor": os.getpid(), "iptables": cluster.iptables, "chains": cluster.chains,
+             "pod_logs": sorted(cluster.pod_logs)}
     temporary = cluster.workdir / f".{STATE}.tmp"
     temporary.write_text(json.dumps(state))
     temporary.replace(cluster.workdir / STATE)
@@ -691,6 +699,33 @@ def serve(workdir: Path, owner: int) -> None:
         (workdir / "stopped").write_text("")
 
 
+def reap_killed(parent: Path) -> list[Path]:
+    """Undo the clusters of sessions killed before their teardown (SIGKILL, a machine's session
+    stopped): their processes, mounts, rules and bridge go, and the sysctls they changed are set
+    back to the values their state recorded. Only when none is alive: every cluster here uses the
+    same bridge name. Returns the folders it removed."""
+    dead = []
+    for state_file in parent.glob("crflow-k8s-*/cluster/" + STATE):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            state = json.loads(state_file.read_text())
+            if Path(f"/proc/{state['supervisor']}").exists():
+                return []  # a live cluster: leave everything to it
+            dead.append((state_file.parent.parent, state))
+    for root, state in dead:
+        cluster = Cluster(Path(state["workdir"]), Path(state["bin_dir"]), ports=state["ports"],
+                          sysctls=state["sysctls"], iptables=state["iptables"], chains=state["chains"],
+                          pod_logs=set(state["pod_logs"]))
+        for pid in state["pids"].values():
+            with contextlib.suppress(OSError):  # (gone; a pid now someone else's is left alone)
+                cmdline = Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+                if state["workdir"] in cmdline or state["bin_dir"] in cmdline:
+                    os.killpg(pid, signal.SIGKILL)
+        cluster._kill_shims()
+        cluster._clean_host()
+        shutil.rmtree(root, ignore_errors=True)
+    return [root for root, _ in dead]
+
+
 def shared(root: Path, owner: int, timeout: float = 600) -> Cluster:
     """The suite's cluster under `root`: started by the first caller (under a lock), attached
     by the rest. Raises Unavailable with the reason when it cannot run here."""
@@ -703,6 +738,8 @@ def shared(root: Path, owner: int, timeout: float = 600) -> Cluster:
             if os.geteuid() != 0:
                 raise Unavailable("a kubelet and containerd need root")
             binaries()  # built (or found) here, where its failure is a one-line skip reason
+            for reaped in reap_killed(root.parent):
+                print(f"removed the test cluster of a killed session: {reaped}", file=sys.stderr)
             workdir.mkdir(mode=0o700, exist_ok=True)
             with open(root / "supervisor.log", "ab") as log:
                 supervisor = subprocess.Popen([sys.executable, __file__, "serve", str(workdir), str(owner)],

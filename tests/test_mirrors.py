@@ -384,9 +384,21 @@ def test_an_untrusted_upstream_is_named_by_install_and_a_gone_one_by_status(crfl
     site.write()
     crflow("install", "-c", str(site.path))
     assert crflow("status", "-c", str(site.path)).returncode == 0
+
+    def named_by_status_and_verify(line: str) -> None:
+        status = crflow("status", "-c", str(site.path), check=False)
+        assert status.returncode == 3 and line in status.stdout, status.stdout
+        verify = crflow("verify", "-c", str(site.path), check=False)
+        assert verify.returncode == 1 and line in verify.stderr.strip().splitlines()[-1], verify.stderr[-2000:]
+
+    site.settings["mirrors"][0]["ca_bundle"] = str(site.client / "ca.crt")  # a CA, but not the upstream's
+    site.write()
+    named_by_status_and_verify(f"mirror up: upstream https://{upstream_address} has a certificate crflow does not "
+                               "trust (unable to get local issuer certificate); the mirror's ca_bundle is not its CA")
+    site.settings["mirrors"][0]["ca_bundle"] = str(upstream_files / "ca.crt")
+    site.write()
     upstream_pod.stop()
-    gone = crflow("status", "-c", str(site.path), check=False)
-    assert gone.returncode == 3 and f"mirror up: upstream https://{upstream_address} is not answering" in gone.stdout
+    named_by_status_and_verify(f"mirror up: upstream https://{upstream_address} is not answering")
 
 
 @pytest.mark.kubernetes
