@@ -15,7 +15,6 @@ from crflow.chart import (
     SECRETS,
     SecretData,
     data_claim,
-    mirror_ca_secret,
     mirror_login_secret,
     mirror_name,
     node_trust_name,
@@ -112,12 +111,15 @@ class KubernetesTarget(Target, HoldsState):
 
     def deploy(self, values: dict, manifests: list[dict], secrets: SecretData, changed: bool = False) -> Release:
         from crflow.tasks.helm import helm_release
+        from crflow.tasks.secrets import prune_mirror_secrets
 
         site = self.site
         self._put_secrets(secrets)  # (unchanged ones are left as they are: the API server keeps their version)
         values = self._with_login_versions(values)
         revision = helm_release(self.kube, site.release, site.namespace, values, site.cluster.helm_timeout_seconds,
                                 always=changed)
+        # Those of a mirror the site file no longer names (its Deployment went with the chart's values).
+        prune_mirror_secrets(self.kube, site.namespace, site.release, list(secrets))
         self._wait_for_load_balancer(manifests)
         self._wait_for_node_trust()
         return Release(revision, manifests)
@@ -283,7 +285,7 @@ class KubernetesTarget(Target, HoldsState):
     def uninstall(self, purge: bool) -> list[str]:
         from crflow.tasks.consumers import remove_pull_secrets
         from crflow.tasks.helm import remove_node_trust, uninstall_release
-        from crflow.tasks.secrets import delete_secrets
+        from crflow.tasks.secrets import delete_secrets, prune_mirror_secrets
         from crflow.tasks.volumes import delete_hostpath_volume
         from crflow.tasks.workloads import PULL_TEST_NAMESPACE, pull_test_name
 
@@ -299,9 +301,7 @@ class KubernetesTarget(Target, HoldsState):
         removed += delete_secrets(self.kube, PULL_TEST_NAMESPACE, [pull_test_name(site.namespace, site.release)],
                                   site.release, site.namespace)
         # A mirror's Secrets are copies of what the site file names: left behind, an upstream login outlives its use.
-        mirrored = [name for m in site.mirrors for name in (mirror_ca_secret(site.release, m.name),
-                                                             mirror_login_secret(site.release, m.name))]
-        removed += delete_secrets(self.kube, site.namespace, mirrored, site.release, site.namespace)
+        removed += prune_mirror_secrets(self.kube, site.namespace, site.release, [])
         if purge:
             held = [secret_name(site.release, r) for r in SECRETS] + [state_secret_name(site.release)]
             removed += delete_secrets(self.kube, site.namespace, held, site.release, site.namespace)

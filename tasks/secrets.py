@@ -15,6 +15,7 @@ from kubernetes import client
 from prefect import task
 from pydantic import SecretStr
 
+from crflow.chart import mirror_name
 from crflow.errors import CrflowError, transient_only
 from crflow.outcomes import Change
 from crflow.state import to_hold
@@ -123,6 +124,24 @@ def secret_versions(kube: KubeAccess, namespace: str, names: list[str]) -> dict[
     with api_client(kube) as api:
         found = {name: snapshot_secret(api, namespace, name) for name in names}
     return {name: secret.metadata.resource_version for name, secret in found.items() if secret is not None}
+
+
+@task(task_run_name="the mirrors' Secrets no mirror uses, in {namespace}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def prune_mirror_secrets(kube: KubeAccess, namespace: str, release: str, keep: list[str]) -> list[str]:
+    """Delete the Secrets crflow made for `release`'s mirrors (RELEASE-mirror-..., found by its
+    labels: a Secret of the user's stays) but those in `keep`; returns those deleted."""
+    prefix = mirror_name(release, "")
+    selector = ",".join(f"{k}={v}" for k, v in managed_labels(release, namespace).items())
+    with api_client(kube) as api:
+        core = client.CoreV1Api(api)
+        found = retrying(f"list Secrets in {namespace}", lambda: core.list_namespaced_secret(
+            namespace, label_selector=selector)).items
+        doomed = sorted(s.metadata.name for s in found if s.metadata.name.startswith(prefix) and s.metadata.name not in keep)
+        for name in doomed:
+            retrying(f"delete Secret {namespace}/{name}", lambda n=name: get_or_none(
+                lambda: core.delete_namespaced_secret(n, namespace, _preload_content=False)))
+    return [f"Secret {namespace}/{name}" for name in doomed]
 
 
 @task(task_run_name="delete the registry's Secrets in {namespace}", retries=1, retry_delay_seconds=5,
