@@ -453,6 +453,31 @@ def test_on_the_cluster_a_pod_naming_the_upstream_runs_on_an_image_pulled_throug
                f"docker://{GATEWAY}:{port}/team/pause:1", f"dir:{tmp_path / 'again'}")  # fetched anew by the mirror
         assert upstream_pod.logfile.read_text().count("/v2/team/pause/blobs/") > asked
 
+        # rotate-credentials rotates the mirror's login too: it takes the registry's htpasswd Secret,
+        # and node trust's pod reads the login Secret on each sync and rewrites the node's header.
+        old_auth = json.loads((site.client / "auth.json").read_text())["auths"][f"{GATEWAY}:{port}"]["auth"]
+        retired = tmp_path / "retired"
+        retired.mkdir()
+        (retired / "auth.json").write_text(json.dumps({"auths": {f"{GATEWAY}:{port}": {"auth": old_auth}}}))
+        (retired / "ca.crt").write_bytes((site.client / "ca.crt").read_bytes())
+
+        def mirror_refuses_the_old_login() -> bool:
+            found = skopeo("inspect", "--authfile", str(retired / "auth.json"), "--cert-dir", str(retired),
+                           f"docker://{GATEWAY}:{port}/team/pause:1", check=False)
+            return found.returncode != 0 and "unauthorized" in found.stderr.lower()
+
+        assert not mirror_refuses_the_old_login()
+        crflow("rotate-credentials", "-c", str(site.path), "--grace", "0")
+        new_auth = json.loads((site.client / "auth.json").read_text())["auths"][f"{GATEWAY}:{port}"]["auth"]
+        assert new_auth != old_auth
+
+        deadline = time.monotonic() + 60  # the kubelet refreshes the mounted htpasswd on its sync
+        while not (mirror_refuses_the_old_login() and f"Basic {new_auth}" in hosts.read_text()) \
+                and time.monotonic() < deadline:
+            time.sleep(1)
+        assert mirror_refuses_the_old_login() and f"Basic {new_auth}" in hosts.read_text()
+        assert digest_through(f"{GATEWAY}:{port}", site.client, "team/pause:1")  # the new login: served
+
         # A new upstream password reaches the mirror, which reads it at start: the Secret's new version rolls its pod.
         def mirror_state() -> tuple[bytes, str]:
             secret = json.loads(site.kubectl("-n", site.namespace, "get", "secret", "registry-mirror-up-upstream",
