@@ -102,7 +102,7 @@ def collect_mirrors(site: Site, target: Target, manifests: list[dict], contents:
     rows, said = [], []
     for mirror in site.mirrors:
         store = target.store.of_mirror(mirror.name)
-        before = store.stored_blobs()
+        before, evicted = store.stored_blobs(), []
         if mirror.keep_days is not None:
             since = time.time() - mirror.keep_days * 86400
             evicted = [r for r in store.manifest_revisions() if r.pushed < since]
