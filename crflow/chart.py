@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from crflow.errors import CrflowError
 from crflow.resources import packaged
 
 if TYPE_CHECKING:  # settings derives its list of refused chart.values from CRFLOW_VALUES below
@@ -149,6 +150,19 @@ def values_for(site: Site, cert_fingerprint: str) -> dict:
 def mirror_name(release: str, name: str) -> str:
     """A mirror's Deployment and Service, as the chart names them (fullname-mirror-NAME)."""
     return f"{release}-mirror-{name}"
+
+
+def rendered_deployment(manifests: list[dict], name: str | None = None) -> dict:
+    """Deployment `name` of the rendered chart, or (None) the registry's: the one not labelled
+    a mirror (the registry's name follows the chart's fullname, which values may override)."""
+    for obj in manifests:
+        if obj.get("kind") != "Deployment":
+            continue
+        meta = obj["metadata"]
+        if (meta["name"] == name if name is not None
+                else (meta.get("labels") or {}).get("app.kubernetes.io/component") != "mirror"):
+            return obj
+    raise CrflowError(f"the rendered chart has no Deployment {name or 'for the registry'}")
 
 
 def mirror_routes(site: Site) -> list[str]:

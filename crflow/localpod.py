@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 from pydantic import SecretStr
 
-from crflow.chart import COMMAND, CONTAINER, SecretData, is_read_only
+from crflow.chart import COMMAND, CONTAINER, SecretData, is_read_only, rendered_deployment
 from crflow.config import environment
 from crflow.errors import CrflowError
 from crflow.files import ensure_dir, opened_dir, own_tree, write_atomic
@@ -198,15 +198,8 @@ class LocalPod:
         self.writablefile = pod_dir / "writable.json"  # the writable pod, kept while a gc's window is open
 
     def _deployment(self, manifests: list[dict]) -> dict:
-        """The Deployment this pod runs, of the rendered chart's (a mirror's is labelled so)."""
-        for obj in manifests:
-            if obj.get("kind") != "Deployment":
-                continue
-            meta = obj["metadata"]
-            if (meta["name"] == self.deployment if self.deployment is not None
-                    else (meta.get("labels") or {}).get("app.kubernetes.io/component") != "mirror"):
-                return obj
-        raise CrflowError(f"the rendered chart has no Deployment {self.deployment or 'for the registry'}")
+        """The Deployment this pod runs, of the rendered chart's."""
+        return rendered_deployment(manifests, self.deployment)
 
     # --- process state -------------------------------------------------------------------
     def pid(self) -> int | None:

@@ -92,8 +92,6 @@ def gc(site_file: str, dry_run: bool = False) -> str:
     return f"gc: {collected.blob_count} blobs deleted ({freed} bytes freed), read-only for {window:.1f} s{said}"
 
 
-
-
 def collect_mirrors(site: Site, target: Target, manifests: list[dict], contents: SecretData,
                     dry_run: bool) -> tuple[list[tuple[str, str]], str]:
     """Each mirror's cache: eviction past `keep_days`, then `garbage-collect` of its storage;
@@ -102,7 +100,7 @@ def collect_mirrors(site: Site, target: Target, manifests: list[dict], contents:
     rows, said = [], []
     for mirror in site.mirrors:
         store = target.store.of_mirror(mirror.name)
-        before, evicted = store.stored_blobs(), []
+        before, evicted = None if dry_run else store.stored_blobs(), []  # (a dry run frees nothing to count)
         if mirror.keep_days is not None:
             since = time.time() - mirror.keep_days * 86400
             evicted = [r for r in store.manifest_revisions() if r.pushed < since]
@@ -112,7 +110,7 @@ def collect_mirrors(site: Site, target: Target, manifests: list[dict], contents:
                          f"{len(evicted)} manifests cached over {mirror.keep_days} days ago"))
         collected = target.collect(manifests, contents, dry_run, delete_untagged=False, mirror=mirror.name)
         freed = ""
-        if before is not None and not dry_run:
+        if before is not None:
             after = store.stored_blobs()
             freed = f", {sum(before.values()) - sum(after.values())} bytes freed ({len(after)} blobs cached)"
         rows.append((f"Mirror {mirror.name}: blobs {'eligible' if dry_run else 'deleted'}",

@@ -70,9 +70,9 @@ class BlobStore(ABC):
         """What an uninstall with purge leaves in place, in words."""
         return []
 
+    @abstractmethod
     def of_mirror(self, name: str) -> BlobStore:
         """Mirror `name`'s store: this one's storage under mirrors/NAME (the chart's layout)."""
-        return self
 
     def evict(self, revisions: list[Revision]) -> None:
         """Remove these manifests and their tags, so that the next `garbage-collect` frees what only they used."""
@@ -128,6 +128,9 @@ class ClaimStore(BlobStore):
 
     def checks(self, digest: str) -> list[Check]:
         return []  # the pod-storage check says the pod mounts the claim; its files are the node's
+
+    def of_mirror(self, name: str) -> ClaimStore:
+        return self  # the same claim, as unreadable from here under mirrors/NAME
 
 
 class BucketStore(BlobStore):

@@ -18,6 +18,7 @@ from crflow.chart import (
     mirror_login_secret,
     mirror_name,
     node_trust_name,
+    rendered_deployment,
     secret_name,
     secret_type,
 )
@@ -257,11 +258,11 @@ class KubernetesTarget(Target, HoldsState):
         from crflow.tasks.workloads import run_gc_job
 
         site = self.site
-        deployment = site.release if mirror is None else mirror_name(site.release, mirror)
-        template = next(m for m in manifests if m["kind"] == "Deployment"
-                        and m["metadata"]["name"] == deployment)["spec"]["template"]
+        deployment = None if mirror is None else mirror_name(site.release, mirror)
+        template = rendered_deployment(manifests, deployment)["spec"]["template"]
+        instance = deployment or site.release
         flags = [*(["--dry-run"] if dry_run else []), *(["--delete-untagged=true"] if delete_untagged else [])]
-        output = run_gc_job(self.kube, site.namespace, f"{deployment}-gc", template, flags, deployment,
+        output = run_gc_job(self.kube, site.namespace, f"{instance}-gc", template, flags, instance,
                             site.release, site.gc.timeout_seconds)
         return parse_collection(output)
 

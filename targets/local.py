@@ -178,11 +178,9 @@ class LocalTarget(Target, Stoppable):
                 mirror: str | None = None):
         from crflow.tasks.localpod import collect_local
 
-        pod_dir, deployment = self.pod_dir, None
-        if mirror is not None:
-            pod_dir, deployment = self.site.state.mirrors / mirror, mirror_name(self.site.release, mirror)
-        return collect_local(pod_dir, manifests, secrets, self.claims, dry_run, delete_untagged,
-                             self.site.gc.timeout_seconds, deployment)
+        pod = LocalPod(self.pod_dir) if mirror is None else self._mirror_pods()[mirror]
+        return collect_local(pod.dir, manifests, secrets, self.claims, dry_run, delete_untagged,
+                             self.site.gc.timeout_seconds, pod.deployment)
 
     def removal_plan(self, purge: bool) -> list[str]:
         plan = [f"the local registry process ({self.pod_dir})",
