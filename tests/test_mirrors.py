@@ -83,6 +83,20 @@ def test_a_new_upstream_login_version_rolls_the_mirrors_pod_and_not_the_registry
     assert "version-one" not in json.dumps(before["r-mirror-up"])  # in a checksum, not as text
 
 
+def test_a_mirrors_gc_job_runs_its_pod_spec_without_the_upstream_login():
+    from crflow.chart import rendered_deployment
+    from crflow.tasks.workloads import gc_job
+
+    manifests = render(mirror_values("upstream.example:5000"))
+    template = rendered_deployment(manifests, "r-mirror-up")["spec"]["template"]
+    assert "REGISTRY_PROXY_PASSWORD" in json.dumps(template)  # the mirror's own pod has it
+    job = gc_job("r-mirror-up-gc", template, [], {}, "r-mirror-up")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert "REGISTRY_PROXY" not in json.dumps(job) and container["image"] == template["spec"]["containers"][0]["image"]
+    config = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert config["configMap"]["name"] == "r-mirror-up-config"  # the mirror's config: its storage under mirrors/up
+
+
 def test_a_gc_window_leaves_the_mirrors_writable():
     """gc's read-only window (chart.read_only) is the registry's: a mirror's cache keeps filling."""
     from crflow.chart import is_read_only, read_only
@@ -327,7 +341,7 @@ def test_gc_evicts_what_a_mirror_cached_before_keep_days_and_the_next_pull_fetch
            f"docker://127.0.0.1:{port}/team/fresh:1", f"dir:{tmp_path / 'fresh-again'}")  # the kept one, still served
 
 
-def test_keep_days_past_the_proxys_week_or_on_a_cluster_volume_gets_one_line(crflow, make_site):
+def test_keep_days_past_the_proxys_week_gets_one_line(crflow, make_site):
     site = make_site(mirrors=[{"name": "up", "upstream": "https://upstream.example", "prefix": "upstream.example",
                                "port": free_port(), "keep_days": 30}])
     refused = crflow("status", "-c", str(site.path), check=False)

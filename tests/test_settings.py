@@ -66,6 +66,11 @@ def test_defaults_are_the_documented_ones(tmp_path):
         ({"state_dir": "s", "rotation": {"grace_seconds": -1}}, "rotation.grace_seconds: Input should be greater than"),
         ({"state_dir": "s", "chart": {"values": {"storage": "s3"}}},
          "chart.values: storage is set by crflow from storage; set it there, not in chart.values"),
+        ({"state_dir": "s", "target": "kubernetes", "storage": {"kind": "pvc", "existing_claim": "data"},
+          "node_trust": {"runtime": "containerd"},
+          "mirrors": [{"name": "hub", "upstream": "https://h", "prefix": "docker.io", "port": 5443, "keep_days": 1}]},
+         "mirrors: hub: keep_days reads when the mirror cached each manifest from the storage, which crflow cannot "
+         "read on a cluster volume"),
         ({"state_dir": "s", "chart": {"values": {"mirrors": [{"name": "hub", "remoteurl": "https://h"}]}}},
          "chart.values: mirrors: crflow sets the chart's mirrors from the site file's mirrors key"),
     ],
