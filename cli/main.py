@@ -26,7 +26,7 @@ import typer
 
 from crflow import runtime
 from crflow.config import BACKUP_PASSPHRASE, environment
-from crflow.errors import CrflowError, NotInstalled
+from crflow.errors import CrflowError, NotInstalled, caused_by
 from crflow.files import write_atomic
 from crflow.health import Status
 from crflow.settings import Site, load_site
@@ -444,13 +444,27 @@ def _traceback(err: BaseException) -> None:
         traceback.print_exception(err, file=sys.stderr)
 
 
+def _run_app() -> None:
+    """Typer handles usage errors, --help and exit codes, and ends with SystemExit. A SIGTERM
+    that lands while Prefect sets up a task run makes Prefect's crash handler raise an error of
+    its own (ValueError "Task run is not set") in place of the signal: that is still a SIGTERM."""
+    try:
+        app()
+    except Exception as err:
+        from prefect.exceptions import TerminationSignal
+
+        if caused_by(err, TerminationSignal):
+            raise SystemExit(128 + signal.SIGTERM) from err
+        raise
+
+
 def main() -> None:
     os.umask(0o077)  # what crflow writes (Prefect's result files too) is its user's only
     sys.stdout = _PipeAware(sys.stdout)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
     try:
         runtime.configure()  # before anything imports prefect: its settings are read once, at import
-        app()  # typer handles usage errors, --help and exit codes, and ends with SystemExit
+        _run_app()
     except OutputClosed:  # the reader went away (| head): say so once, with nothing more to stdout
         typer.secho("crflow: error: the output was closed before crflow finished writing it (broken pipe)", err=True,
                     fg="red")

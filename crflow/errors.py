@@ -39,6 +39,22 @@ class NotAnswering(ConnectionError):
     tasks retry it, and once the retries are spent its message is the whole story."""
 
 
+def caused_by(err: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether `err` or anything in its chain is a `kind`: its cause and context, and the
+    exceptions libraries keep as a `reason` or an argument (urllib3 and requests do)."""
+    seen, todo = set(), [err]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return True
+        todo += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
+                             *getattr(current, "args", ())) if isinstance(e, BaseException)]
+    return False
+
+
 def is_transient(err: BaseException) -> bool:
     """Worth another try: a Transient, or a connection or timeout the libraries crflow calls
     raise as their own types. Anything else, a bug (KeyError, TypeError...) above all, is not."""

@@ -43,7 +43,7 @@ from cryptography import x509
 from dxf import DXF, DXFBase
 from dxf.exceptions import DXFUnauthorizedError
 
-from crflow.errors import CrflowError, LoginRefused, NotAnswering, NotInstalled, StorageFailure, TlsFailure
+from crflow.errors import CrflowError, LoginRefused, NotAnswering, NotInstalled, StorageFailure, TlsFailure, caused_by
 
 SMOKE_REPO = "crflow-smoke"  # where crflow's own check images go
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -125,17 +125,7 @@ def served_names(host: str, port: int) -> str:
 def _verification_failed(err: BaseException) -> bool:
     """Whether an SSL error is the certificate failing verification (wrong CA, wrong name),
     found as its type in the chain requests and urllib3 wrap around it."""
-    seen, todo = set(), [err]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return True
-        todo += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
-                             *getattr(current, "args", ())) if isinstance(e, BaseException)]
-    return False
+    return caused_by(err, ssl.SSLCertVerificationError)
 
 
 class Registry:

@@ -139,7 +139,8 @@ def test_sigterm_in_the_middle_of_a_task_ends_crflow_within_5_s(crflow, make_sit
     except subprocess.TimeoutExpired:
         process.kill()
         pytest.fail("crflow was still running 5 s after SIGTERM")
-    assert process.returncode == 128 + signal.SIGTERM  # its own exit on SIGTERM, not a failure of its own
+    rest = process.stdout.read()
+    assert process.returncode == 128 + signal.SIGTERM, rest[-3000:]  # its own exit on SIGTERM, not a failure
 
 
 def test_backup_then_restore_on_an_empty_state_dir_brings_the_same_site_back(crflow, make_site, tmp_path):
