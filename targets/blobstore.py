@@ -115,7 +115,7 @@ class DirectoryStore(BlobStore):
     def evict(self, revisions: list[Revision]) -> None:
         from crflow.tasks.storage import evict_in_directory
 
-        evict_in_directory(self.directory, revisions, len(revisions))
+        evict_in_directory(self.directory, revisions)
 
 
 class ClaimStore(BlobStore):
@@ -187,7 +187,7 @@ class BucketStore(BlobStore):
     def evict(self, revisions: list[Revision]) -> None:
         from crflow.tasks.storage import evict_in_bucket
 
-        evict_in_bucket(self.s3, self.storage.bucket, self.storage.root_directory, self.keys, revisions, len(revisions))
+        evict_in_bucket(self.s3, self.storage.bucket, self.storage.root_directory, self.keys, revisions)
 
     def kept_after_purge(self) -> list[str]:
         return [f"the images in bucket {self.storage.bucket} (delete them in the S3 service)"]

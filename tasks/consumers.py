@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from crflow.errors import CrflowError, transient_only
 from crflow.outcomes import Change
 from crflow.tasks.kubeapi import POOL_SIZE, KubeAccess, api_client, get_or_none, managed_labels, retrying
-from crflow.tasks.secrets import snapshot_secret, write_secret_undoably
+from crflow.tasks.secrets import delete_secret, snapshot_secret, write_secret_undoably
 from crflow.undo import undo, undoable
 
 WORKERS = POOL_SIZE  # concurrent API calls, one keep-alive connection each
@@ -121,7 +121,6 @@ def remove_pull_secrets(kube: KubeAccess, release: str, registry_namespace: str,
                     not labels.items() <= (found.metadata.labels or {}).items():
                 continue
             _set_default_account_secret(api, namespace, name, listed=False)
-            retrying(f"delete Secret {namespace}/{name}", lambda n=namespace: get_or_none(
-                lambda: core.delete_namespaced_secret(name, n, _preload_content=False)))
+            delete_secret(api, namespace, name)
             removed.append(f"{namespace}/{name}")
     return removed

@@ -58,13 +58,18 @@ def snapshot_secret(api: client.ApiClient, namespace: str, name: str) -> client.
                     lambda: get_or_none(lambda: core.read_namespaced_secret(name, namespace)))
 
 
+def delete_secret(api: client.ApiClient, namespace: str, name: str) -> None:
+    """Delete one Secret; one already gone is not an error (a rerun after a crash)."""
+    core = client.CoreV1Api(api)
+    retrying(f"delete Secret {namespace}/{name}", lambda: get_or_none(
+        lambda: core.delete_namespaced_secret(name, namespace, _preload_content=False)))
+
+
 def restore_secret(kube: KubeAccess, namespace: str, name: str, before: client.V1Secret | None) -> None:
     """Put back a Secret `snapshot_secret` saw (or delete it, if it was absent)."""
     with api_client(kube) as api:
         if before is None:
-            core = client.CoreV1Api(api)
-            retrying(f"delete Secret {namespace}/{name}",
-                     lambda: get_or_none(lambda: core.delete_namespaced_secret(name, namespace)))
+            delete_secret(api, namespace, name)
             return
         data = {k: SecretStr(base64.b64decode(v).decode()) for k, v in (before.data or {}).items()}
         apply_secret(api, namespace, name, before.type, data, before.metadata.labels or {})
@@ -139,8 +144,7 @@ def prune_mirror_secrets(kube: KubeAccess, namespace: str, release: str, keep: l
             namespace, label_selector=selector)).items
         doomed = sorted(s.metadata.name for s in found if s.metadata.name.startswith(prefix) and s.metadata.name not in keep)
         for name in doomed:
-            retrying(f"delete Secret {namespace}/{name}", lambda n=name: get_or_none(
-                lambda: core.delete_namespaced_secret(n, namespace, _preload_content=False)))
+            delete_secret(api, namespace, name)
     return [f"Secret {namespace}/{name}" for name in doomed]
 
 
@@ -153,12 +157,10 @@ def delete_secrets(kube: KubeAccess, namespace: str, names: list[str], release: 
     labels = managed_labels(release, registry_namespace)
     deleted = []
     with api_client(kube) as api:
-        core = client.CoreV1Api(api)
         for name in names:
             found = snapshot_secret(api, namespace, name)
             if found is not None and labels.items() <= (found.metadata.labels or {}).items():
-                retrying(f"delete Secret {namespace}/{name}", lambda n=name: get_or_none(
-                    lambda: core.delete_namespaced_secret(n, namespace, _preload_content=False)))
+                delete_secret(api, namespace, name)
                 deleted.append(f"Secret {namespace}/{name}")
     return deleted
 

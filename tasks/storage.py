@@ -357,8 +357,14 @@ def manifest_revisions_in_bucket(s3: S3Endpoint, bucket: str, root_directory: st
         return _revisions(entries, read)
 
 
-@task(task_run_name="evict {count} manifests under {root}")
-def evict_in_directory(root: Path, revisions: list[Revision], count: int) -> None:
+def _eviction_run_name(parameters: dict) -> str:
+    """The eviction's run name: how many manifests go, and from where (a folder or a bucket)."""
+    where = f"in bucket {parameters['bucket']}" if "bucket" in parameters else f"under {parameters['root']}"
+    return f"evict {len(parameters['revisions'])} manifests {where}"
+
+
+@task(task_run_name=_eviction_run_name)
+def evict_in_directory(root: Path, revisions: list[Revision]) -> None:
     """Remove the revisions' links and tags from the filesystem driver's tree under `root`
     (fd-based, so no link planted in the tree redirects a removal)."""
     for revision in revisions:
@@ -366,10 +372,8 @@ def evict_in_directory(root: Path, revisions: list[Revision], count: int) -> Non
             remove(root / REPOSITORIES / path)
 
 
-@task(task_run_name="evict {count} manifests in bucket {bucket}", retries=2, retry_delay_seconds=[2, 5],
-      retry_condition_fn=transient_only)
-def evict_in_bucket(s3: S3Endpoint, bucket: str, root_directory: str, keys: S3Keys, revisions: list[Revision],
-                    count: int) -> None:
+@task(task_run_name=_eviction_run_name, retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=transient_only)
+def evict_in_bucket(s3: S3Endpoint, bucket: str, root_directory: str, keys: S3Keys, revisions: list[Revision]) -> None:
     """Remove the revisions' links and tags from the S3 driver's objects in the bucket (a rerun
     after a fault finds fewer objects: removal is idempotent)."""
     from minio.deleteobjects import DeleteObject
