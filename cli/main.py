@@ -26,7 +26,7 @@ import typer
 
 from crflow import runtime
 from crflow.config import BACKUP_PASSPHRASE, environment
-from crflow.errors import CrflowError, NotInstalled, caused_by
+from crflow.errors import CrflowError, NotInstalled, in_chain
 from crflow.files import write_atomic
 from crflow.health import Status
 from crflow.settings import Site, load_site
@@ -446,14 +446,14 @@ def _traceback(err: BaseException) -> None:
 
 def _run_app() -> None:
     """Typer handles usage errors, --help and exit codes, and ends with SystemExit. A SIGTERM
-    that lands while Prefect sets up a task run makes Prefect's crash handler raise an error of
-    its own (ValueError "Task run is not set") in place of the signal: that is still a SIGTERM."""
+    that lands where Prefect cannot turn it into a crash (its own set-up of a run) leaves an
+    error of Prefect's whose chain holds the signal: crflow still ends as SIGTERM asked."""
     try:
         app()
     except Exception as err:
         from prefect.exceptions import TerminationSignal
 
-        if caused_by(err, TerminationSignal):
+        if in_chain(err, TerminationSignal) is not None:
             raise SystemExit(128 + signal.SIGTERM) from err
         raise
 

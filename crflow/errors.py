@@ -3,6 +3,10 @@ by their text. Every message is one line that names what is wrong and the fix, a
 holds a secret: it is shown as the CLI's error line and stored in Prefect's run state.
 """
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class CrflowError(Exception):
     """A failure the user can act on. Tasks do not retry it: a retry cannot fix a wrong setting."""
@@ -39,9 +43,9 @@ class NotAnswering(ConnectionError):
     tasks retry it, and once the retries are spent its message is the whole story."""
 
 
-def caused_by(err: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
-    """Whether `err` or anything in its chain is a `kind`: its cause and context, and the
-    exceptions libraries keep as a `reason` or an argument (urllib3 and requests do)."""
+def in_chain(err: BaseException, kind: type[E]) -> E | None:
+    """The first `kind` in `err`'s chain (`err` itself, its cause and context, and the
+    exceptions libraries keep as a `reason` or an argument, as urllib3 and requests do), or None."""
     seen, todo = set(), [err]
     while todo:
         current = todo.pop()
@@ -49,10 +53,10 @@ def caused_by(err: BaseException, kind: type[BaseException] | tuple[type[BaseExc
             continue
         seen.add(id(current))
         if isinstance(current, kind):
-            return True
+            return current
         todo += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
                              *getattr(current, "args", ())) if isinstance(e, BaseException)]
-    return False
+    return None
 
 
 def is_transient(err: BaseException) -> bool:

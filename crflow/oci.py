@@ -43,7 +43,7 @@ from cryptography import x509
 from dxf import DXF, DXFBase
 from dxf.exceptions import DXFUnauthorizedError
 
-from crflow.errors import CrflowError, LoginRefused, NotAnswering, NotInstalled, StorageFailure, TlsFailure, caused_by
+from crflow.errors import CrflowError, LoginRefused, NotAnswering, NotInstalled, StorageFailure, TlsFailure, in_chain
 
 SMOKE_REPO = "crflow-smoke"  # where crflow's own check images go
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -125,7 +125,7 @@ def served_names(host: str, port: int) -> str:
 def _verification_failed(err: BaseException) -> bool:
     """Whether an SSL error is the certificate failing verification (wrong CA, wrong name),
     found as its type in the chain requests and urllib3 wrap around it."""
-    return caused_by(err, ssl.SSLCertVerificationError)
+    return in_chain(err, ssl.SSLCertVerificationError) is not None
 
 
 class Registry:

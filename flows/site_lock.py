@@ -37,11 +37,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.context import FlowRunContext, get_run_context
 from prefect.events import emit_event
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, TerminationSignal
 from prefect.logging import get_run_logger
 
 from crflow import layout
-from crflow.errors import CrflowError
+from crflow.errors import CrflowError, in_chain
 from crflow.files import write_atomic
 from crflow.runcontext import RunContext, open_run, running
 from crflow.settings import Site, load_site
@@ -243,6 +243,14 @@ def one_run_per_site(flow_function):
 
             with running(RunContext(site, target_for(site))) as run, _state_held(run):
                 return flow_function(site_file, *args, **kwargs)
+        except Exception as err:
+            # Prefect 3.9 raises the SIGTERM as TerminationSignal where it lands; landing while
+            # Prefect sets up a task run, it is replaced by the crash handler's own ValueError
+            # ("Task run is not set"). Raised again, the run ends Crashed, and crflow on the signal.
+            terminated = in_chain(err, TerminationSignal)
+            if terminated is not None:
+                raise terminated from None
+            raise
         finally:
             _held.reset(token)
             layout.note_made(site.state_dir)

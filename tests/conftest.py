@@ -185,13 +185,23 @@ def last_artifact(prefect_api: str, key: str):
     return artifacts[0]["data"]
 
 
+def _newest_run(http: httpx.Client, site_file: Path, flow: str | None) -> dict:
+    runs = http.post("/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 50}).json()
+    return next(r for r in runs if r["parameters"].get("site_file") == str(Path(site_file).resolve())
+                and (flow is None or r["name"] and http.get(f"/flows/{r['flow_id']}").json()["name"] == flow))
+
+
+def flow_run_state(prefect_api: str, site_file: Path) -> str:
+    """The state name of the newest flow run against `site_file`, as the Prefect API records it."""
+    with httpx.Client(base_url=prefect_api, timeout=30) as http:
+        return (_newest_run(http, site_file, None)["state"] or {}).get("name", "Pending")
+
+
 def task_runs(prefect_api: str, site_file: Path, flow: str | None = None) -> list[tuple[str, str]]:
     """(task function, state name) of each task run of the newest flow run against `site_file`,
     in the order they started, as the Prefect API records them (never read from log text)."""
     with httpx.Client(base_url=prefect_api, timeout=30) as http:
-        runs = http.post("/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 50}).json()
-        run = next(r for r in runs if r["parameters"].get("site_file") == str(Path(site_file).resolve())
-                   and (flow is None or r["name"] and http.get(f"/flows/{r['flow_id']}").json()["name"] == flow))
+        run = _newest_run(http, site_file, flow)
         tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}},
                                                      "sort": "EXPECTED_START_TIME_ASC", "limit": 200}).json()
     return [(t["task_key"].rsplit("-", 1)[0], (t["state"] or {}).get("name", "Pending")) for t in tasks]
