@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import base64
+import getpass
 import importlib
 import json
 import os
 import pkgutil
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,7 +31,16 @@ from kubernetes import client, config
 from crflow.localpod import LocalPod
 from crflow.oci import tiny_image
 from crflow.tasks.helm import helm_executable
-from servers import BIN, free_port, node_port, start_prefect_server, start_server, stop_server, wait_http
+from servers import (
+    BIN,
+    free_port,
+    node_port,
+    reap_killed_sessions,
+    start_prefect_server,
+    start_server,
+    stop_server,
+    wait_http,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -264,6 +275,9 @@ def pytest_configure(config):
     if CLUSTER_ROOT not in os.environ:  # the controller, or a run without xdist: workers inherit these
         os.environ[CLUSTER_ROOT] = tempfile.mkdtemp(prefix="crflow-k8s-")
         os.environ[CLUSTER_OWNER] = str(os.getpid())
+        sessions = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"  # where pytest keeps its tmp_paths
+        for stopped in reap_killed_sessions(sessions):
+            print(f"stopped a process of a killed test session: {stopped}", file=sys.stderr)
 
 
 def pytest_sessionfinish(session):

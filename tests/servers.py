@@ -87,6 +87,42 @@ def stop_server(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def _pytest_alive(pid: int) -> bool:
+    try:
+        return b"pytest" in Path(f"/proc/{pid}/cmdline").read_bytes()  # (not a pid since reused)
+    except OSError:
+        return False
+
+
+def reap_killed_sessions(base: Path) -> list[str]:
+    """Stop what test sessions killed before their teardown left running (a registry, a Prefect
+    server, moto): every process whose working folder or output lies in the folder of a session
+    under `base` (pytest's pytest-N) that is over. pytest's .lock in that folder names the session's
+    pid, and is gone once it ended. Returns "pid command" of each process stopped."""
+    over = []
+    for session in base.glob("pytest-[0-9]*"):
+        try:
+            owner = int((session / ".lock").read_text())
+        except FileNotFoundError:
+            owner = None  # ended, its teardown done: anything of it still running is left over
+        except (OSError, ValueError):
+            continue
+        if owner is None or not _pytest_alive(owner):
+            over.append(f"{session}/")
+    stopped = []
+    for proc in Path("/proc").glob("[0-9]*") if over else ():
+        places = []
+        for link in ("cwd", "fd/1", "fd/2"):
+            with contextlib.suppress(OSError):
+                places.append(os.readlink(proc / link))
+        if any(place.startswith(folder) for place in places for folder in over):
+            with contextlib.suppress(OSError):
+                command = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                os.kill(int(proc.name), signal.SIGKILL)
+                stopped.append(f"{proc.name} {command}")
+    return stopped
+
+
 def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen, verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
