@@ -7,4 +7,4 @@ scripts/setup.sh --test
 # Three workers, a test file each at a time (--dist loadfile): the tests mostly wait on the
 # processes they start (leases, rollouts, retries), so on a 2-CPU machine three beat two
 # (measured in fresh clones, same suite: 742 s with two, 638 s with three).
-exec .venv/bin/python -m pytest -n "${CRFLOW_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder --durations=20 "$@"
+exec .venv/bin/python -m pytest -n "${CRFLOW_TEST_WORKERS:-3}" --dist loadfile --durations=20 "$@"

@@ -281,9 +281,6 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session):
-    out = os.environ.get("CRFLOW_TEST_SECONDS_OUT")
-    if out and not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
-        Path(out).write_text(json.dumps({k: round(v, 1) for k, v in sorted(_seconds.items())}, indent=1) + "\n")
     if os.environ.get(CLUSTER_OWNER) == str(os.getpid()):
         from cluster import shutdown
 
@@ -521,27 +518,3 @@ def s3_site(make_site, moto_s3, tmp_path) -> Site:
                               "credentials": {"file": str(keys)}})
     site.bucket = site.settings["storage"]["bucket"]
     return site
-
-
-# --- the order files are handed to the workers (scripts/test.sh: --dist loadfile) ------------
-# A file's tests run on one worker, one after another. Handed out longest first, no long file
-# starts last and holds the whole run up; xdist's own order (most tests first) put the cluster's
-# files, a few tests of a minute or more each, at the end. tests/file_seconds.json holds each
-# file's seconds from a whole run; CRFLOW_TEST_SECONDS_OUT=FILE writes this run's, to renew it.
-FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
-_seconds: dict[str, float] = {}
-
-
-def pytest_collection_modifyitems(config, items):
-    known = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
-    count: dict[str, int] = {}
-    for item in items:
-        count[item.path.name] = count.get(item.path.name, 0) + 1
-    # (a file not measured yet: placed by its number of tests, as xdist would)
-    items.sort(key=lambda item: (-known.get(item.path.name, 0), -count[item.path.name]))  # stable: a file's order stays
-
-
-def pytest_runtest_logreport(report):
-    if os.environ.get("CRFLOW_TEST_SECONDS_OUT"):  # (on the controller, it gets every worker's reports)
-        name = report.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        _seconds[name] = _seconds.get(name, 0) + report.duration
