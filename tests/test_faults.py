@@ -178,6 +178,35 @@ def test_an_error_of_prefects_in_place_of_a_sigterm_still_ends_crflow_as_sigterm
         assert out.returncode == 1 and "ValueError: Task run is not set" in out.stderr
 
 
+PREFECTS_ERROR_IN_A_SITES_RUN = """
+import signal, sys
+from prefect import flow
+from prefect.exceptions import TerminationSignal
+from crflow.flows.site_lock import one_run_per_site, run_name
+
+@flow(name="install", flow_run_name=run_name)
+@one_run_per_site
+def install(site_file: str) -> None:
+    try:
+        raise TerminationSignal(signal=signal.SIGTERM)
+    except TerminationSignal:
+        raise ValueError("Task run is not set")
+
+install(sys.argv[1])
+"""
+
+
+def test_an_error_of_prefects_in_place_of_a_sigterm_in_a_sites_run_ends_it_crashed(crflow, make_site):
+    """EMULATED: the same error inside a run that holds its site (every crflow flow): the run
+    ends Crashed, as a SIGTERM leaves it, not Failed with Prefect's error, and Prefect's crash
+    handler ends the process by the signal itself."""
+    site = make_site()
+    out = subprocess.run([sys.executable, "-c", PREFECTS_ERROR_IN_A_SITES_RUN, str(site.path)], capture_output=True,
+                         text=True, env=crflow.env, timeout=120)
+    assert out.returncode == -signal.SIGTERM, out.stderr[-3000:]
+    assert flow_run_state(crflow.api, site.path) == "Crashed"
+
+
 def test_backup_then_restore_on_an_empty_state_dir_brings_the_same_site_back(crflow, make_site, tmp_path):
     """Stored images live outside what a restore brings back (here storage.path), as a bucket would."""
     from conftest import oci_layout, skopeo
