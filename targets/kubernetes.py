@@ -121,6 +121,7 @@ class KubernetesTarget(Target, HoldsState):
                                 always=changed)
         # Those of a mirror the site file no longer names (its Deployment went with the chart's values).
         prune_mirror_secrets(self.kube, site.namespace, site.release, list(secrets))
+        self._wait_for_rollouts(manifests)
         self._wait_for_load_balancer(manifests)
         self._wait_for_node_trust()
         return Release(revision, manifests)
@@ -139,6 +140,16 @@ class KubernetesTarget(Target, HoldsState):
         mirrors = [{**entry, "loginVersion": versions[ours[entry["name"]]]} if ours.get(entry["name"]) in versions
                    else entry for entry in values.get("mirrors", [])]
         return {**values, "mirrors": mirrors}
+
+    def _wait_for_rollouts(self, manifests: list[dict]) -> None:
+        """What follows (verify, a read-only check, the served certificate) must meet the new
+        pods only: wait until no pod of an older spec is left."""
+        from crflow.tasks.workloads import wait_for_rollouts
+
+        site = self.site
+        names = sorted(m["metadata"]["name"] for m in manifests if m.get("kind") == "Deployment")
+        if names:
+            wait_for_rollouts(self.kube, site.namespace, names, site.cluster.helm_timeout_seconds)
 
     def _wait_for_load_balancer(self, manifests: list[dict]) -> None:
         """A LoadBalancer Service is no use to clients until a controller gives it its address."""
@@ -174,6 +185,7 @@ class KubernetesTarget(Target, HoldsState):
         self._put_secrets(secrets)
         revision = rollback_release(self.kube, site.release, site.namespace, to.revision,
                                     site.cluster.helm_timeout_seconds)
+        self._wait_for_rollouts(to.manifests)
         self._wait_for_node_trust()
         return Release(revision, to.manifests)
 

@@ -80,6 +80,59 @@ def wait_for_daemonset(api: client.ApiClient, namespace: str, name: str, timeout
         time.sleep(0.5)
 
 
+def rolled_out(deployment, pods: list) -> bool:
+    """`kubectl rollout status`'s test, and one more: the controller saw the current spec, every
+    replica runs it and is available, and no pod of an older spec is left, not even one
+    terminating. helm's wait ends once the new pods are ready, while an old one may still
+    answer through the Service: a check right after would judge the old spec."""
+    status = deployment.status
+    if status is None or (status.observed_generation or 0) < (deployment.metadata.generation or 0):
+        return False
+    want = 1 if deployment.spec.replicas is None else deployment.spec.replicas
+    counts = (status.replicas or 0, status.updated_replicas or 0, status.available_replicas or 0)
+    live = [pod for pod in pods if (pod.status and pod.status.phase) not in ("Succeeded", "Failed")]  # (evicted: no answer)
+    return counts == (want, want, want) and len(live) == want and all(
+        pod.metadata.deletion_timestamp is None for pod in live)
+
+
+def _owned_pods(apps: client.AppsV1Api, core: client.CoreV1Api, deployment) -> list:
+    """The pods of the Deployment's ReplicaSets, by owner: its selector may match others (the
+    node-trust DaemonSet's pods carry the release's labels too)."""
+    namespace, name = deployment.metadata.namespace, deployment.metadata.name
+    selector = ",".join(f"{k}={v}" for k, v in (deployment.spec.selector.match_labels or {}).items())
+
+    def owned(items, uids: set[str]) -> list:
+        return [o for o in items if any(ref.uid in uids for ref in o.metadata.owner_references or [])]
+
+    sets = retrying(f"list the ReplicaSets of {namespace}/{name}",
+                    lambda: apps.list_namespaced_replica_set(namespace, label_selector=selector)).items
+    pods = retrying(f"list the pods of {namespace}/{name}",
+                    lambda: core.list_namespaced_pod(namespace, label_selector=selector)).items
+    return owned(pods, {rs.metadata.uid for rs in owned(sets, {deployment.metadata.uid})})
+
+
+@task(task_run_name="rollouts done in {namespace}: {names}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=transient_only)
+def wait_for_rollouts(kube: KubeAccess, namespace: str, names: list[str], timeout: float) -> None:
+    """Wait until each Deployment's pods all run its current spec (see rolled_out)."""
+    deadline = time.monotonic() + timeout
+    with api_client(kube) as api:
+        apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+        for name in names:
+            while True:
+                found = retrying(f"read Deployment {namespace}/{name}",
+                                 lambda: apps.read_namespaced_deployment(name, namespace))
+                pods = _owned_pods(apps, core, found)
+                if rolled_out(found, pods):
+                    break
+                if time.monotonic() > deadline:
+                    raise CrflowError(f"Deployment {namespace}/{name} has not finished its rollout after {timeout:.0f} s "
+                                      f"({len(pods)} pods, {found.status and found.status.updated_replicas or 0} "
+                                      f"of the current spec); see kubectl -n {namespace} rollout status "
+                                      f"deployment/{name}")
+                time.sleep(0.5)
+
+
 @task(task_run_name="every node trusts the registry ({namespace}/{name})",
       retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def wait_for_node_trust(kube: KubeAccess, namespace: str, name: str, timeout: float) -> int:
