@@ -10,6 +10,7 @@ The chart only references Secrets (see crflow/chart.py); their content never ent
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,11 +59,17 @@ def _bounded(work, seconds: float, doing: str):
         raise Transient(f"{doing}: helm did not finish in {seconds:.0f} s; stopped it") from None
 
 
+# What helm says when the API server did not answer (pyhelm3 knows only two of these: a frozen
+# API server gives "Kubernetes cluster unreachable: ... TLS handshake timeout").
+UNREACHABLE = re.compile(r"cluster unreachable|tls handshake timeout|i/o timeout|connection refused|"
+                         r"connection reset by peer|client connection lost", re.IGNORECASE)
+
+
 def _failed(err: HelmError, doing: str) -> CrflowError:
     """helm's failure as a one-line CrflowError; Transient where a later try may pass: the
     cluster unreachable, or another operation on the release still in progress."""
     said = _reason(err)
-    transient = isinstance(err, HelmConnectionError) or "another operation" in said
+    transient = isinstance(err, HelmConnectionError) or "another operation" in said or UNREACHABLE.search(said)
     return (Transient if transient else CrflowError)(f"{doing}: {said}")
 
 
