@@ -83,8 +83,9 @@ def wait_for_daemonset(api: client.ApiClient, namespace: str, name: str, timeout
 def rolled_out(deployment, pods: list) -> bool:
     """`kubectl rollout status`'s test, and one more: the controller saw the current spec, every
     replica runs it and is available, and no pod of an older spec is left, not even one
-    terminating. helm's wait ends once the new pods are ready, while an old one may still
-    answer through the Service: a check right after would judge the old spec."""
+    terminating. helm's wait, and `kubectl rollout status`, can end while an old pod still
+    answers through the Service (a terminating one leaves it only once the endpoints
+    controller and kube-proxy catch up): a check right after would judge the old spec."""
     status = deployment.status
     if status is None or (status.observed_generation or 0) < (deployment.metadata.generation or 0):
         return False
