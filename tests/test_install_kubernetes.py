@@ -148,15 +148,10 @@ def test_pvc_storage_on_a_hostpath_volume(crflow, make_cluster_site, tmp_path):
 
 
 def test_unreachable_api_gives_the_runbooks_hint(crflow, make_site, tmp_path):
+    from conftest import unanswered_kubeconfig
     from servers import free_port
 
-    kubeconfig = tmp_path / "kubeconfig"
-    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": closed}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = unanswered_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     site = make_site(target="kubernetes", storage={"kind": "pvc", "existing_claim": "data"},
                      cluster={"kubeconfig": str(kubeconfig)})
     result = crflow("install", "-c", str(site.path), check=False)

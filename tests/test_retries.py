@@ -110,18 +110,6 @@ def test_the_clients_transport_errors_are_transient_and_a_bug_is_not():
         assert not is_transient(err), err
 
 
-def kubeconfig_for(tmp_path, port: int):
-    import yaml
-
-    path = tmp_path / f"kubeconfig-{port}"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{port}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
-    return path
-
-
 @pytest.mark.parametrize("server", ["silent", "refusing"])
 def test_helm_meeting_an_api_server_that_does_not_answer_is_transient(tmp_path, server):
     """The real helm against an API server that takes the connection and never answers TLS (a
@@ -129,6 +117,7 @@ def test_helm_meeting_an_api_server_that_does_not_answer_is_transient(tmp_path, 
     pyhelm3 does not know; CI's frozen-apiserver test failed on it at once), or refuses it."""
     import socket
 
+    from conftest import unanswered_kubeconfig
     from crflow.tasks.helm import deployed_release
     from crflow.tasks.kubeapi import KubeAccess
 
@@ -136,7 +125,8 @@ def test_helm_meeting_an_api_server_that_does_not_answer_is_transient(tmp_path, 
         held.bind(("127.0.0.1", 0))
         if server == "silent":
             held.listen(8)  # the kernel completes the TCP handshake; nobody ever reads the ClientHello
-        kube = KubeAccess(kubeconfig=str(kubeconfig_for(tmp_path, held.getsockname()[1])))
+        server_url = f"https://127.0.0.1:{held.getsockname()[1]}"
+        kube = KubeAccess(kubeconfig=str(unanswered_kubeconfig(tmp_path / "kubeconfig", server_url)))
         with pytest.raises(Transient) as raised:
             deployed_release.fn(kube, "registry", "container-registry")
     said = str(raised.value)
