@@ -114,7 +114,8 @@ def test_the_clients_transport_errors_are_transient_and_a_bug_is_not():
 def test_helm_meeting_an_api_server_that_does_not_answer_is_transient(tmp_path, server):
     """The real helm against an API server that takes the connection and never answers TLS (a
     frozen one: helm says "Kubernetes cluster unreachable: ... TLS handshake timeout", which
-    pyhelm3 does not know; CI's frozen-apiserver test failed on it at once), or refuses it."""
+    pyhelm3 does not know; CI's frozen-apiserver test failed on it at once), or refuses it.
+    EMULATED: both API servers are loopback sockets; helm and its messages are real."""
     import socket
 
     from conftest import unanswered_kubeconfig
